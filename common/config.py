@@ -1,0 +1,398 @@
+"""One configuration tree for every role (DESIGN §6).
+
+`RunConfig` is loaded from TOML and overridden with dotted command-line flags
+(`popo train --config c.toml --learner.lr 1e-6`) through pydantic-settings' CLI support.
+This module must import without torch, vllm or ray: launchers parse the config before they
+decide which heavy libraries a process needs.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsError,
+)
+
+
+class ConfigError(ValueError):
+    """A config file or flag is wrong. The message is one line naming the key and its source."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, not silently ignored typos; docstrings become field help.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = "auto"
+    """Hugging Face model directory (safetensors + tokenizer). `auto` builds or reuses the embedded
+    demo model (`popo demo-model`) in `demo_cache_dir`."""
+    demo_cache_dir: str = ".cache/demo-model"
+    """Where the embedded demo model is built and cached (relative to the working directory)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Parameter dtype for actors and learner: `auto` is float32 on CPU and bfloat16 on GPU."""
+    max_model_len: int = Field(256, gt=0)
+    """Longest prompt + completion, in tokens, that the engines must hold."""
+
+
+class SyntheticTaskConfig(_Section):
+    seed: int = 0
+    """Seed of the synthetic arithmetic task; the same seed gives the same splits everywhere."""
+    n_train: int = Field(20000, gt=0)
+    """Number of training problems."""
+    n_test: int = Field(500, gt=0)
+    """Number of held-out problems (disjoint from the training split)."""
+
+
+class DataConfig(_Section):
+    source: str = "synthetic"
+    """`synthetic` for the embedded arithmetic task, or a path to a JSONL / parquet file of prompts."""
+    prompt_field: str = "problem"
+    """Field holding the problem text (e.g. `question` for GSM8K)."""
+    answer_field: str = "answer"
+    """Field holding the gold answer, or the solution text it is extracted from."""
+    answer_format: Literal["plain", "gsm8k", "boxed"] = "plain"
+    """How to read the gold: `plain` takes the field as is; `gsm8k` takes the number after `####`;
+    `boxed` takes the last `\\boxed{}` of a solution text."""
+    id_field: str | None = None
+    """Optional field used as the prompt id; the row number is used when absent."""
+    template: Literal["qwen_math", "plain"] = "qwen_math"
+    """Prompt template: `qwen_math` wraps the problem in the Qwen-math chat format with the system
+    prompt of DESIGN §2; `plain` passes the problem text as is (the demo model's format)."""
+    eval_source: str | None = None
+    """Held-out benchmark (path) evaluated during training; `None` uses the synthetic test split."""
+    synthetic: SyntheticTaskConfig = SyntheticTaskConfig()
+    """Parameters of the embedded synthetic arithmetic task."""
+
+
+class ActorConfig(_Section):
+    num_actors: int = Field(1, ge=1)
+    """Number of actor processes (one vLLM engine each)."""
+    group_size: int = Field(8, ge=1)
+    """G: completions sampled per prompt."""
+    temperature: float = Field(1.0, ge=0.0)
+    """Sampling temperature of the behaviour policy."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling threshold."""
+    max_tokens: int = Field(64, gt=0)
+    """Longest completion, in tokens (the reference run used 1024)."""
+    stop: list[str] = []
+    """Stop strings; the completion ends before them."""
+    max_inflight_prompts: int = Field(16, ge=1)
+    """Credit: prompts an actor holds leases for at once (in the engine or waiting to be sent)."""
+    max_pending_groups: int = Field(64, ge=1)
+    """Bound on finished groups an actor buffers while the verifier does not accept them;
+    past it the actor stops asking for leases (backpressure)."""
+    kv_cache_gib: float = Field(1.0, gt=0.0)
+    """CPU engines: KV-cache size in GiB (`VLLM_CPU_KVCACHE_SPACE`)."""
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    """GPU engines: fraction of device memory vLLM may take."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """Tensor-parallel degree of each actor's engine."""
+    enforce_eager: bool = True
+    """Disable CUDA graphs / compilation (required on the CPU build, faster start everywhere)."""
+    seed: int = 0
+    """Engine seed; actor i uses seed + i."""
+
+
+class VerifierConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    """Worker processes that run math-verify (per replica)."""
+    replicas: int = Field(1, ge=1)
+    """Verifier services run side by side; actors spread groups across them."""
+    timeout_s: float = Field(5.0, gt=0.0)
+    """Hard wall-clock limit per completion; a stuck worker is killed and the completion is `timeout`."""
+    forward: Literal["auto", "positives", "all"] = "auto"
+    """What reaches the learner: `positives` (POPO, WAPO), `all` with rewards (GRPO, Dr. GRPO);
+    `auto` picks from the algorithm."""
+
+
+class LearnerConfig(_Section):
+    device: str = "auto"
+    """Torch device of the learner: `auto` is cuda when available, else cpu."""
+    seed: int = 0
+    """Seed of the learner's RNGs (data order, feature noise, predictor init)."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Peak AdamW learning rate (the reference run: 1e-7 for 7B, 1e-6 for 1.5B)."""
+    weight_decay: float = Field(0.01, ge=0.0)
+    """AdamW weight decay."""
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of `total_steps` spent in linear warm-up before the cosine decay."""
+    grad_clip: float = Field(1.0, gt=0.0)
+    """Max global gradient norm."""
+    total_steps: int = Field(40, gt=0)
+    """Optimizer steps in the run."""
+    prompts_per_step: int = Field(16, gt=0)
+    """Completed groups (prompts) consumed by one optimizer step."""
+    micro_batch_tokens: int = Field(4096, gt=0)
+    """Token budget of a micro-batch; a micro-batch always holds whole groups."""
+    max_staleness: int = Field(1, ge=0)
+    """Largest allowed policy-version lag of a trained sample; 0 is a synchronous run."""
+    lease_timeout_s: float = Field(120.0, gt=0.0)
+    """A lease not completed in this time is re-dispatched (its actor is presumed dead)."""
+    publish_every: int = Field(1, ge=1)
+    """Publish weights to actors every N optimizer steps."""
+    keep_weights: int = Field(3, ge=1)
+    """Weight versions kept on disk (never one an actor may still be loading)."""
+    checkpoint_every: int = Field(10, ge=1)
+    """Write a full training checkpoint every N steps."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept on disk."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate on the held-out split every N steps (0: only before and after the run)."""
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["popo", "grpo", "dr_grpo", "wapo"] = "popo"
+    """Which objective the learner optimises (DESIGN §2)."""
+    alpha: float = Field(0.1, ge=0.0)
+    """POPO: weight of the bounded cosine-similarity term."""
+    beta_ent: float = 0.01
+    """POPO: weight of the entropy term (L_ent = -mean entropy)."""
+    ema_tau: float = Field(0.995, ge=0.0, le=1.0)
+    """Siamese momentum: xi <- tau*xi + (1-tau)*theta after every optimizer step."""
+    weight_mode: Literal["softmax", "uniform"] = "softmax"
+    """Positive-set redistribution: softmax of length-normalised log-probs, or uniform 1/|S+|."""
+    weight_temperature: float = Field(1.0, gt=0.0)
+    """T_w of the softmax redistribution."""
+    length_norm: bool = False
+    """Divide each weight by the completion length and renormalise."""
+    is_level: Literal["token", "sequence", "none"] = "token"
+    """Truncated importance correction against the behaviour policy (staleness)."""
+    is_cap: float = Field(2.0, gt=0.0)
+    """rho-bar: cap of the importance ratio."""
+    feature_noise_std: float = Field(0.02, ge=0.0)
+    """sigma of the Gaussian noise added to the EMA features in training."""
+    predictor_hidden: int = Field(1024, gt=0)
+    """Hidden width d of the predictor MLP h_phi."""
+    predictor_layers: int = Field(2, ge=1)
+    """Layers L of the predictor MLP."""
+    kl_monitor_every: int = Field(1, ge=0)
+    """Log KL(pi_theta || pi_xi) every N steps (needs EMA logits); 0 disables it."""
+    clip_low: float = Field(0.2, ge=0.0)
+    """GRPO: lower PPO clip epsilon."""
+    clip_high: float = Field(0.28, ge=0.0)
+    """GRPO: upper PPO clip epsilon (asymmetric, clip-higher)."""
+    kl_coef: float = Field(0.0, ge=0.0)
+    """GRPO: weight of the k3 KL to a frozen reference (0 disables the reference model)."""
+    wapo_eps: float = Field(9.0, ge=0.0)
+    """WAPO: one-sided clip min(rho, 1 + eps)."""
+
+
+class TransportConfig(_Section):
+    host: str = "127.0.0.1"
+    """Interface the bound endpoints listen on. Loopback by default; a cluster names one explicitly."""
+    scheme: Literal["tcp", "ipc"] = "tcp"
+    """`tcp` or `ipc` (unix sockets in the run directory; single machine only)."""
+    dispatch_port: int = Field(5550, ge=0, le=65535)
+    """Learner ROUTER: lease requests and leases. 0 picks a free port."""
+    rollouts_port: int = Field(5551, ge=0, le=65535)
+    """Verifier PULL: rollout groups from actors."""
+    ingest_port: int = Field(5552, ge=0, le=65535)
+    """Learner PULL: scored groups from the verifier."""
+    weights_port: int = Field(5553, ge=0, le=65535)
+    """Learner PUB: WeightsReady announcements."""
+    hwm: int = Field(1000, gt=0)
+    """ZeroMQ high-water mark (messages queued per peer before send blocks or drops)."""
+    linger_ms: int = Field(1000, ge=0)
+    """How long close() waits to flush queued messages."""
+    recv_timeout_ms: int = Field(1000, gt=0)
+    """Receive poll timeout; loops wake at least this often to check for shutdown."""
+    curve_keys_dir: str | None = None
+    """Directory of CurveZMQ key pairs; when set every endpoint requires them."""
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    """Serve Prometheus `/metrics` from every role."""
+    host: str = "127.0.0.1"
+    """Interface the metrics HTTP servers bind (loopback by default)."""
+    base_port: int = Field(9400, ge=0, le=65535)
+    """Learner port; the verifier uses base+1, actor i base+2+i. 0 picks free ports."""
+    jsonl_every_s: float = Field(5.0, gt=0.0)
+    """Interval at which each role appends its figures to metrics.jsonl."""
+
+
+class DeployConfig(_Section):
+    run_dir: str = "runs/latest"
+    """Run directory: config snapshot, ledger, metrics.jsonl, logs, weights/, checkpoints/."""
+    restart_backoff_s: float = Field(2.0, gt=0.0)
+    """Initial back-off before a crashed actor or verifier is restarted (doubles each time)."""
+    max_restarts: int = Field(5, ge=0)
+    """Restarts per role before the run is stopped."""
+    ray_address: str | None = None
+    """Ray cluster address for `popo ray` (`None` starts a local one)."""
+
+
+class RunConfig(BaseSettings):
+    """Everything a run needs; a snapshot is written into the run directory."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)  # type: ignore[assignment]
+
+    model: ModelConfig = ModelConfig()
+    """The policy model."""
+    data: DataConfig = DataConfig()
+    """Prompts, gold answers and the evaluation split."""
+    actor: ActorConfig = ActorConfig()
+    """vLLM actors: engine and sampling settings."""
+    verifier: VerifierConfig = VerifierConfig()
+    """The math-verify scoring service."""
+    learner: LearnerConfig = LearnerConfig()
+    """Optimisation, flow control, checkpoints and weight publishing."""
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    """POPO and the baselines (DESIGN §2)."""
+    transport: TransportConfig = TransportConfig()
+    """ZeroMQ endpoints (DESIGN §4)."""
+    metrics: MetricsConfig = MetricsConfig()
+    """Prometheus endpoints and metrics.jsonl (DESIGN §5)."""
+    deploy: DeployConfig = DeployConfig()
+    """Launchers and the run directory."""
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> RunConfig:
+        if self.verifier.forward == "positives" and self.algorithm.name in ("grpo", "dr_grpo"):
+            raise ValueError(
+                f"verifier.forward = 'positives' cannot train {self.algorithm.name}, which needs negatives"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only explicit inputs: no environment or dotenv leaks into a run's config.
+        return (init_settings,)
+
+    @property
+    def forward(self) -> Literal["positives", "all"]:
+        """What the verifier forwards once `auto` is resolved against the algorithm."""
+        if self.verifier.forward != "auto":
+            return self.verifier.forward
+        return "all" if self.algorithm.name in ("grpo", "dr_grpo") else "positives"
+
+    def to_toml(self) -> str:
+        """The config as TOML (the run directory's snapshot)."""
+        return _dump_toml(self.model_dump(mode="json"))
+
+
+def _dump_toml(tree: dict[str, Any]) -> str:
+    # tomllib only reads; the tree is two or three levels of plain values, so a small writer does.
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines: list[str] = []
+
+    def table(prefix: str, d: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and v is not None}
+        if prefix:
+            lines.append(f"\n[{prefix}]")
+        lines.extend(f"{k} = {value(v)}" for k, v in scalars.items())
+        for k, v in d.items():
+            if isinstance(v, dict):
+                table(f"{prefix}.{k}" if prefix else k, v)
+
+    table("", tree)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _format_error(
+    err: ValidationError, toml_data: dict[str, Any], cli_values: dict[str, Any], source: str | None
+) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join(loc) or "(root)"
+    origin = "defaults"
+    if _has_key(cli_values, loc):
+        origin = "command line"
+    elif source is not None and (_has_key(toml_data, loc) or not loc):
+        origin = source
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"config error: {origin}: {key}: {first['msg']}{more}"
+
+
+def _has_key(tree: dict[str, Any], path: list[str]) -> bool:
+    node: Any = tree
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def load_config(path: str | Path | None = None, cli_args: list[str] | None = None) -> RunConfig:
+    """Build a RunConfig: defaults < TOML file `path` < dotted flags `cli_args`.
+
+    Raises ConfigError with one line naming the key and the file (or the command line).
+    """
+    toml_data: dict[str, Any] = {}
+    source = None
+    if path is not None:
+        source = str(path)
+        try:
+            toml_data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config error: {path}: no such file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config error: {path}: invalid TOML: {e}") from None
+    cli_values: dict[str, Any] = {}
+    if cli_args:
+        cli_values = _parse_cli(cli_args)
+    try:
+        return RunConfig(**_deep_merge(toml_data, cli_values))
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, toml_data, cli_values, source)) from None
+
+
+def _parse_cli(args: list[str]) -> dict[str, Any]:
+    """Dotted flags -> nested dict, parsed by pydantic-settings' CLI source (so types, lists and
+    `--help` text all come from the model)."""
+    try:
+        cli = CliSettingsSource(
+            RunConfig,
+            cli_parse_args=args,
+            cli_exit_on_error=False,
+            cli_implicit_flags=False,
+            cli_prog_name="popo",
+        )
+        return _drop_unset(cli())
+    except SettingsError as e:  # argparse: unknown flag, missing value
+        raise ConfigError(f"config error: command line: {e}".replace("error parsing CLI: ", "")) from None
+
+
+def _drop_unset(tree: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            v = _drop_unset(v)
+            if not v:
+                continue
+        out[k] = v
+    return out
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out

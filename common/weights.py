@@ -1,0 +1,111 @@
+"""Weight files: atomic safetensors writes with a sha256, and verification (DESIGN §3).
+
+A version directory is written under a temporary name, every file fsynced, the directory renamed into
+place and its parent fsynced, so a reader never sees a half-written version: either the old state or
+the whole new one. The sha256 of `model.safetensors` is stored beside it (`model.safetensors.sha256`)
+and travels in `WeightsReady`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+class WeightsError(RuntimeError):
+    """A weight file is missing, unreadable, or does not match its checksum."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory so a rename inside it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_version_dir(
+    out_dir: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    extra_files: Mapping[str, bytes] | None = None,
+    link_files: Mapping[str, Path] | None = None,
+) -> tuple[Path, str, int]:
+    """Atomically create directory `out_dir` holding `model.safetensors` (+ its .sha256) and
+    `extra_files` (name -> bytes) and `link_files` (name -> existing file, hard-linked when possible
+    so unchanged config/tokenizer files cost no copy).
+
+    Returns (path of model.safetensors, sha256 hex, size in bytes). Fails if `out_dir` exists.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; versions are immutable")
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        weights = tmp / WEIGHTS_FILE
+        # safetensors refuses non-contiguous or shared-storage tensors; clone what needs it.
+        flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(flat, str(weights), metadata={"format": "pt"})
+        _fsync_file(weights)
+        digest = sha256_file(weights)
+        (tmp / f"{WEIGHTS_FILE}.sha256").write_text(digest + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+            _fsync_file(tmp / name)
+        for name, src in (link_files or {}).items():
+            try:
+                os.link(src, tmp / name)
+            except OSError:
+                shutil.copy2(src, tmp / name)
+        fsync_dir(tmp)
+        os.rename(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / WEIGHTS_FILE, digest, (out / WEIGHTS_FILE).stat().st_size
+
+
+def verify_weights(path: str | Path, sha256: str, nbytes: int | None = None) -> None:
+    """Raise WeightsError unless the file at `path` exists, has `nbytes` bytes and hashes to `sha256`."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError as e:
+        raise WeightsError(f"{p}: {e.strerror}") from None
+    if nbytes is not None and size != nbytes:
+        raise WeightsError(f"{p}: {size} bytes, announced {nbytes}")
+    try:
+        digest = sha256_file(p)
+    except OSError as e:
+        raise WeightsError(f"{p}: {e.strerror}") from None
+    if digest != sha256:
+        raise WeightsError(f"{p}: sha256 {digest[:12]}… != announced {sha256[:12]}…")
