@@ -8,6 +8,7 @@ decide which heavy libraries a process needs.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,32 @@ class ModelConfig(_Section):
     """Parameter dtype for actors and learner: `auto` is float32 on CPU and bfloat16 on GPU."""
     max_model_len: int = Field(256, gt=0)
     """Longest prompt + completion, in tokens, that the engines must hold."""
+    demo_seed: int = 0
+    """Demo model: seed of its initialisation, data order and warm-start sampling."""
+    demo_hidden_size: int = Field(128, gt=0)
+    """Demo model: hidden size (hidden_size / demo_heads must be a head size vLLM's CPU attention
+    supports: 32, 64, 80, ...)."""
+    demo_layers: int = Field(4, gt=0)
+    """Demo model: transformer layers."""
+    demo_heads: int = Field(4, gt=0)
+    """Demo model: attention heads."""
+    demo_kv_heads: int = Field(2, gt=0)
+    """Demo model: key/value heads (grouped-query attention; divides demo_heads)."""
+    demo_intermediate_size: int = Field(512, gt=0)
+    """Demo model: MLP width."""
+    demo_batch_size: int = Field(128, gt=0)
+    """Demo warm-start: problems per supervised step."""
+    demo_lr: float = Field(2e-3, gt=0.0)
+    """Demo warm-start: AdamW learning rate (constant after a short linear warm-up)."""
+    demo_max_steps: int = Field(4000, gt=0)
+    """Demo warm-start: step limit if the target accuracy is never reached."""
+    demo_target_accuracy: float = Field(0.3, gt=0.0, lt=1.0)
+    """Demo warm-start: stop once sampled accuracy (temperature 1) on the synthetic val split
+    reaches this, so the base model keeps room for RL to learn."""
+    demo_eval_every: int = Field(50, gt=0)
+    """Demo warm-start: steps between two val-accuracy checks."""
+    demo_eval_prompts: int = Field(256, gt=0)
+    """Demo warm-start: val problems sampled (once each) per accuracy check."""
 
 
 class SyntheticTaskConfig(_Section):
@@ -49,6 +76,16 @@ class SyntheticTaskConfig(_Section):
     """Number of training problems."""
     n_test: int = Field(500, gt=0)
     """Number of held-out problems (disjoint from the training split)."""
+    n_val: int = Field(500, gt=0)
+    """Number of validation problems (disjoint from train and test); the demo warm-start stops on
+    its accuracy, so the test split stays untouched."""
+    min_terms: int = Field(2, ge=2)
+    """Fewest operands of a sum."""
+    max_terms: int = Field(3, ge=2)
+    """Most operands of a sum (the count is uniform in [min_terms, max_terms]); three-term sums are
+    what the warm-started model mostly gets wrong, and where RL has signal."""
+    max_operand: int = Field(99, ge=1)
+    """Operands are uniform integers in [0, max_operand]."""
 
 
 class DataConfig(_Section):
@@ -63,13 +100,23 @@ class DataConfig(_Section):
     `boxed` takes the last `\\boxed{}` of a solution text."""
     id_field: str | None = None
     """Optional field used as the prompt id; the row number is used when absent."""
-    template: Literal["qwen_math", "plain"] = "qwen_math"
+    template: Literal["auto", "qwen_math", "plain"] = "auto"
     """Prompt template: `qwen_math` wraps the problem in the Qwen-math chat format with the system
-    prompt of DESIGN §2; `plain` passes the problem text as is (the demo model's format)."""
+    prompt of DESIGN §2; `plain` passes the problem text as is (the demo model's format); `auto` is
+    `plain` for the synthetic task and `qwen_math` for a file."""
+    eval_size: int = Field(200, gt=0)
+    """Held-out prompts evaluated (the first N of the eval split); G samples each."""
     eval_source: str | None = None
     """Held-out benchmark (path) evaluated during training; `None` uses the synthetic test split."""
     synthetic: SyntheticTaskConfig = SyntheticTaskConfig()
     """Parameters of the embedded synthetic arithmetic task."""
+
+    @property
+    def resolved_template(self) -> Literal["qwen_math", "plain"]:
+        """The template after `auto` is resolved against the source."""
+        if self.template != "auto":
+            return self.template
+        return "plain" if self.source == "synthetic" else "qwen_math"
 
 
 class ActorConfig(_Section):
@@ -86,10 +133,12 @@ class ActorConfig(_Section):
     stop: list[str] = []
     """Stop strings; the completion ends before them."""
     max_inflight_prompts: int = Field(16, ge=1)
-    """Credit: prompts an actor holds leases for at once (in the engine or waiting to be sent)."""
+    """Credit: prompts an actor holds leases for at once that are not yet finished (being sampled
+    in the engine, or received and waiting for an engine slot)."""
     max_pending_groups: int = Field(64, ge=1)
-    """Bound on finished groups an actor buffers while the verifier does not accept them;
-    past it the actor stops asking for leases (backpressure)."""
+    """Bound on finished groups an actor buffers while the verifier does not accept them; the
+    actor asks for a lease only if its group would still fit (pending + unfinished <= this), so a
+    vanished verifier stops lease requests with at most this many groups in memory (backpressure)."""
     kv_cache_gib: float = Field(1.0, gt=0.0)
     """CPU engines: KV-cache size in GiB (`VLLM_CPU_KVCACHE_SPACE`)."""
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
@@ -100,6 +149,22 @@ class ActorConfig(_Section):
     """Disable CUDA graphs / compilation (required on the CPU build, faster start everywhere)."""
     seed: int = 0
     """Engine seed; actor i uses seed + i."""
+    max_num_seqs: int | None = Field(None, ge=1)
+    """Sequences the engine batches at once (vLLM `max_num_seqs`); `None` keeps vLLM's default.
+    At least max_inflight_prompts * group_size keeps every leased group in the batch."""
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
+    """Which log-probs the actor reports as mu: `raw_logprobs` are the model's own (temperature 1,
+    what the learner recomputes); `processed_logprobs` are after temperature / top-p."""
+    lease_retry_s: float = Field(0.5, gt=0.0)
+    """First back-off before re-asking for leases when the learner is unreachable or silent;
+    doubles up to lease_retry_max_s."""
+    lease_retry_max_s: float = Field(5.0, gt=0.0)
+    """Largest back-off between lease requests while the learner is unreachable or silent."""
+    poll_ms: int = Field(5, ge=1)
+    """Actor loop tick: how long it waits on its sockets before checking finished groups."""
+    drain_timeout_s: float = Field(30.0, ge=0.0)
+    """On SIGTERM: how long to wait for in-flight groups to finish and be delivered; what is left
+    after it is dropped whole (its leases expire at the learner and are re-dispatched)."""
 
 
 class VerifierConfig(_Section):
@@ -112,6 +177,17 @@ class VerifierConfig(_Section):
     forward: Literal["auto", "positives", "all"] = "auto"
     """What reaches the learner: `positives` (POPO, WAPO), `all` with rewards (GRPO, Dr. GRPO);
     `auto` picks from the algorithm."""
+    max_completion_chars: int = Field(65536, gt=0)
+    """Longer completion texts are scored `error` without reaching math-verify."""
+    max_brace_depth: int = Field(100, gt=0)
+    """Completions with `{}` nested deeper are scored `error` (latex2sympy recurses on them)."""
+    max_inflight_groups: int = Field(64, ge=1)
+    """Groups being scored or waiting to be sent at once; past it the verifier stops reading
+    rollouts and ZeroMQ's high-water mark pushes back on the actors."""
+    pipeline_depth: int = Field(2, ge=1)
+    """Completions queued per worker, so a worker never idles for a pipe round trip."""
+    worker_memory_mib: int = Field(4096, ge=0)
+    """Address-space limit of each scoring worker in MiB (0: no limit)."""
 
 
 class LearnerConfig(_Section):
@@ -215,14 +291,15 @@ class MetricsConfig(_Section):
     host: str = "127.0.0.1"
     """Interface the metrics HTTP servers bind (loopback by default)."""
     base_port: int = Field(9400, ge=0, le=65535)
-    """Learner port; the verifier uses base+1, actor i base+2+i. 0 picks free ports."""
+    """Learner port; verifier replica r uses base+1+r, actor i base+20+i. 0 picks free ports."""
     jsonl_every_s: float = Field(5.0, gt=0.0)
     """Interval at which each role appends its figures to metrics.jsonl."""
 
 
 class DeployConfig(_Section):
-    run_dir: str = "runs/latest"
-    """Run directory: config snapshot, ledger, metrics.jsonl, logs, weights/, checkpoints/."""
+    run_dir: str = ""
+    """Run directory: config snapshot, ledger, metrics.jsonl, logs, weights/, checkpoints/.
+    Empty: `runs/<date>-<time>-<algorithm>`."""
     restart_backoff_s: float = Field(2.0, gt=0.0)
     """Initial back-off before a crashed actor or verifier is restarted (doubles each time)."""
     max_restarts: int = Field(5, ge=0)
@@ -293,7 +370,9 @@ def _dump_toml(tree: dict[str, Any]) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            # JSON's escapes (\n, \", \\, \u00XX) are all valid in a TOML basic string, so control
+            # characters such as a "\n" stop string survive; JSON leaves DEL raw, which TOML forbids.
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
         return repr(v)

@@ -1,0 +1,150 @@
+"""The `popo` command.
+
+    popo <command> [--config FILE] [--section.key VALUE ...]
+
+The command name and its own few flags are read here; every config override is parsed by
+pydantic-settings' CLI source against `RunConfig` (see `popo.common.config.load_config`), so
+`popo train --learner.lr 1e-6 --actor.num_actors 2` works for any field of the tree.
+Heavy libraries (torch, vllm, ray) are imported inside the commands, after the config is parsed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from popo.common.config import ConfigError, RunConfig, load_config
+
+# Nothing may call out from these machines (DESIGN §7); set before any heavy import.
+_OFFLINE_ENV = {
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+Command = Callable[[RunConfig, argparse.Namespace], int]
+COMMANDS: dict[str, tuple[str, Command, Callable[[argparse.ArgumentParser], None] | None]] = {}
+
+
+def command(
+    name: str, help: str, add_args: Callable[[argparse.ArgumentParser], None] | None = None
+) -> Callable[[Command], Command]:
+    def register(fn: Command) -> Command:
+        COMMANDS[name] = (help, fn, add_args)
+        return fn
+
+    return register
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+
+@command("config", "print the resolved configuration as TOML")
+def _config(cfg: RunConfig, args: argparse.Namespace) -> int:
+    sys.stdout.write(cfg.to_toml())
+    return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="write the model here instead of the cache directory")
+
+
+@command("demo-model", "build (or reuse) the embedded demo model and print its directory", _demo_args)
+def _demo_model(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from popo.common.demo_model import build_demo_model, ensure_demo_model
+
+    if args.out:
+        path = build_demo_model(cfg.model, cfg.data.synthetic, Path(args.out))
+    else:
+        path = ensure_demo_model(cfg.model, cfg.data.synthetic)
+    print(path)
+    return 0
+
+
+def _role_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", type=Path, required=True, help="the run directory")
+    p.add_argument("--index", type=int, default=0, help="replica / actor index")
+
+
+@command("learner", "run the learner role (dispatcher, ledger, training, publishing)", _role_args)
+def _learner(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from popo.learner.service import main as learner_main
+
+    return learner_main(cfg, args.run_dir)
+
+
+@command("verifier", "run one verifier replica", _role_args)
+def _verifier(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from popo.verifier.service import main as verifier_main
+
+    return verifier_main(cfg, args.run_dir, args.index)
+
+
+@command("actor", "run one vLLM actor", _role_args)
+def _actor(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from popo.actors.actor import main as actor_main
+
+    return actor_main(cfg, args.run_dir, args.index)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a stopped run")
+
+
+@command("train", "run every role locally: the embedded default with no arguments", _train_args)
+def _train(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from popo.deploy.train import train
+
+    return train(cfg, args.config, args.resume, args.overrides)
+
+
+# --- entry ------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="popo",
+        description="POPO-RL: decoupled actor-learner RLVR with Positive-Only Policy Optimization.",
+        epilog="Any config field can be overridden with a dotted flag, e.g. --learner.lr 1e-6; "
+        "`popo config --help` lists them all.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, _, add_args) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, add_help=False)
+        sp.add_argument("--config", type=Path, help="TOML config file")
+        if add_args is not None:
+            add_args(sp)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    for k, v in _OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    logging.basicConfig(
+        level=os.environ.get("POPO_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = _parser().parse_known_args(argv)
+    # `--help` after a command lists every config field (pydantic-settings renders it).
+    args.overrides = rest
+    if getattr(args, "resume", None) is not None and args.config is None:
+        # A resumed run keeps its own config; flags still override it (e.g. more steps).
+        args.config = args.resume / "config.toml"
+    try:
+        cfg = load_config(args.config, rest)
+    except ConfigError as e:
+        print(f"popo {args.command}: {e}", file=sys.stderr)
+        return 2
+    return COMMANDS[args.command][1](cfg, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

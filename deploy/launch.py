@@ -1,0 +1,166 @@
+"""Local supervisor for `popo train`: every role in its own process on this machine (DESIGN §1, issue 6).
+
+The learner is the run: when it exits 0 the run is done and the others are stopped; when it fails the
+run stops with its error. A crashed actor or verifier is restarted with exponential back-off (the
+learner's leases cover its lost work) up to `deploy.max_restarts` times. Each role runs in its own
+process group, so stopping a role also stops the engine workers it spawned, and each child asks the
+kernel to SIGTERM it if the supervisor dies: no orphans.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from popo.common.config import RunConfig
+
+log = logging.getLogger("popo.launch")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: if the supervisor is SIGKILLed, the kernel
+    # sends SIGTERM to the role so it shuts down instead of lingering.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class Role:
+    name: str
+    """`learner`, `verifier-0`, `actor-1`, ..."""
+    argv: list[str]
+    restartable: bool
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    history: list[tuple[float, int]] = field(default_factory=list)
+    """(time, exit code) of every exit, for the run summary."""
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it after fork
+        out.write(f"\n=== start {time.strftime('%H:%M:%S')} {' '.join(self.argv)}\n".encode())
+        out.flush()
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        out.close()
+
+    def signal(self, sig: int) -> None:
+        """Signal the role's whole process group (it leads its own session), even after the
+        leader exited, so engine workers it spawned go too."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def role_argv(role: str, config_path: Path, run_dir: Path, index: int = 0) -> list[str]:
+    """The command a launcher (this one, or a cluster's) runs for one role."""
+    argv = [sys.executable, "-m", "popo.deploy.cli", role, "--config", str(config_path)]
+    argv += ["--run-dir", str(run_dir)]
+    if role in ("actor", "verifier"):
+        argv += ["--index", str(index)]
+    return argv
+
+
+class Supervisor:
+    """Starts, watches and stops the roles of one local run."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, config_path: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        logs = run_dir / "logs"
+        self.roles = [Role("learner", role_argv("learner", config_path, run_dir), False, logs / "learner.log")]
+        for r in range(cfg.verifier.replicas):
+            self.roles.append(
+                Role(f"verifier-{r}", role_argv("verifier", config_path, run_dir, r), True, logs / f"verifier-{r}.log")
+            )
+        for i in range(cfg.actor.num_actors):
+            self.roles.append(
+                Role(f"actor-{i}", role_argv("actor", config_path, run_dir, i), True, logs / f"actor-{i}.log")
+            )
+        self.env = dict(os.environ)
+        self._stopping = False
+
+    @property
+    def learner(self) -> Role:
+        return self.roles[0]
+
+    def start(self) -> None:
+        for role in self.roles:
+            role.start(self.env)
+            log.info("started %s (pid %d), log %s", role.name, role.proc.pid, role.log_path)  # type: ignore[union-attr]
+
+    def poll(self) -> int | None:
+        """Check every role once. Returns the learner's exit code when the run is over."""
+        now = time.time()
+        for role in self.roles:
+            if role.proc is None:
+                if now >= role.next_start:
+                    role.start(self.env)
+                    log.info("restarted %s (restart %d)", role.name, role.restarts)
+                continue
+            code = role.proc.poll()
+            if code is None:
+                continue
+            role.history.append((now, code))
+            role.signal(signal.SIGKILL)  # leftovers of the dead role's process group
+            role.proc = None
+            if role is self.learner:
+                return code
+            if self._stopping:
+                continue
+            if not role.restartable or role.restarts >= self.cfg.deploy.max_restarts:
+                log.error("%s exited with %d and will not be restarted; stopping the run", role.name, code)
+                return 1
+            delay = self.cfg.deploy.restart_backoff_s * 2**role.restarts
+            role.restarts += 1
+            role.next_start = now + delay
+            log.warning("%s exited with %d; restarting in %.1f s (see %s)", role.name, code, delay, role.log_path)
+        return None
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM every role (process group), then SIGKILL what is left after `grace_s`."""
+        self._stopping = True
+        for role in reversed(self.roles):
+            role.signal(signal.SIGTERM)
+        deadline = time.time() + grace_s
+        for role in self.roles:
+            if role.proc is None:
+                continue
+            try:
+                role.proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s; killing it", role.name, grace_s)
+                role.signal(signal.SIGKILL)
+                role.proc.wait()
+            # the role's own children (engine workers) live in its process group
+            role.signal(signal.SIGKILL)
+
+    def tail(self, role: Role, n: int = 30) -> str:
+        try:
+            lines = role.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])

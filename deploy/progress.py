@@ -1,0 +1,115 @@
+"""Live progress of a run, read from the run's metrics.jsonl (every role appends its figures there).
+
+On a terminal: a rich table redrawn in place. Elsewhere (CI, a log file): one plain line every
+`every_s` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class RunView:
+    def __init__(self, run_dir: Path, total_steps: int, every_s: float = 10.0) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.total_steps = total_steps
+        self.every_s = every_s
+        self._offset = 0
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.prev: dict[str, dict[str, Any]] = {}
+        self.t0 = time.time()
+        self._last_plain = 0.0
+        self.tty = sys.stdout.isatty()
+        self._live: Any = None
+
+    def _read(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1  # a line still being written is read next time
+        self._offset += end
+        for line in data[:end].splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            inst = rec.get("instance", "?")
+            if inst in self.latest:
+                self.prev[inst] = self.latest[inst]
+            self.latest[inst] = rec
+
+    def _rate(self, inst: str, key: str) -> float | None:
+        a, b = self.prev.get(inst), self.latest.get(inst)
+        if not a or not b or key not in a or key not in b or b["t"] <= a["t"]:
+            return None
+        return (b[key] - a[key]) / (b["t"] - a["t"])
+
+    def rows(self) -> list[tuple[str, str]]:
+        self._read()
+        lr = self.latest.get("learner", {})
+        step = int(lr.get("popo_learner_step", 0))
+        elapsed = time.time() - self.t0
+        eta = "?"
+        if step > 0 and lr.get("t"):
+            per_step = (lr["t"] - self.t0) / step
+            eta = f"{max(0.0, per_step * (self.total_steps - step)):.0f}s"
+        rows = [
+            ("step", f"{step}/{self.total_steps}  (elapsed {elapsed:.0f}s, ETA {eta})"),
+            ("policy version", str(int(lr.get("popo_learner_policy_version", 0)))),
+            ("pass rate (verifier)", _fmt_pct(lr.get("popo_learner_pass_rate"))),
+            ("held-out accuracy", _fmt_pct(lr.get("popo_learner_eval_accuracy"))),
+            ("loss", _fmt(lr.get('popo_learner_loss{term="total"}'))),
+            ("buffer / in-flight leases",
+             f"{_fmt(lr.get('popo_learner_buffer_groups'), 0)} / {_fmt(lr.get('popo_learner_outstanding_leases'), 0)}"),
+            ("mean staleness", _fmt(_mean(lr, "popo_learner_staleness"))),
+        ]
+        lt = self._rate("learner", "popo_learner_tokens_total")
+        rows.append(("learner tokens/s", _fmt(lt, 0)))
+        for inst in sorted(k for k in self.latest if k.startswith("actor")):
+            rows.append((f"{inst} tokens/s", _fmt(self._rate(inst, "popo_actor_tokens_total"), 0)))
+        for inst in sorted(k for k in self.latest if k.startswith("verifier")):
+            rate = self._rate(inst, "popo_verifier_completions_total")
+            rows.append((f"{inst} verifications/s", _fmt(rate, 1)))
+        return rows
+
+    def update(self) -> None:
+        rows = self.rows()
+        if self.tty:
+            from rich.live import Live
+            from rich.table import Table
+
+            table = Table(title="POPO-RL run", show_header=False)
+            for k, v in rows:
+                table.add_row(k, v)
+            if self._live is None:
+                self._live = Live(table, refresh_per_second=2, transient=False)
+                self._live.start()
+            else:
+                self._live.update(table)
+        elif time.time() - self._last_plain >= self.every_s:
+            self._last_plain = time.time()
+            print(" | ".join(f"{k}: {v}" for k, v in rows), flush=True)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+
+def _mean(rec: dict[str, Any], hist: str) -> float | None:
+    n = rec.get(f"{hist}_count")
+    return rec.get(f"{hist}_sum", 0.0) / n if n else None
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"

@@ -1,0 +1,110 @@
+"""`popo train`: prepare a run directory, start every role locally, show progress, stop cleanly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+from popo.common.config import RunConfig
+from popo.deploy.launch import Supervisor
+from popo.deploy.progress import RunView
+
+log = logging.getLogger("popo.train")
+
+
+def prepare_run_dir(cfg: RunConfig, resume: Path | None) -> tuple[RunConfig, Path]:
+    """Create (or reopen, with `resume`) the run directory and write the config snapshot that every
+    role reads. The demo model is built here, once, so roles never race to build it."""
+    from popo.common.demo_model import resolve_model_dir
+
+    if resume is not None:
+        run_dir = resume
+        if not (run_dir / "ledger.db").exists():
+            raise SystemExit(f"popo train: {run_dir} is not a run directory (no ledger.db)")
+    else:
+        run_dir = Path(cfg.deploy.run_dir or time.strftime(f"runs/%Y%m%d-%H%M%S-{cfg.algorithm.name}"))
+        if (run_dir / "ledger.db").exists():
+            raise SystemExit(
+                f"popo train: {run_dir} already holds a run; use --resume {run_dir} or another "
+                "--deploy.run_dir"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.path = str(resolve_model_dir(cfg).resolve())
+    cfg.deploy.run_dir = str(run_dir)
+    tmp = run_dir / "config.toml.tmp"
+    tmp.write_text(cfg.to_toml())
+    tmp.replace(run_dir / "config.toml")
+    return cfg, run_dir
+
+
+def train(cfg: RunConfig, config_path: Path | None, resume: Path | None, overrides: list[str]) -> int:
+    cfg, run_dir = prepare_run_dir(cfg, resume)
+    sup = Supervisor(cfg, run_dir, run_dir / "config.toml")
+    view = RunView(run_dir, cfg.learner.total_steps)
+    print(f"run directory: {run_dir}  (logs in {run_dir / 'logs'})", flush=True)
+    _print_metrics_endpoints(cfg)
+    interrupted = False
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    code: int | None = None
+    try:
+        sup.start()
+        while code is None:
+            time.sleep(0.5)
+            code = sup.poll()
+            view.update()
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: stopping every role (resume with "
+              f"`popo train --resume {run_dir}`)", flush=True)  # fmt: skip
+    finally:
+        view.close()
+        sup.stop()
+    for role in sup.roles:
+        for t, rc in role.history:
+            if rc != 0 and not interrupted:
+                log.warning("%s exited with %d at %s", role.name, rc, time.strftime("%H:%M:%S", time.localtime(t)))
+    if interrupted:
+        return 130
+    if code != 0:
+        print(f"the learner failed (exit {code}); last lines of {sup.learner.log_path}:\n"
+              + sup.tail(sup.learner), flush=True)  # fmt: skip
+        return 1
+    _print_summary(run_dir)
+    return 0
+
+
+def _print_metrics_endpoints(cfg: RunConfig) -> None:
+    from popo.common.metrics import role_port
+
+    if not cfg.metrics.enabled:
+        return
+    h = cfg.metrics.host
+    lines = [f"  learner     http://{h}:{role_port(cfg.metrics, 'learner')}/metrics"]
+    lines += [f"  verifier-{r}  http://{h}:{role_port(cfg.metrics, 'verifier', r)}/metrics"
+              for r in range(cfg.verifier.replicas)]  # fmt: skip
+    lines += [f"  actor-{i}     http://{h}:{role_port(cfg.metrics, 'actor', i)}/metrics"
+              for i in range(cfg.actor.num_actors)]  # fmt: skip
+    print("metrics:\n" + "\n".join(lines), flush=True)
+
+
+def _print_summary(run_dir: Path) -> None:
+    try:
+        s = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    before, after = s.get("accuracy_before"), s.get("accuracy_after")
+    if before is not None and after is not None:
+        print(
+            f"held-out accuracy: {100 * before:.1f}% -> {100 * after:.1f}% "
+            f"({100 * (after - before):+.1f} points) after {s['steps']} steps",
+            flush=True,
+        )
+    print(f"leases: {s['leases']}", flush=True)

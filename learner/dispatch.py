@@ -1,0 +1,210 @@
+"""The learner's I/O thread: hands out prompt leases and ingests verified groups (DESIGN §3-4).
+
+It runs beside the training loop so actors keep generating while the learner trains. It owns the
+dispatch ROUTER and the ingest PULL socket (ZeroMQ sockets stay in the thread that made them) and
+writes everything it learns to the ledger, which the training loop reads.
+
+Admission control: train leases in flight (outstanding or received, not yet trained) never exceed
+(max_staleness + 1) * prompts_per_step, and an actor whose weights lag the learner by more than
+max_staleness versions gets no lease until it reloads. Together they keep trained samples within
+`max_staleness` versions of the policy being updated; the training loop still skips any group that
+slips past (reason `too_stale`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from popo.common.config import RunConfig
+from popo.common.data import Problem
+from popo.common.messages import Lease, LeaseRequest, Leases, ScoredGroup, encode
+from popo.common.transport import bind
+from popo.learner.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalRound:
+    """One held-out evaluation: eval leases live in memory only (negative lease ids) and never
+    touch the ledger, so they cannot be trained."""
+
+    version: int
+    pending: list[int]
+    """Indices into the eval prompts not yet handed out (or handed out and expired)."""
+    outstanding: dict[int, tuple[int, float]] = field(default_factory=dict)
+    """lease id -> (prompt index, deadline)."""
+    n_total: int = 0
+    n_positive: int = 0
+    per_prompt: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """prompt index -> (n_positive, n_total) for pass@k."""
+    size: int = 0
+
+    @property
+    def done(self) -> bool:
+        return not self.pending and not self.outstanding
+
+
+@dataclass
+class SharedState:
+    """What the training loop and the I/O thread share; ints and floats only, set atomically."""
+
+    version: int = 0
+    """The policy version the learner currently serves."""
+    actor_versions: dict[str, int] = field(default_factory=dict)
+    actor_mismatch: dict[str, float] = field(default_factory=dict)
+    ingested: int = 0
+    ingested_groups_by_kind: dict[str, int] = field(default_factory=dict)
+    completions_total: int = 0
+    positives_total: int = 0
+    eval: EvalRound | None = None
+
+
+class Dispatcher(threading.Thread):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        ledger: Ledger,
+        train: list[Problem],
+        order: list[int],
+        evals: list[Problem],
+        state: SharedState,
+        dispatch_addr: str,
+        ingest_addr: str,
+        on_group: callable | None = None,  # type: ignore[valid-type]
+    ) -> None:
+        super().__init__(name="dispatch", daemon=True)
+        self.cfg = cfg
+        self.ledger = ledger
+        self.train = train
+        self.order = order
+        self.evals = evals
+        self.state = state
+        self.on_group = on_group
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self._addrs = (dispatch_addr, ingest_addr)
+        self.dispatch_address = ""
+        self.ingest_address = ""
+        self._next_eval_id = -1
+        self.dropped = 0
+
+    # The thread body catches only to hand the error to the training loop, which re-raises it.
+    def run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:
+            self.error = e
+            log.exception("dispatch thread failed")
+        finally:
+            self.ready.set()
+
+    def _serve(self) -> None:
+        ctx = zmq.Context.instance()
+        t = self.cfg.transport
+        router = bind(ctx, "dispatch", self._addrs[0], t, on_drop=self._count_drop)
+        ingest = bind(ctx, "ingest", self._addrs[1], t, on_drop=self._count_drop)
+        self.dispatch_address, self.ingest_address = router.address, ingest.address
+        self.ready.set()
+        poller = zmq.Poller()
+        poller.register(router.sock, zmq.POLLIN)
+        poller.register(ingest.sock, zmq.POLLIN)
+        last_expire = 0.0
+        try:
+            while not self.stop_event.is_set():
+                events = dict(poller.poll(100))
+                if router.sock in events:
+                    got = router.recv(0)
+                    if got is not None and isinstance(got[1], LeaseRequest):
+                        router.send(self._answer(got[1]), identity=got[0])
+                if ingest.sock in events:
+                    got = ingest.recv(0)
+                    if got is not None and isinstance(got[1], ScoredGroup):
+                        self._ingest(got[1])
+                if time.monotonic() - last_expire > 1.0:
+                    last_expire = time.monotonic()
+                    n = self.ledger.expire()
+                    if n:
+                        log.warning("%d lease(s) expired; their prompts are re-dispatched", n)
+                    self._expire_eval()
+        finally:
+            router.close()
+            ingest.close()
+
+    def _count_drop(self, why: str) -> None:
+        self.dropped += 1
+
+    # --- leases -------------------------------------------------------------------------------------
+
+    def _answer(self, req: LeaseRequest) -> Leases:
+        st, lc = self.state, self.cfg.learner
+        st.actor_versions[req.actor_id] = req.policy_version
+        if req.mismatch_kl is not None:
+            st.actor_mismatch[req.actor_id] = req.mismatch_kl
+        version = st.version
+        if req.policy_version < version - lc.max_staleness:
+            # Its samples would be too stale to train on: let it reload first.
+            return Leases(leases=[], learner_version=version, retry_after_s=0.2)
+        deadline = time.time() + lc.lease_timeout_s
+        out = self._eval_leases(req.n, req.policy_version, deadline)
+        room = (lc.max_staleness + 1) * lc.prompts_per_step - self.ledger.in_flight()
+        n = min(req.n - len(out), room)
+        if n > 0:
+            for row in self.ledger.issue(n, req.actor_id, version, deadline, len(self.order)):
+                p = self.train[self.order[row.prompt_idx % len(self.order)]]
+                out.append(
+                    Lease(lease_id=row.lease_id, prompt_id=p.prompt_id, prompt=p.problem, gold=p.gold,
+                          dispatch_version=version, deadline=deadline)
+                )
+        return Leases(leases=out, learner_version=version, retry_after_s=0.0 if out else 0.2)
+
+    def _eval_leases(self, n: int, actor_version: int, deadline: float) -> list[Lease]:
+        ev = self.state.eval
+        if ev is None or actor_version < ev.version:
+            return []
+        out = []
+        while ev.pending and len(out) < n:
+            idx = ev.pending.pop()
+            lid = self._next_eval_id
+            self._next_eval_id -= 1
+            ev.outstanding[lid] = (idx, deadline)
+            p = self.evals[idx]
+            out.append(Lease(lease_id=lid, prompt_id=p.prompt_id, prompt=p.problem, gold=p.gold,
+                             dispatch_version=ev.version, deadline=deadline))
+        return out
+
+    def _expire_eval(self) -> None:
+        ev = self.state.eval
+        if ev is None:
+            return
+        now = time.time()
+        for lid, (idx, deadline) in list(ev.outstanding.items()):
+            if deadline < now:
+                del ev.outstanding[lid]
+                ev.pending.append(idx)
+
+    # --- ingest -------------------------------------------------------------------------------------
+
+    def _ingest(self, g: ScoredGroup) -> None:
+        st = self.state
+        st.completions_total += g.n_total
+        st.positives_total += g.n_positive
+        if g.lease_id < 0:
+            ev = st.eval
+            if ev is not None and g.lease_id in ev.outstanding:
+                idx, _ = ev.outstanding.pop(g.lease_id)
+                ev.n_total += g.n_total
+                ev.n_positive += g.n_positive
+                ev.per_prompt[idx] = (g.n_positive, g.n_total)
+            return
+        kind = self.ledger.receive(g.lease_id, g.version_min, g.n_total, g.n_positive, encode(g))
+        if kind is not None:
+            st.ingested += 1
+            if self.on_group is not None:
+                self.on_group(g)

@@ -1,0 +1,296 @@
+"""The prompt ledger and the buffer of received groups, in SQLite (WAL) in the run directory (DESIGN §3).
+
+Every lease ends exactly once: `trained` (at a step), `skipped` (with a reason), or `expired` (its
+actor missed the deadline; the prompt goes back to the dispatch queue and gets a new lease). A
+completion for a lease that is no longer outstanding is a late duplicate: ignored and counted.
+
+Crash consistency. A received group's payload stays in the buffer until a checkpoint that contains
+its step is durable (`checkpointed(step)`). On resume from checkpoint step K, leases trained after K
+go back to `received` (`rewind_to(K)`) and are trained again by the restored model: the final model
+has seen every lease exactly once, and nothing received is lost.
+
+Lease states:  outstanding -> received -> trained | skipped
+               outstanding -> expired | skipped
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (
+    lease_id         INTEGER PRIMARY KEY,
+    prompt_idx       INTEGER NOT NULL,
+    kind             TEXT NOT NULL DEFAULT 'train',   -- 'train' or 'eval'
+    actor_id         TEXT NOT NULL,
+    dispatch_version INTEGER NOT NULL,
+    issued_at        REAL NOT NULL,
+    deadline         REAL NOT NULL,
+    state            TEXT NOT NULL CHECK (state IN
+                         ('outstanding', 'received', 'trained', 'skipped', 'expired')),
+    reason           TEXT,
+    step             INTEGER,
+    version_min      INTEGER,
+    n_total          INTEGER,
+    n_positive       INTEGER,
+    ended_at         REAL
+);
+CREATE INDEX IF NOT EXISTS leases_state ON leases(state);
+CREATE TABLE IF NOT EXISTS buffer (
+    lease_id    INTEGER PRIMARY KEY REFERENCES leases(lease_id),
+    payload     BLOB NOT NULL                          -- the ScoredGroup frame, msgpack
+);
+CREATE TABLE IF NOT EXISTS requeue (prompt_idx INTEGER PRIMARY KEY, kind TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    lease_id: int
+    prompt_idx: int
+    kind: str
+    dispatch_version: int
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Received:
+    lease_id: int
+    prompt_idx: int
+    version_min: int
+    payload: bytes
+
+
+class Ledger:
+    """Thread-safe: the dispatch/ingest thread and the training loop share one instance."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed ledger transaction survives power loss, not only a process crash.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        self.duplicates = 0
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- meta -------------------------------------------------------------------------------------
+
+    def get(self, key: str, default: int = 0) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if row is None else int(row[0])
+
+    def set(self, key: str, value: int) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # --- dispatch ---------------------------------------------------------------------------------
+
+    def in_flight(self, kind: str = "train") -> int:
+        """Leases handed out or received but not yet trained or skipped."""
+        with self._lock:
+            (n,) = self._db.execute(
+                "SELECT COUNT(*) FROM leases WHERE kind=? AND state IN ('outstanding','received')",
+                (kind,),
+            ).fetchone()
+        return int(n)
+
+    def issue(
+        self,
+        n: int,
+        actor_id: str,
+        version: int,
+        deadline: float,
+        n_prompts: int,
+        kind: str = "train",
+        cursor_key: str = "cursor",
+    ) -> list[LeaseRow]:
+        """Issue up to `n` leases: re-queued prompts first, then the next prompts of the cursor
+        (which wraps around `n_prompts`; the caller maps prompt_idx to a shuffled order)."""
+        out: list[LeaseRow] = []
+        now = time.time()
+        with self._tx() as db:
+            requeued = db.execute(
+                "SELECT prompt_idx FROM requeue WHERE kind=? ORDER BY prompt_idx LIMIT ?", (kind, n)
+            ).fetchall()
+            idxs = [r[0] for r in requeued]
+            db.executemany("DELETE FROM requeue WHERE prompt_idx=?", [(i,) for i in idxs])
+            row = db.execute("SELECT value FROM meta WHERE key=?", (cursor_key,)).fetchone()
+            cursor = 0 if row is None else int(row[0])
+            while len(idxs) < n and (kind == "train" or cursor < n_prompts):
+                idxs.append(cursor % n_prompts if kind == "train" else cursor)
+                cursor += 1
+            db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (cursor_key, cursor)
+            )
+            for idx in idxs:
+                cur = db.execute(
+                    "INSERT INTO leases(prompt_idx, kind, actor_id, dispatch_version, issued_at,"
+                    " deadline, state) VALUES (?, ?, ?, ?, ?, ?, 'outstanding')",
+                    (idx, kind, actor_id, version, now, deadline),
+                )
+                out.append(LeaseRow(int(cur.lastrowid or 0), idx, kind, version, deadline))
+        return out
+
+    def expire(self, now: float | None = None) -> int:
+        """End overdue outstanding leases as `expired` and re-queue their prompts."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT lease_id, prompt_idx, kind FROM leases"
+                " WHERE state='outstanding' AND deadline < ?",
+                (now,),
+            ).fetchall()
+            for lease_id, idx, kind in rows:
+                db.execute(
+                    "UPDATE leases SET state='expired', reason='deadline', ended_at=?"
+                    " WHERE lease_id=?",
+                    (now, lease_id),
+                )
+                db.execute("INSERT OR IGNORE INTO requeue(prompt_idx, kind) VALUES (?, ?)", (idx, kind))
+        return len(rows)
+
+    # --- ingest -----------------------------------------------------------------------------------
+
+    def receive(
+        self, lease_id: int, version_min: int, n_total: int, n_positive: int, payload: bytes
+    ) -> str | None:
+        """Record a verified group. Returns the lease kind, or None for a late duplicate or an
+        unknown lease (ignored and counted)."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT state, kind FROM leases WHERE lease_id=?", (lease_id,)
+            ).fetchone()
+            if row is None or row[0] != "outstanding":
+                self.duplicates += 1
+                return None
+            db.execute(
+                "UPDATE leases SET state='received', version_min=?, n_total=?, n_positive=?"
+                " WHERE lease_id=?",
+                (version_min, n_total, n_positive, lease_id),
+            )
+            db.execute("INSERT INTO buffer(lease_id, payload) VALUES (?, ?)", (lease_id, payload))
+            return str(row[1])
+
+    def skip(self, lease_ids: list[int], reason: str) -> None:
+        """End received or outstanding leases without training them."""
+        now = time.time()
+        with self._tx() as db:
+            for lid in lease_ids:
+                db.execute(
+                    "UPDATE leases SET state='skipped', reason=?, ended_at=?"
+                    " WHERE lease_id=? AND state IN ('outstanding','received')",
+                    (reason, now, lid),
+                )
+                db.execute("DELETE FROM buffer WHERE lease_id=?", (lid,))
+
+    # --- training ---------------------------------------------------------------------------------
+
+    def received(self, kind: str = "train", limit: int | None = None) -> list[Received]:
+        """Received, not yet trained groups, oldest lease first."""
+        q = (
+            "SELECT l.lease_id, l.prompt_idx, l.version_min, b.payload FROM leases l"
+            " JOIN buffer b USING (lease_id) WHERE l.state='received' AND l.kind=?"
+            " ORDER BY l.lease_id"
+        )
+        args: tuple[object, ...] = (kind,)
+        if limit is not None:
+            q += " LIMIT ?"
+            args = (kind, limit)
+        with self._lock:
+            rows = self._db.execute(q, args).fetchall()
+        return [Received(int(a), int(b), int(c), bytes(d)) for a, b, c, d in rows]
+
+    def mark_trained(self, lease_ids: list[int], step: int) -> None:
+        """The leases' groups went into optimizer step `step`. Payloads stay until a checkpoint."""
+        now = time.time()
+        with self._tx() as db:
+            for lid in lease_ids:
+                cur = db.execute(
+                    "UPDATE leases SET state='trained', step=?, ended_at=?"
+                    " WHERE lease_id=? AND state='received'",
+                    (step, now, lid),
+                )
+                if cur.rowcount != 1:
+                    raise RuntimeError(f"lease {lid} was not in state 'received'; refusing to train it")
+
+    def checkpointed(self, step: int) -> None:
+        """A checkpoint of `step` is durable: drop payloads it covers."""
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM buffer WHERE lease_id IN"
+                " (SELECT lease_id FROM leases WHERE state='trained' AND step <= ?)",
+                (step,),
+            )
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('checkpoint_step', ?)", (step,))
+
+    def rewind_to(self, step: int) -> int:
+        """Resume from a checkpoint of `step`: leases trained after it become `received` again."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE leases SET state='received', step=NULL, ended_at=NULL"
+                " WHERE state='trained' AND step > ?",
+                (step,),
+            )
+            return cur.rowcount
+
+    # --- reporting --------------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Leases by state (and skipped by reason)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT state, COALESCE(reason, ''), COUNT(*) FROM leases"
+                " WHERE kind='train' GROUP BY 1, 2"
+            ).fetchall()
+        out: dict[str, int] = {}
+        for state, reason, n in rows:
+            out[state] = out.get(state, 0) + n
+            if state == "skipped":
+                out[f"skipped:{reason}"] = n
+        return out
+
+    def check_exactly_once(self) -> list[str]:
+        """Audit: problems with the exactly-once accounting (empty list = consistent)."""
+        problems: list[str] = []
+        with self._lock:
+            db = self._db
+            for lid, state in db.execute(
+                "SELECT lease_id, state FROM leases WHERE state IN ('trained','skipped','expired')"
+                " AND ended_at IS NULL"
+            ):
+                problems.append(f"lease {lid} is {state} without an end time")
+            for lid, state in db.execute(
+                "SELECT l.lease_id, l.state FROM buffer b JOIN leases l USING (lease_id)"
+                " WHERE l.state NOT IN ('received','trained')"
+            ):
+                problems.append(f"lease {lid} is {state} but still buffered")
+            for (lid,) in db.execute(
+                "SELECT lease_id FROM leases WHERE state='received'"
+                " AND lease_id NOT IN (SELECT lease_id FROM buffer)"
+            ):
+                problems.append(f"lease {lid} is received but its payload is gone")
+        return problems
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

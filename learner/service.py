@@ -1,0 +1,386 @@
+"""The learner role (DESIGN §1, §3): dispatcher, ledger, training loop, weight publishing, evaluation.
+
+    actors <-ROUTER- [dispatch thread] -PULL<- verifier        (leases out, scored groups in)
+                          | ledger.db (SQLite WAL: leases + buffer)
+                     [training loop] -PUB-> actors            (WeightsReady)
+
+The training loop takes `prompts_per_step` completed groups (oldest lease first), trains on those
+with a signal, records every lease as trained or skipped (with a reason), publishes a new version,
+checkpoints every `checkpoint_every` steps and evaluates on the held-out split. Versions count
+publishes and are never reused, also across a resume (a resumed run may not overwrite what actors
+already loaded).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from popo.common import transport
+from popo.common.config import RunConfig
+from popo.common.demo_model import resolve_model_dir
+from popo.common.data import Problem, apply_template, load_prompts
+from popo.common.messages import ScoredGroup, WeightsReady, decode, pack_ids
+from popo.common.metrics import STALENESS_BUCKETS, STEP_BUCKETS, RoleMetrics, role_port
+from popo.learner.dispatch import Dispatcher, EvalRound, SharedState
+from popo.learner.ledger import Ledger, Received
+
+log = logging.getLogger("popo.learner")
+
+
+class LearnerError(RuntimeError):
+    pass
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+class Learner:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, model_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.model_dir = Path(model_dir)
+        self.stop_event = threading.Event()
+        self.state = SharedState()
+        self.last_ready: WeightsReady | None = None
+        self.eval_history: list[dict[str, Any]] = []
+
+    # --- setup ------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from popo.learner.checkpoint import latest_checkpoint, load_checkpoint
+        from popo.learner.trainer import Trainer
+
+        cfg, lc = self.cfg, self.cfg.learner
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        self.trainer = Trainer(
+            model, lc, cfg.algorithm, max_completion_len=cfg.actor.max_tokens,
+            pad_id=tokenizer.pad_token_id or 0,
+        )  # fmt: skip
+
+        self.ledger = Ledger(self.run_dir / "ledger.db")
+        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        if ckpt is not None:
+            load_checkpoint(self.trainer, ckpt)
+            log.info("resumed from %s (step %d)", ckpt, self.trainer.step)
+        rewound = self.ledger.rewind_to(self.trainer.step)
+        if rewound:
+            log.info("%d lease(s) trained after the checkpoint go back to the buffer", rewound)
+
+        template = cfg.data.resolved_template
+        train = [
+            Problem(p.prompt_id, apply_template(p.problem, template), p.gold)
+            for p in load_prompts(cfg.data, "train")
+        ]
+        evals = [
+            Problem(p.prompt_id, apply_template(p.problem, template), p.gold)
+            for p in load_prompts(cfg.data, "test")[: cfg.data.eval_size]
+        ]
+        order = list(range(len(train)))
+        random.Random(lc.seed).shuffle(order)
+        self.evals = evals
+        self.probe = self._probe(tokenizer, (evals or train)[0])
+
+        self._setup_metrics()
+        t = cfg.transport
+        self.dispatcher = Dispatcher(
+            cfg, self.ledger, train, order, evals, self.state,
+            transport.address(t, "dispatch", run_dir=self.run_dir),
+            transport.address(t, "ingest", run_dir=self.run_dir),
+            on_group=self._on_group,
+        )  # fmt: skip
+        self.dispatcher.start()
+        self.dispatcher.ready.wait()
+        if self.dispatcher.error is not None:
+            raise self.dispatcher.error
+        self.pub = transport.bind(
+            zmq.Context.instance(), "weights",
+            transport.address(t, "weights", run_dir=self.run_dir), t,
+        )  # fmt: skip
+        self._write_endpoints()
+
+        weights = self.run_dir / "weights"
+        for leftover in weights.glob(".tmp-*"):  # a publish cut short by a crash
+            shutil.rmtree(leftover, ignore_errors=True)
+        existing = [int(p.name[1:]) for p in weights.glob("v*") if p.name[1:].isdigit()]
+        self.state.version = max([self.ledger.get("version"), *existing])
+        if self.trainer.step > 0 or existing:
+            # A resumed learner announces its restored weights as a new version: actors may
+            # hold versions from the lost steps, which must not be reused.
+            self.publish()
+
+    @staticmethod
+    def _probe(tokenizer: Any, p: Problem) -> tuple[list[int], list[int]]:
+        """A fixed (prompt, continuation) whose log-probs learner and actors compare after each
+        reload: the first held-out prompt followed by its boxed gold answer."""
+        prompt = tokenizer(p.problem)["input_ids"]
+        cont = tokenizer(f"\\boxed{{{p.gold}}}")["input_ids"]
+        return prompt, cont
+
+    def _setup_metrics(self) -> None:
+        m = self.metrics = RoleMetrics("learner", self.cfg.metrics, self.run_dir)
+        self.g_step = m.gauge("learner_step", "Optimizer steps taken")
+        self.g_total = m.gauge("learner_total_steps", "Optimizer steps the run will take")
+        self.g_version = m.gauge("learner_policy_version", "Latest published policy version")
+        self.h_step = m.histogram("learner_step_seconds", "Wall time of one optimizer step", STEP_BUCKETS)
+        self.c_tokens = m.counter("learner_tokens_total", "Completion tokens trained on")
+        self.c_seqs = m.counter("learner_sequences_total", "Completions trained on")
+        self.g_loss = m.gauge("learner_loss", "Loss terms of the last step", ["term"])
+        self.g_clip = m.gauge("learner_is_clip_fraction", "Fraction of IS ratios at the cap (last step)")
+        self.g_cos = m.gauge("learner_cosine_similarity", "cos(h(f_theta), f_xi) of the last step")
+        self.g_kl = m.gauge("learner_ema_kl", "KL(pi_theta || pi_xi) monitor (k3), last step")
+        self.g_went = m.gauge("learner_weight_entropy", "Mean entropy of the POPO weights over S+")
+        self.g_gnorm = m.gauge("learner_grad_norm", "Global gradient norm before clipping")
+        self.g_lr = m.gauge("learner_lr", "Learning rate of the last step")
+        self.h_stale = m.histogram(
+            "learner_staleness_versions", "Policy-version lag of trained groups", STALENESS_BUCKETS
+        )
+        self.g_buffer = m.gauge("learner_buffer_groups", "Received groups waiting to be trained")
+        self.g_lease = m.gauge("learner_outstanding_leases", "Train leases handed out, not yet back")
+        self.h_pub = m.histogram("learner_publish_seconds", "Write + announce of one weight version", STEP_BUCKETS)
+        self.c_wait = m.counter("learner_wait_seconds_total", "Time the training loop waited for data")
+        self.c_leases = m.counter("learner_leases_ended_total", "Leases ended, by outcome", ["outcome"])
+        self.g_pass = m.gauge("learner_pass_rate", "Positive fraction of verified completions (all groups)")
+        self.g_eval = m.gauge("learner_eval_accuracy", "Held-out sampled accuracy (avg@G) at the last eval")
+        self.g_evalk = m.gauge("learner_eval_pass_at_k", "Held-out unbiased pass@G at the last eval")
+        self.c_dup = m.counter("learner_duplicates_total", "Late or duplicate completions ignored")
+        self.g_total.set(self.cfg.learner.total_steps)
+        port = self.metrics.serve(role_port(self.cfg.metrics, "learner"))
+        if port:
+            log.info("learner metrics on http://%s:%d/metrics", self.cfg.metrics.host, port)
+
+    def _write_endpoints(self) -> None:
+        """Resolved addresses (ports picked by the OS when configured 0), for launchers and tests."""
+        eps = {
+            "dispatch": self.dispatcher.dispatch_address,
+            "ingest": self.dispatcher.ingest_address,
+            "weights": self.pub.address,
+        }
+        (self.run_dir / "endpoints.json").write_text(json.dumps(eps, indent=1))
+
+    def _on_group(self, g: ScoredGroup) -> None:
+        st = self.state
+        if st.completions_total:
+            self.g_pass.set(st.positives_total / st.completions_total)
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        lc = self.cfg.learner
+        if self.trainer.step == 0:
+            self.evaluate()
+        while self.trainer.step < lc.total_steps and not self.stop_event.is_set():
+            batch = self.next_batch()
+            if batch is None:
+                break
+            groups = [decode(r.payload, ScoredGroup) for r in batch]
+            useful = [g for g in groups if self._has_signal(g)]
+            m = self.trainer.train_step(useful) if useful else {"tokens": 0.0}
+            used = {g.lease_id for g in useful} if m["tokens"] > 0 else set()
+            self.ledger.mark_trained([r.lease_id for r in batch if r.lease_id in used], self.trainer.step)
+            self.ledger.skip([r.lease_id for r in batch if r.lease_id not in used], self._no_signal_reason())
+            self._record(m, batch, used)
+            if not used:
+                continue
+            if self.trainer.step % lc.publish_every == 0 or self.trainer.step == lc.total_steps:
+                self.publish()
+            if self.trainer.step % lc.checkpoint_every == 0 or self.trainer.step == lc.total_steps:
+                self.checkpoint()
+            if lc.eval_every and self.trainer.step % lc.eval_every == 0 and self.trainer.step < lc.total_steps:
+                self.evaluate()
+        if self.trainer.step >= lc.total_steps:
+            self.evaluate()
+            self._write_summary()
+
+    def next_batch(self) -> list[Received] | None:
+        """Block until `prompts_per_step` fresh groups are buffered; skip the too-stale ones."""
+        lc = self.cfg.learner
+        t0 = time.monotonic()
+        last_announce = 0.0
+        while not self.stop_event.is_set():
+            if self.dispatcher.error is not None:
+                raise LearnerError("dispatch thread failed") from self.dispatcher.error
+            rows = self.ledger.received()
+            version = self.state.version
+            stale = [r.lease_id for r in rows if version - r.version_min > lc.max_staleness]
+            if stale:
+                self.ledger.skip(stale, "too_stale")
+                self.c_leases.labels("too_stale").inc(len(stale))
+            fresh = [r for r in rows if version - r.version_min <= lc.max_staleness]
+            self.g_buffer.set(len(fresh))
+            self.g_lease.set(self.ledger.in_flight() - len(fresh))
+            self.c_dup.inc(self.ledger.duplicates - self.c_dup._value.get())
+            if len(fresh) >= lc.prompts_per_step:
+                self.c_wait.inc(time.monotonic() - t0)
+                return fresh[: lc.prompts_per_step]
+            if time.monotonic() - last_announce > 2.0:
+                self._announce()  # actors that joined late or missed the PUB catch up
+                last_announce = time.monotonic()
+            self.metrics.tick()
+            time.sleep(0.02)
+        return None
+
+    def _has_signal(self, g: ScoredGroup) -> bool:
+        algo = self.cfg.algorithm.name
+        if algo == "popo":
+            return g.n_positive > 0
+        return 0 < g.n_positive < g.n_total  # GRPO-family and WAPO: zero advantage otherwise
+
+    def _no_signal_reason(self) -> str:
+        return "all_negative" if self.cfg.algorithm.name == "popo" else "zero_advantage"
+
+    def _record(self, m: dict[str, float], batch: list[Received], used: set[int]) -> None:
+        for r in batch:
+            if r.lease_id in used:
+                self.h_stale.observe(self.state.version - r.version_min)
+        self.c_leases.labels("trained").inc(len(used))
+        self.c_leases.labels(self._no_signal_reason()).inc(len(batch) - len(used))
+        if m["tokens"] > 0:
+            self.g_step.set(self.trainer.step)
+            self.h_step.observe(m["step_seconds"])
+            self.c_tokens.inc(m["tokens"])
+            self.c_seqs.inc(m["sequences"])
+            for key, gauge in (("is_clip_fraction", self.g_clip), ("cos_sim", self.g_cos),
+                               ("ema_kl", self.g_kl), ("weight_entropy", self.g_went),
+                               ("grad_norm", self.g_gnorm), ("lr", self.g_lr)):  # fmt: skip
+                if key in m:
+                    gauge.set(m[key])
+            for key, v in m.items():
+                if key.startswith("loss"):
+                    self.g_loss.labels(key.removeprefix("loss_") if key != "loss" else "total").set(v)
+            log.info(
+                "step %d/%d  loss %.4f  groups %d/%d  tokens %d  %.2fs",
+                self.trainer.step, self.cfg.learner.total_steps, m.get("loss", float("nan")),
+                len(used), len(batch), m["tokens"], m["step_seconds"],
+            )  # fmt: skip
+        self.metrics.tick()
+
+    # --- weights, checkpoints, eval ----------------------------------------------------------------
+
+    def publish(self) -> None:
+        from popo.learner.publish import publish_weights
+
+        t0 = time.perf_counter()
+        version = self.state.version + 1
+        msg = publish_weights(
+            self.trainer.policy, self.run_dir / "weights", version, source_dir=self.model_dir,
+            keep=self.cfg.learner.keep_weights, protect=set(self.state.actor_versions.values()),
+            probe=self.probe, pad_id=self.trainer.pad_id,
+        )  # fmt: skip
+        self.ledger.set("version", version)
+        self.state.version = version
+        self.last_ready = msg
+        self._announce()
+        self.g_version.set(version)
+        self.h_pub.observe(time.perf_counter() - t0)
+
+    def _announce(self) -> None:
+        if self.last_ready is not None:
+            self.pub.send(self.last_ready, timeout_ms=0)
+
+    def checkpoint(self) -> None:
+        from popo.learner.checkpoint import save_checkpoint
+
+        save_checkpoint(self.trainer, self.run_dir / "checkpoints", keep=self.cfg.learner.keep_checkpoints)
+        self.ledger.checkpointed(self.trainer.step)
+
+    def evaluate(self) -> dict[str, Any] | None:
+        """Held-out sampled accuracy (avg@G) and unbiased pass@G of the current version, generated by
+        the actors through the normal pipeline (eval leases are never trained)."""
+        if not self.evals:
+            return None
+        ev = EvalRound(version=self.state.version, pending=list(range(len(self.evals)))[::-1],
+                       size=len(self.evals))  # fmt: skip
+        self.state.eval = ev
+        t0 = time.monotonic()
+        last_announce = 0.0
+        while not ev.done and not self.stop_event.is_set():
+            if self.dispatcher.error is not None:
+                raise LearnerError("dispatch thread failed") from self.dispatcher.error
+            if time.monotonic() - last_announce > 2.0:
+                self._announce()
+                last_announce = time.monotonic()
+            self.metrics.tick()
+            time.sleep(0.05)
+        self.state.eval = None
+        if not ev.done:
+            return None
+        g = self.cfg.actor.group_size
+        acc = ev.n_positive / max(1, ev.n_total)
+        pk = sum(pass_at_k(n, c, min(g, n)) for c, n in ev.per_prompt.values()) / len(ev.per_prompt)
+        rec = {"step": self.trainer.step, "version": ev.version, "accuracy": acc, f"pass@{g}": pk,
+               "prompts": ev.size, "seconds": time.monotonic() - t0, "t": time.time()}  # fmt: skip
+        self.eval_history.append(rec)
+        with open(self.run_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        self.g_eval.set(acc)
+        self.g_evalk.set(pk)
+        log.info("eval at step %d: held-out accuracy %.1f%%, pass@%d %.1f%% (%d prompts, %.0fs)",
+                 self.trainer.step, 100 * acc, g, 100 * pk, ev.size, rec["seconds"])  # fmt: skip
+        self.metrics.write_jsonl()
+        return rec
+
+    def _write_summary(self) -> None:
+        evals = [json.loads(x) for x in (self.run_dir / "eval.jsonl").read_text().splitlines()]
+        summary = {
+            "algorithm": self.cfg.algorithm.name,
+            "steps": self.trainer.step,
+            "accuracy_before": evals[0]["accuracy"] if evals else None,
+            "accuracy_after": evals[-1]["accuracy"] if evals else None,
+            "leases": self.ledger.counts(),
+            "ledger_problems": self.ledger.check_exactly_once(),
+            "tokens_trained": self.c_tokens._value.get(),
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    def close(self) -> None:
+        self.dispatcher.stop_event.set()
+        self.dispatcher.join(timeout=5)
+        if hasattr(self, "pub"):
+            self.pub.close()
+        self.metrics.close()
+        self.ledger.close()
+
+
+def main(cfg: RunConfig, run_dir: str | Path) -> int:
+    """`popo learner`: run until `total_steps` (exit 0) or an error (logged, exit 1)."""
+    learner: Learner | None = None
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("learner: signal %d, stopping after the current step", signum)
+        if learner is not None:
+            learner.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        learner = Learner(cfg, run_dir, resolve_model_dir(cfg))
+        learner.setup()
+        learner.run()
+        return 0
+    except Exception:
+        log.exception("learner failed")
+        return 1
+    finally:
+        if learner is not None and hasattr(learner, "dispatcher"):
+            learner.close()
