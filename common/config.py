@@ -28,7 +28,9 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     # Unknown keys are errors, not silently ignored typos; docstrings become field help.
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
+    )
 
 
 class ModelConfig(_Section):
@@ -269,12 +271,12 @@ class TransportConfig(_Section):
     """`tcp` or `ipc` (unix sockets in the run directory; single machine only)."""
     dispatch_port: int = Field(5550, ge=0, le=65535)
     """Learner ROUTER: lease requests and leases. 0 picks a free port."""
-    rollouts_port: int = Field(5551, ge=0, le=65535)
-    """Verifier PULL: rollout groups from actors."""
-    ingest_port: int = Field(5552, ge=0, le=65535)
+    ingest_port: int = Field(5551, ge=0, le=65535)
     """Learner PULL: scored groups from the verifier."""
-    weights_port: int = Field(5553, ge=0, le=65535)
+    weights_port: int = Field(5552, ge=0, le=65535)
     """Learner PUB: WeightsReady announcements."""
+    rollouts_port: int = Field(5560, ge=0, le=65535)
+    """Verifier PULL: rollout groups from actors; replica r binds rollouts_port + r."""
     hwm: int = Field(1000, gt=0)
     """ZeroMQ high-water mark (messages queued per peer before send blocks or drops)."""
     linger_ms: int = Field(1000, ge=0)
@@ -453,7 +455,9 @@ def _parse_cli(args: list[str]) -> dict[str, Any]:
         )
         return _drop_unset(cli())
     except SettingsError as e:  # argparse: unknown flag, missing value
-        raise ConfigError(f"config error: command line: {e}".replace("error parsing CLI: ", "")) from None
+        raise ConfigError(
+            f"config error: command line: {e}".replace("error parsing CLI: ", "")
+        ) from None
 
 
 def _drop_unset(tree: dict[str, Any]) -> dict[str, Any]:

@@ -34,7 +34,9 @@ disable_created_metrics()
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds: no log spam
+    def log_message(
+        self, format: str, *args: Any
+    ) -> None:  # scrapes every few seconds: no log spam
         pass
 
 

@@ -54,6 +54,20 @@ def address(
     return f"tcp://{host or cfg.host}:{port or '*'}"
 
 
+def rollouts_address(
+    cfg: TransportConfig, replica: int = 0, run_dir: str | Path | None = None
+) -> str:
+    """Where verifier replica `replica` binds its rollouts PULL (actors connect to every replica).
+
+    tcp: `rollouts_port + replica` (port 0 stays 0: a free port each); ipc: `rollouts-<r>` for r > 0.
+    """
+    if cfg.scheme == "ipc":
+        base = address(cfg, "rollouts", run_dir=run_dir)
+        return base if replica == 0 else f"{base}-{replica}"
+    port = cfg.rollouts_port + replica if cfg.rollouts_port else 0
+    return f"tcp://{cfg.host}:{port or '*'}"
+
+
 class Channel:
     """One typed ZeroMQ socket. Not thread-safe (ZeroMQ sockets never are): one owner thread."""
 
@@ -74,7 +88,9 @@ class Channel:
         """The bound address (with the real port when bound to port 0)."""
         return self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def send(self, msg: object, identity: bytes | None = None, timeout_ms: int | None = None) -> bool:
+    def send(
+        self, msg: object, identity: bytes | None = None, timeout_ms: int | None = None
+    ) -> bool:
         """Send one message. With `timeout_ms` (0 = do not wait) returns False instead of blocking
         when the peer's queue is full (high-water mark): the caller applies backpressure."""
         frame = encode(msg)  # type: ignore[arg-type]

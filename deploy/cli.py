@@ -56,7 +56,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write the model here instead of the cache directory")
 
 
-@command("demo-model", "build (or reuse) the embedded demo model and print its directory", _demo_args)
+@command(
+    "demo-model", "build (or reuse) the embedded demo model and print its directory", _demo_args
+)
 def _demo_model(cfg: RunConfig, args: argparse.Namespace) -> int:
     from popo.common.demo_model import build_demo_model, ensure_demo_model
 

@@ -9,6 +9,7 @@ kernel to SIGTERM it if the supervisor dies: no orphans.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -29,10 +30,8 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec: if the supervisor is SIGKILLed, the kernel
     # sends SIGTERM to the role so it shuts down instead of lingering.
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 @dataclass
@@ -69,10 +68,8 @@ class Role:
         leader exited, so engine workers it spawned go too."""
         if self.proc is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def role_argv(role: str, config_path: Path, run_dir: Path, index: int = 0) -> list[str]:
@@ -91,14 +88,26 @@ class Supervisor:
         self.cfg = cfg
         self.run_dir = run_dir
         logs = run_dir / "logs"
-        self.roles = [Role("learner", role_argv("learner", config_path, run_dir), False, logs / "learner.log")]
+        self.roles = [
+            Role("learner", role_argv("learner", config_path, run_dir), False, logs / "learner.log")
+        ]
         for r in range(cfg.verifier.replicas):
             self.roles.append(
-                Role(f"verifier-{r}", role_argv("verifier", config_path, run_dir, r), True, logs / f"verifier-{r}.log")
+                Role(
+                    f"verifier-{r}",
+                    role_argv("verifier", config_path, run_dir, r),
+                    True,
+                    logs / f"verifier-{r}.log",
+                )
             )
         for i in range(cfg.actor.num_actors):
             self.roles.append(
-                Role(f"actor-{i}", role_argv("actor", config_path, run_dir, i), True, logs / f"actor-{i}.log")
+                Role(
+                    f"actor-{i}",
+                    role_argv("actor", config_path, run_dir, i),
+                    True,
+                    logs / f"actor-{i}.log",
+                )
             )
         self.env = dict(os.environ)
         self._stopping = False
@@ -132,12 +141,20 @@ class Supervisor:
             if self._stopping:
                 continue
             if not role.restartable or role.restarts >= self.cfg.deploy.max_restarts:
-                log.error("%s exited with %d and will not be restarted; stopping the run", role.name, code)
+                log.error(
+                    "%s exited with %d and will not be restarted; stopping the run", role.name, code
+                )
                 return 1
             delay = self.cfg.deploy.restart_backoff_s * 2**role.restarts
             role.restarts += 1
             role.next_start = now + delay
-            log.warning("%s exited with %d; restarting in %.1f s (see %s)", role.name, code, delay, role.log_path)
+            log.warning(
+                "%s exited with %d; restarting in %.1f s (see %s)",
+                role.name,
+                code,
+                delay,
+                role.log_path,
+            )
         return None
 
     def stop(self, grace_s: float = 20.0) -> None:

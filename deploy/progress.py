@@ -66,8 +66,10 @@ class RunView:
             ("pass rate (verifier)", _fmt_pct(lr.get("popo_learner_pass_rate"))),
             ("held-out accuracy", _fmt_pct(lr.get("popo_learner_eval_accuracy"))),
             ("loss", _fmt(lr.get('popo_learner_loss{term="total"}'))),
-            ("buffer / in-flight leases",
-             f"{_fmt(lr.get('popo_learner_buffer_groups'), 0)} / {_fmt(lr.get('popo_learner_outstanding_leases'), 0)}"),
+            (
+                "buffer / in-flight leases",
+                f"{_fmt(lr.get('popo_learner_buffer_groups'), 0)} / {_fmt(lr.get('popo_learner_outstanding_leases'), 0)}",
+            ),
             ("mean staleness", _fmt(_mean(lr, "popo_learner_staleness"))),
         ]
         lt = self._rate("learner", "popo_learner_tokens_total")

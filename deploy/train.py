@@ -25,7 +25,9 @@ def prepare_run_dir(cfg: RunConfig, resume: Path | None) -> tuple[RunConfig, Pat
         if not (run_dir / "ledger.db").exists():
             raise SystemExit(f"popo train: {run_dir} is not a run directory (no ledger.db)")
     else:
-        run_dir = Path(cfg.deploy.run_dir or time.strftime(f"runs/%Y%m%d-%H%M%S-{cfg.algorithm.name}"))
+        run_dir = Path(
+            cfg.deploy.run_dir or time.strftime(f"runs/%Y%m%d-%H%M%S-{cfg.algorithm.name}")
+        )
         if (run_dir / "ledger.db").exists():
             raise SystemExit(
                 f"popo train: {run_dir} already holds a run; use --resume {run_dir} or another "
@@ -41,7 +43,9 @@ def prepare_run_dir(cfg: RunConfig, resume: Path | None) -> tuple[RunConfig, Pat
     return cfg, run_dir
 
 
-def train(cfg: RunConfig, config_path: Path | None, resume: Path | None, overrides: list[str]) -> int:
+def train(
+    cfg: RunConfig, config_path: Path | None, resume: Path | None, overrides: list[str]
+) -> int:
     cfg, run_dir = prepare_run_dir(cfg, resume)
     sup = Supervisor(cfg, run_dir, run_dir / "config.toml")
     view = RunView(run_dir, cfg.learner.total_steps)
@@ -70,7 +74,12 @@ def train(cfg: RunConfig, config_path: Path | None, resume: Path | None, overrid
     for role in sup.roles:
         for t, rc in role.history:
             if rc != 0 and not interrupted:
-                log.warning("%s exited with %d at %s", role.name, rc, time.strftime("%H:%M:%S", time.localtime(t)))
+                log.warning(
+                    "%s exited with %d at %s",
+                    role.name,
+                    rc,
+                    time.strftime("%H:%M:%S", time.localtime(t)),
+                )
     if interrupted:
         return 130
     if code != 0:

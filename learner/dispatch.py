@@ -159,8 +159,14 @@ class Dispatcher(threading.Thread):
             for row in self.ledger.issue(n, req.actor_id, version, deadline, len(self.order)):
                 p = self.train[self.order[row.prompt_idx % len(self.order)]]
                 out.append(
-                    Lease(lease_id=row.lease_id, prompt_id=p.prompt_id, prompt=p.problem, gold=p.gold,
-                          dispatch_version=version, deadline=deadline)
+                    Lease(
+                        lease_id=row.lease_id,
+                        prompt_id=p.prompt_id,
+                        prompt=p.problem,
+                        gold=p.gold,
+                        dispatch_version=version,
+                        deadline=deadline,
+                    )
                 )
         return Leases(leases=out, learner_version=version, retry_after_s=0.0 if out else 0.2)
 
@@ -175,8 +181,16 @@ class Dispatcher(threading.Thread):
             self._next_eval_id -= 1
             ev.outstanding[lid] = (idx, deadline)
             p = self.evals[idx]
-            out.append(Lease(lease_id=lid, prompt_id=p.prompt_id, prompt=p.problem, gold=p.gold,
-                             dispatch_version=ev.version, deadline=deadline))
+            out.append(
+                Lease(
+                    lease_id=lid,
+                    prompt_id=p.prompt_id,
+                    prompt=p.problem,
+                    gold=p.gold,
+                    dispatch_version=ev.version,
+                    deadline=deadline,
+                )
+            )
         return out
 
     def _expire_eval(self) -> None:

@@ -166,7 +166,9 @@ class Ledger:
                     " WHERE lease_id=?",
                     (now, lease_id),
                 )
-                db.execute("INSERT OR IGNORE INTO requeue(prompt_idx, kind) VALUES (?, ?)", (idx, kind))
+                db.execute(
+                    "INSERT OR IGNORE INTO requeue(prompt_idx, kind) VALUES (?, ?)", (idx, kind)
+                )
         return len(rows)
 
     # --- ingest -----------------------------------------------------------------------------------
@@ -231,7 +233,9 @@ class Ledger:
                     (step, now, lid),
                 )
                 if cur.rowcount != 1:
-                    raise RuntimeError(f"lease {lid} was not in state 'received'; refusing to train it")
+                    raise RuntimeError(
+                        f"lease {lid} was not in state 'received'; refusing to train it"
+                    )
 
     def checkpointed(self, step: int) -> None:
         """A checkpoint of `step` is durable: drop payloads it covers."""
@@ -241,7 +245,9 @@ class Ledger:
                 " (SELECT lease_id FROM leases WHERE state='trained' AND step <= ?)",
                 (step,),
             )
-            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('checkpoint_step', ?)", (step,))
+            db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('checkpoint_step', ?)", (step,)
+            )
 
     def rewind_to(self, step: int) -> int:
         """Resume from a checkpoint of `step`: leases trained after it become `received` again."""

@@ -28,9 +28,9 @@ import zmq
 
 from popo.common import transport
 from popo.common.config import RunConfig
-from popo.common.demo_model import resolve_model_dir
 from popo.common.data import Problem, apply_template, load_prompts
-from popo.common.messages import ScoredGroup, WeightsReady, decode, pack_ids
+from popo.common.demo_model import resolve_model_dir
+from popo.common.messages import ScoredGroup, WeightsReady, decode
 from popo.common.metrics import STALENESS_BUCKETS, STEP_BUCKETS, RoleMetrics, role_port
 from popo.learner.dispatch import Dispatcher, EvalRound, SharedState
 from popo.learner.ledger import Ledger, Received
@@ -142,11 +142,15 @@ class Learner:
         self.g_step = m.gauge("learner_step", "Optimizer steps taken")
         self.g_total = m.gauge("learner_total_steps", "Optimizer steps the run will take")
         self.g_version = m.gauge("learner_policy_version", "Latest published policy version")
-        self.h_step = m.histogram("learner_step_seconds", "Wall time of one optimizer step", STEP_BUCKETS)
+        self.h_step = m.histogram(
+            "learner_step_seconds", "Wall time of one optimizer step", STEP_BUCKETS
+        )
         self.c_tokens = m.counter("learner_tokens_total", "Completion tokens trained on")
         self.c_seqs = m.counter("learner_sequences_total", "Completions trained on")
         self.g_loss = m.gauge("learner_loss", "Loss terms of the last step", ["term"])
-        self.g_clip = m.gauge("learner_is_clip_fraction", "Fraction of IS ratios at the cap (last step)")
+        self.g_clip = m.gauge(
+            "learner_is_clip_fraction", "Fraction of IS ratios at the cap (last step)"
+        )
         self.g_cos = m.gauge("learner_cosine_similarity", "cos(h(f_theta), f_xi) of the last step")
         self.g_kl = m.gauge("learner_ema_kl", "KL(pi_theta || pi_xi) monitor (k3), last step")
         self.g_went = m.gauge("learner_weight_entropy", "Mean entropy of the POPO weights over S+")
@@ -156,13 +160,27 @@ class Learner:
             "learner_staleness_versions", "Policy-version lag of trained groups", STALENESS_BUCKETS
         )
         self.g_buffer = m.gauge("learner_buffer_groups", "Received groups waiting to be trained")
-        self.g_lease = m.gauge("learner_outstanding_leases", "Train leases handed out, not yet back")
-        self.h_pub = m.histogram("learner_publish_seconds", "Write + announce of one weight version", STEP_BUCKETS)
-        self.c_wait = m.counter("learner_wait_seconds_total", "Time the training loop waited for data")
-        self.c_leases = m.counter("learner_leases_ended_total", "Leases ended, by outcome", ["outcome"])
-        self.g_pass = m.gauge("learner_pass_rate", "Positive fraction of verified completions (all groups)")
-        self.g_eval = m.gauge("learner_eval_accuracy", "Held-out sampled accuracy (avg@G) at the last eval")
-        self.g_evalk = m.gauge("learner_eval_pass_at_k", "Held-out unbiased pass@G at the last eval")
+        self.g_lease = m.gauge(
+            "learner_outstanding_leases", "Train leases handed out, not yet back"
+        )
+        self.h_pub = m.histogram(
+            "learner_publish_seconds", "Write + announce of one weight version", STEP_BUCKETS
+        )
+        self.c_wait = m.counter(
+            "learner_wait_seconds_total", "Time the training loop waited for data"
+        )
+        self.c_leases = m.counter(
+            "learner_leases_ended_total", "Leases ended, by outcome", ["outcome"]
+        )
+        self.g_pass = m.gauge(
+            "learner_pass_rate", "Positive fraction of verified completions (all groups)"
+        )
+        self.g_eval = m.gauge(
+            "learner_eval_accuracy", "Held-out sampled accuracy (avg@G) at the last eval"
+        )
+        self.g_evalk = m.gauge(
+            "learner_eval_pass_at_k", "Held-out unbiased pass@G at the last eval"
+        )
         self.c_dup = m.counter("learner_duplicates_total", "Late or duplicate completions ignored")
         self.g_total.set(self.cfg.learner.total_steps)
         port = self.metrics.serve(role_port(self.cfg.metrics, "learner"))
@@ -197,8 +215,12 @@ class Learner:
             useful = [g for g in groups if self._has_signal(g)]
             m = self.trainer.train_step(useful) if useful else {"tokens": 0.0}
             used = {g.lease_id for g in useful} if m["tokens"] > 0 else set()
-            self.ledger.mark_trained([r.lease_id for r in batch if r.lease_id in used], self.trainer.step)
-            self.ledger.skip([r.lease_id for r in batch if r.lease_id not in used], self._no_signal_reason())
+            self.ledger.mark_trained(
+                [r.lease_id for r in batch if r.lease_id in used], self.trainer.step
+            )
+            self.ledger.skip(
+                [r.lease_id for r in batch if r.lease_id not in used], self._no_signal_reason()
+            )
             self._record(m, batch, used)
             if not used:
                 continue
@@ -206,7 +228,11 @@ class Learner:
                 self.publish()
             if self.trainer.step % lc.checkpoint_every == 0 or self.trainer.step == lc.total_steps:
                 self.checkpoint()
-            if lc.eval_every and self.trainer.step % lc.eval_every == 0 and self.trainer.step < lc.total_steps:
+            if (
+                lc.eval_every
+                and self.trainer.step % lc.eval_every == 0
+                and self.trainer.step < lc.total_steps
+            ):
                 self.evaluate()
         if self.trainer.step >= lc.total_steps:
             self.evaluate()
@@ -267,7 +293,9 @@ class Learner:
                     gauge.set(m[key])
             for key, v in m.items():
                 if key.startswith("loss"):
-                    self.g_loss.labels(key.removeprefix("loss_") if key != "loss" else "total").set(v)
+                    self.g_loss.labels(key.removeprefix("loss_") if key != "loss" else "total").set(
+                        v
+                    )
             log.info(
                 "step %d/%d  loss %.4f  groups %d/%d  tokens %d  %.2fs",
                 self.trainer.step, self.cfg.learner.total_steps, m.get("loss", float("nan")),
@@ -301,7 +329,9 @@ class Learner:
     def checkpoint(self) -> None:
         from popo.learner.checkpoint import save_checkpoint
 
-        save_checkpoint(self.trainer, self.run_dir / "checkpoints", keep=self.cfg.learner.keep_checkpoints)
+        save_checkpoint(
+            self.trainer, self.run_dir / "checkpoints", keep=self.cfg.learner.keep_checkpoints
+        )
         self.ledger.checkpointed(self.trainer.step)
 
     def evaluate(self) -> dict[str, Any] | None:

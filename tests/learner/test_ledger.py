@@ -31,12 +31,20 @@ def test_issue_receive_train_checkpoint(ledger):
     assert ledger.receive(leases[0].lease_id, 0, 8, 2, b"again") is None
     assert ledger.duplicates == 1
     got = ledger.received()
-    assert [(r.lease_id, r.payload) for r in got] == [(leases[0].lease_id, b"g0"), (leases[1].lease_id, b"g1")]
+    assert [(r.lease_id, r.payload) for r in got] == [
+        (leases[0].lease_id, b"g0"),
+        (leases[1].lease_id, b"g1"),
+    ]
     ledger.mark_trained([leases[0].lease_id], step=1)
     ledger.skip([leases[1].lease_id], "all_negative")
     with pytest.raises(RuntimeError):
         ledger.mark_trained([leases[0].lease_id], step=2)  # never twice
-    assert ledger.counts() == {"trained": 1, "skipped": 1, "skipped:all_negative": 1, "outstanding": 1}
+    assert ledger.counts() == {
+        "trained": 1,
+        "skipped": 1,
+        "skipped:all_negative": 1,
+        "outstanding": 1,
+    }
     ledger.checkpointed(1)
     assert ledger.check_exactly_once() == []
 
@@ -75,11 +83,15 @@ def test_random_interleavings_keep_accounting_exact(ledger):
     for _ in range(300):
         op = rng.random()
         if op < 0.3:
-            ledger.issue(rng.randint(1, 3), "a", step, time.time() + rng.choice([-1, 60]), n_prompts=7)
+            ledger.issue(
+                rng.randint(1, 3), "a", step, time.time() + rng.choice([-1, 60]), n_prompts=7
+            )
         elif op < 0.5:
             ledger.expire()
         elif op < 0.8:
-            (lid,) = rng.choice(ledger._db.execute("SELECT lease_id FROM leases").fetchall() or [(0,)])
+            (lid,) = rng.choice(
+                ledger._db.execute("SELECT lease_id FROM leases").fetchall() or [(0,)]
+            )
             ledger.receive(lid, step, 4, rng.randint(0, 4), b"x")
         else:
             rows = ledger.received(limit=3)
