@@ -41,6 +41,7 @@ from popo.actors.reload import Schema, check_schema, model_schema, probe_mismatc
 from popo.actors.stats import ActorStats
 from popo.common import transport
 from popo.common.config import RunConfig
+from popo.common.demo_model import resolve_model_dir
 from popo.common.messages import (
     Completion,
     Lease,
@@ -427,15 +428,6 @@ class Actor:
 # --- process entry ---------------------------------------------------------------------------------
 
 
-def resolve_model_path(cfg: RunConfig) -> Path:
-    """`model.path`, or the embedded demo model when it is `auto`."""
-    if cfg.model.path != "auto":
-        return Path(cfg.model.path)
-    from popo.common.demo_model import ensure_demo_model
-
-    return Path(ensure_demo_model(cfg.model, cfg.data.synthetic))
-
-
 def main(cfg: RunConfig, run_dir: str | Path, actor_index: int = 0) -> int:
     """`popo actor`: run actor `actor_index` until SIGTERM/SIGINT. Returns the exit code."""
     stop = threading.Event()
@@ -452,7 +444,7 @@ def main(cfg: RunConfig, run_dir: str | Path, actor_index: int = 0) -> int:
         metrics.serve(role_port(cfg.metrics, "actor", actor_index))
         actor = Actor(
             cfg,
-            resolve_model_path(cfg),
+            resolve_model_dir(cfg),
             ActorEndpoints.from_config(cfg, run_dir),
             index=actor_index,
             run_dir=run_dir,

@@ -107,6 +107,32 @@ def _train(cfg: RunConfig, args: argparse.Namespace) -> int:
     return train(cfg, args.config, args.resume, args.overrides)
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", type=Path, help="HF model directory (default: model.path / demo model)"
+    )
+    p.add_argument(
+        "--benchmark",
+        default="synthetic",
+        help="JSONL/parquet file (e.g. ../shared/data/math500.jsonl) or `synthetic` (held-out split)",
+    )
+    p.add_argument("--k", type=int, default=8, help="samples per prompt for avg@k and pass@k")
+    p.add_argument("--limit", type=int, help="evaluate the first N problems only")
+    p.add_argument("--out", type=Path, help="also write the result as JSON here")
+
+
+@command("eval", "greedy pass@1, avg@k and pass@k of a model on a benchmark (vLLM)", _eval_args)
+def _eval(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from popo.common.demo_model import resolve_model_dir
+    from popo.deploy.evaluate import evaluate, print_result, write_result
+
+    model = args.model or resolve_model_dir(cfg)
+    result = evaluate(cfg, model, args.benchmark, args.k, args.limit)
+    print_result(result)
+    write_result(result, args.out)
+    return 0
+
+
 # --- entry ------------------------------------------------------------------------------------------
 
 

@@ -158,10 +158,13 @@ class Supervisor:
         return None
 
     def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM every role (process group), then SIGKILL what is left after `grace_s`."""
+        """SIGTERM every role, then SIGKILL what is left of its process group after `grace_s`."""
         self._stopping = True
+        # The role leader alone gets SIGTERM: it shuts down its own workers in order (a verifier
+        # drains its pool, an actor its engine). Its process group is killed only afterwards.
         for role in reversed(self.roles):
-            role.signal(signal.SIGTERM)
+            if role.proc is not None and role.proc.poll() is None:
+                role.proc.send_signal(signal.SIGTERM)
         deadline = time.time() + grace_s
         for role in self.roles:
             if role.proc is None:

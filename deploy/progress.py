@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,10 @@ class RunView:
         self.every_s = every_s
         self._offset = 0
         self.latest: dict[str, dict[str, Any]] = {}
-        self.prev: dict[str, dict[str, Any]] = {}
+        self.history: dict[str, deque[dict[str, Any]]] = {}
+        """Recent records per instance: rates are averaged over `window_s`, since counters such
+        as trained tokens move in steps."""
+        self.window_s = 30.0
         self.t0 = time.time()
         self._last_plain = 0.0
         self.tty = sys.stdout.isatty()
@@ -41,13 +45,18 @@ class RunView:
             except json.JSONDecodeError:
                 continue
             inst = rec.get("instance", "?")
-            if inst in self.latest:
-                self.prev[inst] = self.latest[inst]
             self.latest[inst] = rec
+            hist = self.history.setdefault(inst, deque())
+            hist.append(rec)
+            while len(hist) > 2 and rec["t"] - hist[1]["t"] >= self.window_s:
+                hist.popleft()
 
     def _rate(self, inst: str, key: str) -> float | None:
-        a, b = self.prev.get(inst), self.latest.get(inst)
-        if not a or not b or key not in a or key not in b or b["t"] <= a["t"]:
+        hist = self.history.get(inst)
+        if not hist or len(hist) < 2:
+            return None
+        a, b = hist[0], hist[-1]
+        if key not in a or key not in b or b["t"] <= a["t"]:
             return None
         return (b[key] - a[key]) / (b["t"] - a["t"])
 

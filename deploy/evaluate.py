@@ -1,0 +1,127 @@
+"""`popo eval`: greedy pass@1, sampled avg@k and unbiased pass@k of a model on a benchmark, with vLLM.
+
+The benchmark is a JSONL / parquet file (field names from the config's `data` section, or known
+automatically for the files of `../shared/data/`: math500, aime24, aime25, amc23, gsm8k) or the
+synthetic task's held-out split. Completions are scored by the verifier's math-verify pool (worker
+processes with a hard time limit), exactly as in training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from popo.common.config import RunConfig
+from popo.common.data import BENCHMARKS, Problem, apply_template, load_problems, load_prompts
+
+log = logging.getLogger("popo.eval")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021) from n samples of which c are correct."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def load_benchmark(cfg: RunConfig, benchmark: str, limit: int | None) -> list[Problem]:
+    if benchmark == "synthetic":
+        return load_prompts(cfg.data.model_copy(update={"source": "synthetic"}), "test")[:limit]
+    path = Path(benchmark)
+    known = BENCHMARKS.get(path.stem)
+    if known is not None:
+        return load_problems(path, limit=limit, **known)
+    d = cfg.data
+    return load_problems(
+        path, prompt_field=d.prompt_field, answer_field=d.answer_field,
+        answer_format=d.answer_format, id_field=d.id_field, limit=limit,
+    )  # fmt: skip
+
+
+def score(cfg: RunConfig, golds: list[str], texts: list[str]) -> list[bool]:
+    """math-verify verdicts of `texts` against `golds` (positive -> True) in the scoring pool."""
+    from popo.verifier.pool import PoolLimits, ScoringPool
+
+    v = cfg.verifier
+    pool = ScoringPool(v.num_workers, PoolLimits(v.timeout_s, v.max_completion_chars,
+                                                 v.max_brace_depth, v.worker_memory_mib))  # fmt: skip
+    pool.start()
+    try:
+        for i, (g, t) in enumerate(zip(golds, texts, strict=True)):
+            pool.submit(i, g, t)
+        verdicts: dict[int, str] = {}
+        while len(verdicts) < len(texts):
+            for r in pool.poll(1.0):
+                verdicts[r.task_id] = r.verdict
+    finally:
+        pool.close()
+    return [verdicts[i] == "positive" for i in range(len(texts))]
+
+
+def evaluate(
+    cfg: RunConfig, model_dir: Path, benchmark: str, k: int, limit: int | None = None
+) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    from popo.actors.engine import resolve_dtype
+
+    problems = load_benchmark(cfg, benchmark, limit)
+    template = "plain" if benchmark == "synthetic" else cfg.data.resolved_template
+    prompts = [apply_template(p.problem, template) for p in problems]
+    a = cfg.actor
+    t0 = time.time()
+    llm = LLM(
+        model=str(model_dir), dtype=resolve_dtype(cfg.model.dtype), enforce_eager=a.enforce_eager,
+        max_model_len=cfg.model.max_model_len, seed=a.seed,
+        tensor_parallel_size=a.tensor_parallel_size,
+    )  # fmt: skip
+    greedy = llm.generate(
+        prompts, SamplingParams(n=1, temperature=0.0, max_tokens=a.max_tokens, stop=a.stop or None)
+    )
+    sampled = llm.generate(
+        prompts,
+        SamplingParams(n=k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens,
+                       stop=a.stop or None, seed=a.seed),
+    )  # fmt: skip
+    gen_s = time.time() - t0
+    golds = [p.gold for p in problems]
+    g_ok = score(cfg, golds, [o.outputs[0].text for o in greedy])
+    s_texts = [c.text for o in sampled for c in o.outputs]
+    s_ok = score(cfg, [g for g in golds for _ in range(k)], s_texts)
+    per_prompt = [sum(s_ok[i * k : (i + 1) * k]) for i in range(len(problems))]
+    result = {
+        "benchmark": benchmark,
+        "model": str(model_dir),
+        "prompts": len(problems),
+        "k": k,
+        "temperature": a.temperature,
+        "pass@1_greedy": sum(g_ok) / len(problems),
+        f"avg@{k}": sum(s_ok) / len(s_ok),
+        f"pass@{k}": sum(pass_at_k(k, c, k) for c in per_prompt) / len(problems),
+        "pass@1_sampled": sum(pass_at_k(k, c, 1) for c in per_prompt) / len(problems),
+        "generate_seconds": gen_s,
+        "seconds": time.time() - t0,
+    }
+    return result
+
+
+def print_result(r: dict[str, Any]) -> None:
+    k = r["k"]
+    print(
+        f"{r['benchmark']}: {r['prompts']} prompts | greedy pass@1 {100 * r['pass@1_greedy']:.1f}% | "
+        f"avg@{k} {100 * r[f'avg@{k}']:.1f}% | pass@{k} {100 * r[f'pass@{k}']:.1f}% "
+        f"(T={r['temperature']}, {r['seconds']:.0f}s)",
+        flush=True,
+    )
+
+
+def write_result(r: dict[str, Any], out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(r, indent=1))

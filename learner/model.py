@@ -1,0 +1,188 @@
+"""Policy / EMA forward passes and the predictor head (DESIGN §2).
+
+One forward of the online policy gives everything the POPO loss needs: the completion tokens'
+log-probs, their entropies and the feature f_θ(y) = masked mean-pool of the final-norm hidden states
+over the completion tokens. We call the base model (`model.model`, whose `last_hidden_state` is the
+output of the final RMSNorm in HF Qwen2 — checked in tests against `output_hidden_states[-1]`) and
+apply `lm_head` only at the positions that predict completion tokens, so prompt positions cost no
+vocabulary projection. The EMA siamese copy runs the base model only (no lm_head) under no_grad,
+except on KL-monitor steps.
+
+Batch layout: N sequences right-padded to L = max(prompt + completion); completion-aligned tensors
+are [N, T] with T = max completion length, index t of row i being completion token t of sequence i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Batch:
+    """A packed micro-batch (right padding)."""
+
+    input_ids: Tensor  # [N, L] prompt + completion tokens, pad after
+    attention_mask: Tensor  # [N, L] 1 on real tokens
+    targets: Tensor  # [N, T] completion token ids (0 on padding)
+    mask: Tensor  # [N, T] float, 1 on real completion tokens
+    pred_pos: Tensor  # [N, T] position whose logits predict completion token t (P_i − 1 + t)
+    behaviour_logp: Tensor  # [N, T] log μ of the completion tokens (0 on padding)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.mask.sum().item())
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+def collate(
+    prompts: Sequence[np.ndarray],
+    completions: Sequence[np.ndarray],
+    behaviour_logps: Sequence[np.ndarray],
+    pad_id: int = 0,
+) -> Batch:
+    """Lists of N int token arrays (prompt, completion) and N float arrays (log μ, one per
+    completion token) -> a right-padded `Batch`. Every completion must be non-empty."""
+    n = len(prompts)
+    p_len = np.array([len(p) for p in prompts])
+    c_len = np.array([len(c) for c in completions])
+    if np.any(c_len == 0) or np.any(p_len == 0):
+        raise ValueError("empty prompt or completion in a training batch")
+    seq_len, t_len = int((p_len + c_len).max()), int(c_len.max())
+    ids = np.full((n, seq_len), pad_id, dtype=np.int64)
+    attn = np.zeros((n, seq_len), dtype=np.int64)
+    tgt = np.zeros((n, t_len), dtype=np.int64)
+    mask = np.zeros((n, t_len), dtype=np.float32)
+    mu = np.zeros((n, t_len), dtype=np.float32)
+    pos = np.zeros((n, t_len), dtype=np.int64)
+    for i, (p, c, lp) in enumerate(zip(prompts, completions, behaviour_logps, strict=True)):
+        if len(lp) != len(c):
+            raise ValueError(f"sequence {i}: {len(c)} tokens but {len(lp)} behaviour log-probs")
+        ids[i, : len(p)] = p
+        ids[i, len(p) : len(p) + len(c)] = c
+        attn[i, : len(p) + len(c)] = 1
+        tgt[i, : len(c)] = c
+        mask[i, : len(c)] = 1
+        mu[i, : len(c)] = lp
+        # padding positions point at the last prompt position: valid index, masked out anyway
+        pos[i] = len(p) - 1 + np.minimum(np.arange(t_len), len(c) - 1)
+    return Batch(*(torch.from_numpy(a) for a in (ids, attn, tgt, mask, pos, mu)))
+
+
+@dataclass
+class PolicyOutput:
+    logp: Tensor  # [N, T] log π(y_t | x, y_<t), fp32, 0 on padding
+    entropy: Tensor | None  # [N, T] token entropy of π, fp32, 0 on padding
+    features: Tensor  # [N, H] mean-pooled final-norm hidden states over the completion
+
+
+def _gather_positions(h: Tensor, pos: Tensor) -> Tensor:
+    """h [N, L, H], pos [N, T] -> [N, T, H]."""
+    return h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
+
+
+def _token_logp_entropy(
+    lm_head: nn.Module, h_pred: Tensor, targets: Tensor, mask: Tensor, need_entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Vocabulary projection of the M real completion positions only (fp32 log-softmax)."""
+    sel = mask.bool()  # [N, T]
+    logits = lm_head(h_pred[sel]).float()  # [M, V]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    lp_flat = logprobs.gather(-1, targets[sel][:, None])[:, 0]  # [M]
+    logp = torch.zeros(mask.shape, dtype=lp_flat.dtype, device=mask.device)
+    logp = logp.masked_scatter(sel, lp_flat)
+    entropy = None
+    if need_entropy:
+        ent_flat = -(logprobs.exp() * logprobs).sum(-1)  # [M]
+        entropy = torch.zeros_like(logp).masked_scatter(sel, ent_flat)
+    return logp, entropy
+
+
+def _pool(h: Tensor, pred_pos: Tensor, mask: Tensor) -> Tensor:
+    """f(y) = mean over completion tokens of the final-norm hidden state at the completion token's
+    own position (pred_pos + 1). h [N, L, H] -> [N, H] (fp32)."""
+    h_tok = _gather_positions(h, pred_pos + 1).float()  # [N, T, H]
+    m = mask[..., None]
+    return (h_tok * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def policy_forward(model: nn.Module, batch: Batch, need_entropy: bool = True) -> PolicyOutput:
+    """ONE forward of a HF causal LM (`model.model` + `model.lm_head`) -> log-probs, entropies and
+    features of the completion tokens, all with grad (DESIGN §2)."""
+    h = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]  # [N,L,H]
+    h_pred = _gather_positions(h, batch.pred_pos)  # [N, T, H]
+    logp, entropy = _token_logp_entropy(
+        model.lm_head, h_pred, batch.targets, batch.mask, need_entropy
+    )
+    return PolicyOutput(logp, entropy, _pool(h, batch.pred_pos, batch.mask))
+
+
+@torch.no_grad()
+def ema_forward(
+    ema_model: nn.Module, batch: Batch, with_logp: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """EMA siamese forward under no_grad: features f_ξ [N, H] from the base model's final hidden
+    states; lm_head (log π_ξ [N, T]) only when `with_logp` (KL-monitor steps)."""
+    h = ema_model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+    logp = None
+    if with_logp:
+        h_pred = _gather_positions(h, batch.pred_pos)
+        logp, _ = _token_logp_entropy(ema_model.lm_head, h_pred, batch.targets, batch.mask, False)
+    return _pool(h, batch.pred_pos, batch.mask), logp
+
+
+def reshard_all(module: nn.Module) -> None:
+    """Free the gathered parameters FSDP2 keeps after a forward with no backward (a root unit
+    does not reshard after forward, and under no_grad no backward does it). No-op when unsharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: nn.Module, prompt: np.ndarray, completion: np.ndarray, pad_id: int = 0
+) -> np.ndarray:
+    """log π of `completion` after `prompt` (eval mode, no grad, fp32) -> [C] float32: the learner
+    side of the parity probe (DESIGN §3)."""
+    batch = collate([prompt], [completion], [np.zeros(len(completion))], pad_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        out = policy_forward(model, batch.to(device), need_entropy=False)
+    finally:
+        model.train(was_training)
+        reshard_all(model)
+    return out.logp[0].float().cpu().numpy().astype(np.float32)
+
+
+class Predictor(nn.Module):
+    """h_φ (DESIGN §2): [Linear(H→d), LayerNorm, ReLU]×(L−1) → Linear(d→H), Xavier-uniform
+    weights and zero biases; online branch only (BYOL asymmetry). With L = 1 it is Linear(H→H)."""
+
+    def __init__(self, hidden_size: int, width: int = 1024, layers: int = 2):
+        super().__init__()
+        mods: list[nn.Module] = []
+        d_in = hidden_size
+        for _ in range(layers - 1):
+            mods += [nn.Linear(d_in, width), nn.LayerNorm(width), nn.ReLU()]
+            d_in = width
+        mods.append(nn.Linear(d_in, hidden_size))
+        self.net = nn.Sequential(*mods)
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, f: Tensor) -> Tensor:
+        """f [N, H] -> [N, H]."""
+        return self.net(f)

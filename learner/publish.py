@@ -1,0 +1,107 @@
+"""Publishing the policy to actors (DESIGN §3): `weights/v{N}/model.safetensors` + sha256.
+
+Only the online policy is published — never the EMA siamese copy, the predictor or the optimizer.
+Tensor names are the Hugging Face ones of `model.state_dict()` (`model.layers.0.self_attn.q_proj.
+weight`, `lm_head.weight`, …), which is the checkpoint format vLLM's in-place reload
+(`collective_rpc("reload_weights", kwargs={"weights_path": dir})`) maps onto its fused layers.
+A tied `lm_head.weight` is left out, as `save_pretrained` does. Config and tokenizer files of the
+source model directory are hard-linked into every version so each version directory is a complete
+HF model directory.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Collection
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from popo.common.messages import WeightsReady, pack_f32, pack_ids
+from popo.common.weights import write_version_dir
+from popo.learner.model import sequence_logprobs
+
+_VERSION = re.compile(r"^v(\d+)$")
+# Files of a HF model directory that describe the model rather than hold its weights.
+_SKIP = re.compile(r"(\.safetensors(\.sha256)?|\.bin|\.pt|\.pth|\.safetensors\.index\.json)$")
+
+
+def hf_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The policy's tensors under HF names, on CPU, optionally cast (e.g. to the actors' dtype)."""
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    out = {}
+    for k, v in model.state_dict().items():
+        if tied and k == "lm_head.weight":
+            continue
+        v = v.detach()
+        if hasattr(v, "full_tensor"):  # FSDP2 shard: all-gather (a collective: every rank calls)
+            v = v.full_tensor()
+        out[k] = (v.to(dtype) if dtype is not None else v).cpu()
+    return out
+
+
+def list_versions(weights_root: str | Path) -> list[int]:
+    """Published versions under `weights_root`, ascending."""
+    root = Path(weights_root)
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _VERSION.match(p.name)))
+
+
+def prune_versions(weights_root: str | Path, keep: int, protect: Collection[int] = ()) -> list[int]:
+    """Delete all but the newest `keep` versions, never one in `protect` (versions actors may still
+    be loading). Returns the deleted versions."""
+    versions = list_versions(weights_root)
+    doomed = [v for v in versions[: max(0, len(versions) - keep)] if v not in protect]
+    for v in doomed:
+        shutil.rmtree(Path(weights_root) / f"v{v}")
+    return doomed
+
+
+def publish_weights(
+    model: nn.Module,
+    weights_root: str | Path,
+    version: int,
+    *,
+    source_dir: str | Path | None = None,
+    keep: int = 3,
+    protect: Collection[int] = (),
+    dtype: torch.dtype | None = None,
+    probe: tuple[np.ndarray, np.ndarray] | None = None,
+    pad_id: int = 0,
+) -> WeightsReady | None:
+    """Write the policy as `weights_root/v{version}` atomically and return its announcement.
+
+    source_dir: HF model directory whose config / tokenizer files are linked into the version.
+    probe: (prompt ids, continuation ids) whose learner log-probs travel in the message so actors
+    can measure their parity after the reload (DESIGN §3).
+    Under FSDP2 every rank must call this (gathering the shards is a collective); rank 0 writes
+    and returns the message, the other ranks return None.
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    tensors = hf_state_dict(model, dtype)
+    learner_lp = None
+    if probe is not None:
+        prompt, cont = (np.asarray(a, dtype=np.int64) for a in probe)
+        learner_lp = sequence_logprobs(model, prompt, cont, pad_id)
+    if rank != 0:
+        return None
+    links = {}
+    if source_dir is not None:
+        for p in Path(source_dir).iterdir():
+            if p.is_file() and not _SKIP.search(p.name):
+                links[p.name] = p
+    out_dir = Path(weights_root) / f"v{version}"
+    _, digest, nbytes = write_version_dir(out_dir, tensors, link_files=links)
+    prune_versions(weights_root, keep, protect={*protect, version})
+    msg = WeightsReady(version=version, path=str(out_dir), sha256=digest, nbytes=nbytes)
+    if probe is not None and learner_lp is not None:
+        msg.probe_token_ids = pack_ids(np.concatenate([prompt, cont]))
+        msg.probe_prompt_len = len(prompt)
+        msg.probe_logprobs = pack_f32(learner_lp)
+    return msg

@@ -1,0 +1,102 @@
+"""Weight publishing: HF names, sha256, atomic versions, retention, parity probe, vLLM reload."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from learner_helpers import make_groups
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from popo.common.config import AlgorithmConfig, LearnerConfig
+from popo.common.demo_model import save_random_model
+from popo.common.messages import WeightsReady, decode, encode, unpack_f32, unpack_ids
+from popo.common.weights import verify_weights
+from popo.learner.model import sequence_logprobs
+from popo.learner.publish import list_versions, publish_weights
+from popo.learner.trainer import Trainer
+
+
+def _trained(model_dir, steps=2, lr=3e-2):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lc = LearnerConfig(lr=lr, warmup_ratio=0.0, total_steps=10, device="cpu")
+    ac = AlgorithmConfig(predictor_hidden=16, ema_tau=0.5)
+    tr = Trainer(model, lc, ac, max_completion_len=8)
+    for s in range(steps):
+        tr.train_step(make_groups(4, 4, seed=s))
+    return tr
+
+
+def test_publish_names_checksum_retention_probe(tmp_path):
+    src = save_random_model(tmp_path / "model", seed=0)
+    tr = _trained(src)
+    root = tmp_path / "weights"
+    probe = (np.array([1, 20, 21, 22]), np.array([30, 31, 32]))
+    msgs = [
+        publish_weights(tr.policy, root, v, source_dir=src, keep=2, probe=probe) for v in (1, 2, 3)
+    ]
+    assert list_versions(root) == [2, 3]
+    msg = decode(encode(msgs[-1]), WeightsReady)
+    verify_weights(f"{msg.path}/model.safetensors", msg.sha256, msg.nbytes)
+    # every HF tensor name of the source model, nothing else (no EMA, no predictor)
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        src_keys = set(f.keys())
+    published = load_file(f"{msg.path}/model.safetensors")
+    assert set(published) == src_keys
+    for k, v in tr.policy.state_dict().items():
+        assert torch.equal(published[k], v), k
+    ema = tr.ema.state_dict()
+    assert any(not torch.equal(published[k], ema[k]) for k in published)
+    names = {p.name for p in (root / "v3").iterdir()}
+    assert {"config.json", "tokenizer.json", "model.safetensors.sha256"} <= names
+    # probe: the learner's log-probs of the continuation
+    assert msg.probe_prompt_len == 4
+    assert unpack_ids(msg.probe_token_ids).tolist() == [1, 20, 21, 22, 30, 31, 32]
+    want = sequence_logprobs(tr.policy, *probe)
+    np.testing.assert_array_equal(unpack_f32(msg.probe_logprobs), want)
+    # protected versions survive pruning; versions are immutable
+    publish_weights(tr.policy, root, 4, keep=1, protect=[2])
+    assert list_versions(root) == [2, 4]
+    with pytest.raises(FileExistsError):
+        publish_weights(tr.policy, root, 4)
+
+
+def _vllm_logprobs(llm, prompt, cont):
+    from vllm import SamplingParams, TokensPrompt
+
+    ids = [int(x) for x in np.concatenate([prompt, cont])]
+    sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    out = llm.generate([TokensPrompt(prompt_token_ids=ids)], sp, use_tqdm=False)[0]
+    plp = out.prompt_logprobs
+    return np.array([plp[i][ids[i]].logprob for i in range(len(prompt), len(ids))])
+
+
+@pytest.mark.vllm
+def test_vllm_reload_matches_learner_logprobs(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    src = save_random_model(tmp_path / "model", seed=0)
+    tr = _trained(src, steps=3)
+    prompt, cont = np.array([1, 40, 41, 23, 12]), np.array([50, 51, 14, 15, 77, 2])
+    msg = publish_weights(tr.policy, tmp_path / "weights", 1, source_dir=src, probe=(prompt, cont))
+    learner_lp = unpack_f32(msg.probe_logprobs)
+
+    llm = LLM(
+        model=str(src),
+        dtype="float32",
+        enforce_eager=True,
+        seed=0,
+        enable_prefix_caching=False,
+        max_model_len=256,
+    )
+    before = _vllm_logprobs(llm, prompt, cont)
+    assert np.abs(before - learner_lp).max() > 1e-2  # the trained policy differs from the base
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": msg.path})
+    after = _vllm_logprobs(llm, prompt, cont)
+    print(f"parity after reload: max |Δ log p| = {np.abs(after - learner_lp).max():.2e}")
+    np.testing.assert_allclose(after, learner_lp, atol=2e-4)
