@@ -133,6 +133,25 @@ def _eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, help="PNG path (default: <first RUN_DIR>/report.png)")
+
+
+@command(
+    "report", "PNG plots of one or more runs, overlaid (POPO vs GRPO at a glance)", _report_args
+)
+def _report(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from popo.deploy.report import report
+
+    for d in args.run_dirs:
+        if not (d / "metrics.jsonl").exists() and not (d / "eval.jsonl").exists():
+            print(f"popo report: {d} is not a run directory (no metrics.jsonl)", file=sys.stderr)
+            return 2
+    print(report(args.run_dirs, args.out or args.run_dirs[0] / "report.png"))
+    return 0
+
+
 # --- entry ------------------------------------------------------------------------------------------
 
 
