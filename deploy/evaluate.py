@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -76,10 +77,12 @@ def evaluate(
     prompts = [apply_template(p.problem, template) for p in problems]
     a = cfg.actor
     t0 = time.time()
+    # The CPU engine sizes its KV cache from the environment (GiB, whole numbers); as in the actor.
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(a.kv_cache_gib)))
     llm = LLM(
         model=str(model_dir), dtype=resolve_dtype(cfg.model.dtype), enforce_eager=a.enforce_eager,
         max_model_len=cfg.model.max_model_len, seed=a.seed,
-        tensor_parallel_size=a.tensor_parallel_size,
+        tensor_parallel_size=a.tensor_parallel_size, gpu_memory_utilization=a.gpu_memory_utilization,
     )  # fmt: skip
     greedy = llm.generate(
         prompts, SamplingParams(n=1, temperature=0.0, max_tokens=a.max_tokens, stop=a.stop or None)

@@ -108,7 +108,11 @@ def test_stop_and_resume(tmp_path, demo_model_dir):
     # stop the run once a checkpoint exists and a step after it is being trained
     deadline = time.time() + 400
     while time.time() < deadline:
-        if list((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").exists() else []:
+        if (
+            list((run_dir / "checkpoints").glob("step-*"))
+            if (run_dir / "checkpoints").exists()
+            else []
+        ):
             break
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.5)
