@@ -11,3 +11,28 @@ for _k, _v in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_k, _v)
+
+
+# --- demo model fixtures (common/demo_model.py) ---------------------------------------------------
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory):
+    """A random-init tiny Qwen2 + the character tokenizer (HF directory; built in ~1 s)."""
+    from popo.common.demo_model import save_random_model
+
+    return save_random_model(tmp_path_factory.mktemp("random-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir():
+    """The warm-started demo model of the default config, cached in `.cache/demo-model` (built once,
+    a few minutes, the first time; reused by later sessions)."""
+    from popo.common.config import ModelConfig, SyntheticTaskConfig
+    from popo.common.demo_model import ensure_demo_model
+
+    cache = Path(__file__).resolve().parent.parent / ".cache" / "demo-model"
+    return ensure_demo_model(ModelConfig(demo_cache_dir=str(cache)), SyntheticTaskConfig())
