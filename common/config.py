@@ -130,7 +130,7 @@ class ActorConfig(_Section):
     """Sampling temperature of the behaviour policy."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Nucleus sampling threshold."""
-    max_tokens: int = Field(64, gt=0)
+    max_tokens: int = Field(16, gt=0)
     """Longest completion, in tokens (the reference run used 1024)."""
     stop: list[str] = []
     """Stop strings; the completion ends before them."""
@@ -197,15 +197,16 @@ class LearnerConfig(_Section):
     """Torch device of the learner: `auto` is cuda when available, else cpu."""
     seed: int = 0
     """Seed of the learner's RNGs (data order, feature noise, predictor init)."""
-    lr: float = Field(1e-3, gt=0.0)
-    """Peak AdamW learning rate (the reference run: 1e-7 for 7B, 1e-6 for 1.5B)."""
+    lr: float = Field(2e-4, gt=0.0)
+    """Peak AdamW learning rate. The default suits the 1 M-parameter demo model; the reference run
+    used 1e-7 for 7B and 1e-6 for 1.5B."""
     weight_decay: float = Field(0.01, ge=0.0)
     """AdamW weight decay."""
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     """Fraction of `total_steps` spent in linear warm-up before the cosine decay."""
     grad_clip: float = Field(1.0, gt=0.0)
     """Max global gradient norm."""
-    total_steps: int = Field(40, gt=0)
+    total_steps: int = Field(200, gt=0)
     """Optimizer steps in the run."""
     prompts_per_step: int = Field(16, gt=0)
     """Completed groups (prompts) consumed by one optimizer step."""
@@ -223,7 +224,7 @@ class LearnerConfig(_Section):
     """Write a full training checkpoint every N steps."""
     keep_checkpoints: int = Field(2, ge=1)
     """Checkpoints kept on disk."""
-    eval_every: int = Field(0, ge=0)
+    eval_every: int = Field(50, ge=0)
     """Evaluate on the held-out split every N steps (0: only before and after the run)."""
 
 

@@ -79,7 +79,7 @@ class RunView:
                 "buffer / in-flight leases",
                 f"{_fmt(lr.get('popo_learner_buffer_groups'), 0)} / {_fmt(lr.get('popo_learner_outstanding_leases'), 0)}",
             ),
-            ("mean staleness", _fmt(_mean(lr, "popo_learner_staleness"))),
+            ("mean staleness", _fmt(_mean(lr, "popo_learner_staleness_versions"))),
         ]
         lt = self._rate("learner", "popo_learner_tokens_total")
         rows.append(("learner tokens/s", _fmt(lt, 0)))

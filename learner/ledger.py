@@ -205,6 +205,20 @@ class Ledger:
                 )
                 db.execute("DELETE FROM buffer WHERE lease_id=?", (lid,))
 
+    def finish(self, reason: str = "run_finished") -> int:
+        """The run reached its last step: end every lease still open (nothing will train it)."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE leases SET state='skipped', reason=?, ended_at=?"
+                " WHERE state IN ('outstanding','received')",
+                (reason, now),
+            )
+            db.execute(
+                "DELETE FROM buffer WHERE lease_id IN (SELECT lease_id FROM leases WHERE state='skipped')"
+            )
+            return cur.rowcount
+
     # --- training ---------------------------------------------------------------------------------
 
     def received(self, kind: str = "train", limit: int | None = None) -> list[Received]:

@@ -236,6 +236,7 @@ class Learner:
                 self.evaluate()
         if self.trainer.step >= lc.total_steps:
             self.evaluate()
+            self.ledger.finish()
             self._write_summary()
 
     def next_batch(self) -> list[Received] | None:
