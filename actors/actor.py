@@ -302,6 +302,14 @@ class Actor:
             if held.lease.deadline < now:
                 self.stats.expired()
                 continue
+            if len(held.prompt_ids) + self.acfg.max_tokens > self.cfg.model.max_model_len:
+                # The engine would reject it and fail the whole role; the learner filters such
+                # prompts, so this is a misconfiguration: drop the lease (it expires) and count it.
+                log.error("%s: lease %d: prompt of %d tokens + max_tokens %d exceeds max_model_len %d",
+                          self.actor_id, held.lease.lease_id, len(held.prompt_ids),
+                          self.acfg.max_tokens, self.cfg.model.max_model_len)  # fmt: skip
+                self.stats.rejected()
+                continue
             fut = self.engine.sample(held.prompt_ids)
             held.future = fut
             self.inflight[held.lease.lease_id] = held

@@ -50,6 +50,9 @@ class ActorStats:
         self._inflight = m.gauge("actor_inflight_prompts", "Leased prompts not yet finished.")
         self._pending = m.gauge("actor_pending_groups", "Finished groups waiting for a verifier.")
         self._expired = m.counter("actor_leases_expired_total", "Leases dropped past deadline.")
+        self._rejected = m.counter(
+            "actor_prompts_rejected_total", "Leases dropped: prompt too long for max_model_len."
+        )
         self._requests = m.counter("actor_lease_requests_total", "Lease requests sent.")
         self._kl = m.gauge("actor_mismatch_kl", "Probe KL(learner || actor) after the last reload.")
         self._window = (time.monotonic(), 0)
@@ -67,6 +70,9 @@ class ActorStats:
     def expired(self, n: int = 1) -> None:
         self.leases_expired += n
         self._expired.inc(n)
+
+    def rejected(self) -> None:
+        self._rejected.inc()
 
     def requested(self) -> None:
         self.lease_requests += 1

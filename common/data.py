@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -279,3 +279,12 @@ def load_prompts(cfg: DataConfig, split: Literal["train", "test"]) -> list[Probl
         answer_format=cfg.answer_format,
         id_field=cfg.id_field,
     )
+
+
+def drop_too_long(
+    problems: list[Problem], token_len: Callable[[str], int], max_prompt_tokens: int
+) -> tuple[list[Problem], int]:
+    """Keep the problems whose prompt fits `max_prompt_tokens` (max_model_len - max_tokens): an
+    engine rejects a longer one, so it must never be leased. Returns (kept, number dropped)."""
+    kept = [p for p in problems if token_len(p.problem) <= max_prompt_tokens]
+    return kept, len(problems) - len(kept)

@@ -136,6 +136,7 @@ def _eval(cfg: RunConfig, args: argparse.Namespace) -> int:
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", type=Path, help="PNG path (default: <first RUN_DIR>/report.png)")
+    p.add_argument("--table", action="store_true", help="also print a markdown table of the runs")
 
 
 @command(
@@ -149,6 +150,10 @@ def _report(cfg: RunConfig, args: argparse.Namespace) -> int:
             print(f"popo report: {d} is not a run directory (no metrics.jsonl)", file=sys.stderr)
             return 2
     print(report(args.run_dirs, args.out or args.run_dirs[0] / "report.png"))
+    if args.table:
+        from popo.deploy.report import markdown_table
+
+        print(markdown_table(args.run_dirs))
     return 0
 
 

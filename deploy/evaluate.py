@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from popo.common.config import RunConfig
-from popo.common.data import BENCHMARKS, Problem, apply_template, load_problems, load_prompts
+from popo.common.data import (
+    BENCHMARKS,
+    Problem,
+    apply_template,
+    drop_too_long,
+    load_problems,
+    load_prompts,
+)
 
 log = logging.getLogger("popo.eval")
 
@@ -68,14 +75,28 @@ def score(cfg: RunConfig, golds: list[str], texts: list[str]) -> list[bool]:
 def evaluate(
     cfg: RunConfig, model_dir: Path, benchmark: str, k: int, limit: int | None = None
 ) -> dict[str, Any]:
+    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
     from popo.actors.engine import resolve_dtype
 
-    problems = load_benchmark(cfg, benchmark, limit)
-    template = "plain" if benchmark == "synthetic" else cfg.data.resolved_template
-    prompts = [apply_template(p.problem, template) for p in problems]
     a = cfg.actor
+    template = "plain" if benchmark == "synthetic" else cfg.data.resolved_template
+    problems = [
+        Problem(p.prompt_id, apply_template(p.problem, template), p.gold)
+        for p in load_benchmark(cfg, benchmark, limit)
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    budget = cfg.model.max_model_len - a.max_tokens
+    problems, too_long = drop_too_long(problems, lambda t: len(tokenizer(t)["input_ids"]), budget)
+    if too_long:
+        log.warning("%d prompts are longer than max_model_len - max_tokens = %d tokens: skipped",
+                    too_long, budget)  # fmt: skip
+    if not problems:
+        raise ValueError(
+            f"no prompt of {benchmark} fits in {budget} tokens (raise --model.max_model_len)"
+        )
+    prompts = [p.problem for p in problems]
     t0 = time.time()
     # The CPU engine sizes its KV cache from the environment (GiB, whole numbers); as in the actor.
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(a.kv_cache_gib)))
@@ -102,6 +123,7 @@ def evaluate(
         "benchmark": benchmark,
         "model": str(model_dir),
         "prompts": len(problems),
+        "skipped_too_long": too_long,
         "k": k,
         "temperature": a.temperature,
         "pass@1_greedy": sum(g_ok) / len(problems),
@@ -117,7 +139,7 @@ def evaluate(
 def print_result(r: dict[str, Any]) -> None:
     k = r["k"]
     print(
-        f"{r['benchmark']}: {r['prompts']} prompts | greedy pass@1 {100 * r['pass@1_greedy']:.1f}% | "
+        f"{r['benchmark']}: {r['prompts']} prompts ({r['skipped_too_long']} too long, skipped) | greedy pass@1 {100 * r['pass@1_greedy']:.1f}% | "
         f"avg@{k} {100 * r[f'avg@{k}']:.1f}% | pass@{k} {100 * r[f'pass@{k}']:.1f}% "
         f"(T={r['temperature']}, {r['seconds']:.0f}s)",
         flush=True,

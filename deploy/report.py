@@ -73,6 +73,51 @@ def _by_step(recs: list[dict[str, Any]], key: str) -> tuple[list[float], list[fl
     return steps, [seen[s] for s in steps]
 
 
+def summary_row(run_dir: Path) -> dict[str, Any]:
+    """One run's headline figures (from summary.json, eval.jsonl and the learner's metrics)."""
+    run = load_run(run_dir)
+    s = (
+        json.loads((run_dir / "summary.json").read_text())
+        if (run_dir / "summary.json").exists()
+        else {}
+    )
+    ev = run["evals"]
+    learner = run["by_inst"].get("learner", [])
+    last = learner[-1] if learner else {}
+    wall = (ev[-1]["t"] - run["t0"]) if ev else None
+    return {
+        "run": run_dir.name,
+        "algorithm": s.get("algorithm", "?"),
+        "acc_before": ev[0]["accuracy"] if ev else None,
+        "acc_after": ev[-1]["accuracy"] if ev else None,
+        "steps": s.get("steps", int(last.get("popo_learner_step", 0))),
+        "wall_s": wall,
+        "tokens": s.get("tokens_trained", last.get("popo_learner_tokens_total")),
+        "pass_rate": last.get("popo_learner_pass_rate"),
+    }
+
+
+def time_to_accuracy(run_dir: Path, threshold: float) -> float | None:
+    """Seconds from the run's first record to the first evaluation at or above `threshold`."""
+    run = load_run(run_dir)
+    for e in run["evals"]:
+        if e["accuracy"] >= threshold:
+            return e["t"] - run["t0"]
+    return None
+
+
+def markdown_table(run_dirs: list[Path]) -> str:
+    rows = [summary_row(d) for d in run_dirs]
+    out = ["| run | algorithm | held-out before | after | steps | wall-clock s | tokens trained | pass rate |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f} %"  # noqa: E731
+    num = lambda x: "-" if x is None else f"{x:,.0f}"  # noqa: E731
+    for r in rows:
+        out.append(f"| {r['run']} | {r['algorithm']} | {pct(r['acc_before'])} | {pct(r['acc_after'])} | "
+                   f"{r['steps']} | {num(r['wall_s'])} | {num(r['tokens'])} | {pct(r['pass_rate'])} |")  # fmt: skip
+    return "\n".join(out)
+
+
 def report(run_dirs: list[Path], out: Path) -> Path:
     import matplotlib
 

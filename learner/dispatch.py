@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
@@ -76,7 +77,8 @@ class Dispatcher(threading.Thread):
         state: SharedState,
         dispatch_addr: str,
         ingest_addr: str,
-        on_group: callable | None = None,  # type: ignore[valid-type]
+        on_group: Callable[[ScoredGroup], None] | None = None,
+        on_duplicate: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name="dispatch", daemon=True)
         self.cfg = cfg
@@ -86,6 +88,7 @@ class Dispatcher(threading.Thread):
         self.evals = evals
         self.state = state
         self.on_group = on_group
+        self.on_duplicate = on_duplicate
         self.stop_event = threading.Event()
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -218,7 +221,10 @@ class Dispatcher(threading.Thread):
                 ev.per_prompt[idx] = (g.n_positive, g.n_total)
             return
         kind = self.ledger.receive(g.lease_id, g.version_min, g.n_total, g.n_positive, encode(g))
-        if kind is not None:
-            st.ingested += 1
-            if self.on_group is not None:
-                self.on_group(g)
+        if kind is None:
+            if self.on_duplicate is not None:
+                self.on_duplicate()
+            return
+        st.ingested += 1
+        if self.on_group is not None:
+            self.on_group(g)

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS leases (
     version_min      INTEGER,
     n_total          INTEGER,
     n_positive       INTEGER,
-    ended_at         REAL
+    ended_at         REAL,
+    resumed          INTEGER NOT NULL DEFAULT 0  -- trained before a crash, rewound by a resume
 );
 CREATE INDEX IF NOT EXISTS leases_state ON leases(state);
 CREATE TABLE IF NOT EXISTS buffer (
@@ -66,6 +67,9 @@ class Received:
     prompt_idx: int
     version_min: int
     payload: bytes
+    resumed: bool
+    """Already trained once by a run that crashed before checkpointing it: it was fresh enough then,
+    so it is exempt from the staleness check now (versions moved on during the restart)."""
 
 
 class Ledger:
@@ -224,7 +228,7 @@ class Ledger:
     def received(self, kind: str = "train", limit: int | None = None) -> list[Received]:
         """Received, not yet trained groups, oldest lease first."""
         q = (
-            "SELECT l.lease_id, l.prompt_idx, l.version_min, b.payload FROM leases l"
+            "SELECT l.lease_id, l.prompt_idx, l.version_min, b.payload, l.resumed FROM leases l"
             " JOIN buffer b USING (lease_id) WHERE l.state='received' AND l.kind=?"
             " ORDER BY l.lease_id"
         )
@@ -234,7 +238,7 @@ class Ledger:
             args = (kind, limit)
         with self._lock:
             rows = self._db.execute(q, args).fetchall()
-        return [Received(int(a), int(b), int(c), bytes(d)) for a, b, c, d in rows]
+        return [Received(int(a), int(b), int(c), bytes(d), bool(e)) for a, b, c, d, e in rows]
 
     def mark_trained(self, lease_ids: list[int], step: int) -> None:
         """The leases' groups went into optimizer step `step`. Payloads stay until a checkpoint."""
@@ -267,7 +271,7 @@ class Ledger:
         """Resume from a checkpoint of `step`: leases trained after it become `received` again."""
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE leases SET state='received', step=NULL, ended_at=NULL"
+                "UPDATE leases SET state='received', step=NULL, ended_at=NULL, resumed=1"
                 " WHERE state='trained' AND step > ?",
                 (step,),
             )

@@ -22,13 +22,13 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import zmq
 
 from popo.common import transport
 from popo.common.config import RunConfig
-from popo.common.data import Problem, apply_template, load_prompts
+from popo.common.data import Problem, apply_template, drop_too_long, load_prompts
 from popo.common.demo_model import resolve_model_dir
 from popo.common.messages import ScoredGroup, WeightsReady, decode
 from popo.common.metrics import STALENESS_BUCKETS, STEP_BUCKETS, RoleMetrics, role_port
@@ -58,6 +58,7 @@ class Learner:
         self.state = SharedState()
         self.last_ready: WeightsReady | None = None
         self.eval_history: list[dict[str, Any]] = []
+        self.tokens_trained = 0
 
     # --- setup ------------------------------------------------------------------------------------
 
@@ -70,7 +71,6 @@ class Learner:
 
         cfg, lc = self.cfg, self.cfg.learner
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         self.trainer = Trainer(
@@ -88,14 +88,21 @@ class Learner:
             log.info("%d lease(s) trained after the checkpoint go back to the buffer", rewound)
 
         template = cfg.data.resolved_template
-        train = [
-            Problem(p.prompt_id, apply_template(p.problem, template), p.gold)
-            for p in load_prompts(cfg.data, "train")
-        ]
-        evals = [
-            Problem(p.prompt_id, apply_template(p.problem, template), p.gold)
-            for p in load_prompts(cfg.data, "test")[: cfg.data.eval_size]
-        ]
+        budget = cfg.model.max_model_len - cfg.actor.max_tokens
+
+        def prepare(split: Literal["train", "test"]) -> list[Problem]:
+            raw = load_prompts(cfg.data, split)
+            raw = [Problem(p.prompt_id, apply_template(p.problem, template), p.gold) for p in raw]
+            kept, dropped = drop_too_long(raw, lambda t: len(tokenizer(t)["input_ids"]), budget)
+            if dropped:
+                log.warning("%s split: %d of %d prompts are longer than max_model_len - max_tokens"
+                            " = %d tokens and are never leased", split, dropped, len(raw), budget)  # fmt: skip
+            if not kept:
+                raise LearnerError(f"no {split} prompt fits in {budget} tokens")
+            return kept
+
+        train = prepare("train")
+        evals = prepare("test")[: cfg.data.eval_size]
         order = list(range(len(train)))
         random.Random(lc.seed).shuffle(order)
         self.evals = evals
@@ -108,6 +115,7 @@ class Learner:
             transport.address(t, "dispatch", run_dir=self.run_dir),
             transport.address(t, "ingest", run_dir=self.run_dir),
             on_group=self._on_group,
+            on_duplicate=self.c_dup.inc,
         )  # fmt: skip
         self.dispatcher.start()
         self.dispatcher.ready.wait()
@@ -249,14 +257,14 @@ class Learner:
                 raise LearnerError("dispatch thread failed") from self.dispatcher.error
             rows = self.ledger.received()
             version = self.state.version
-            stale = [r.lease_id for r in rows if version - r.version_min > lc.max_staleness]
+            fresh = [r for r in rows if r.resumed or version - r.version_min <= lc.max_staleness]
+            kept = {r.lease_id for r in fresh}
+            stale = [r.lease_id for r in rows if r.lease_id not in kept]
             if stale:
                 self.ledger.skip(stale, "too_stale")
                 self.c_leases.labels("too_stale").inc(len(stale))
-            fresh = [r for r in rows if version - r.version_min <= lc.max_staleness]
             self.g_buffer.set(len(fresh))
             self.g_lease.set(self.ledger.in_flight() - len(fresh))
-            self.c_dup.inc(self.ledger.duplicates - self.c_dup._value.get())
             if len(fresh) >= lc.prompts_per_step:
                 self.c_wait.inc(time.monotonic() - t0)
                 return fresh[: lc.prompts_per_step]
@@ -286,6 +294,7 @@ class Learner:
             self.g_step.set(self.trainer.step)
             self.h_step.observe(m["step_seconds"])
             self.c_tokens.inc(m["tokens"])
+            self.tokens_trained += int(m["tokens"])
             self.c_seqs.inc(m["sequences"])
             for key, gauge in (("is_clip_fraction", self.g_clip), ("cos_sim", self.g_cos),
                                ("ema_kl", self.g_kl), ("weight_entropy", self.g_went),
@@ -380,7 +389,7 @@ class Learner:
             "accuracy_after": evals[-1]["accuracy"] if evals else None,
             "leases": self.ledger.counts(),
             "ledger_problems": self.ledger.check_exactly_once(),
-            "tokens_trained": self.c_tokens._value.get(),
+            "tokens_trained": self.tokens_trained,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 

@@ -21,7 +21,7 @@ from popo.common.messages import (
     encode,
     pack_ids,
 )
-from popo.common.transport import Channel, Endpoint, address, bind, connect
+from popo.common.transport import Channel, Endpoint, address, bind, connect, rollouts_address
 
 # linger 0: a test that fails mid-way must not hang in context.term() on unsent messages.
 CFG = TransportConfig(
@@ -92,7 +92,8 @@ def _scored(lease_id: int) -> ScoredGroup:
 def test_addresses(tmp_path: Path) -> None:
     assert address(TransportConfig(), "dispatch") == "tcp://127.0.0.1:5550"
     assert address(CFG, "weights") == "tcp://127.0.0.1:*"
-    assert address(TransportConfig(), "ingest", host="10.0.0.2") == "tcp://10.0.0.2:5552"
+    assert address(TransportConfig(), "ingest", host="10.0.0.2") == "tcp://10.0.0.2:5551"
+    assert rollouts_address(TransportConfig(), 2) == "tcp://127.0.0.1:5562"
     ipc = TransportConfig(scheme="ipc")
     assert (
         address(ipc, "rollouts", run_dir=tmp_path) == f"ipc://{tmp_path.resolve()}/sockets/rollouts"

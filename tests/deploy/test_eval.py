@@ -30,14 +30,16 @@ def test_eval_real_file_and_synthetic(tmp_path, demo_model_dir):
         out = tmp_path / f"{Path(bench).stem}.json"
         r = subprocess.run(
             [sys.executable, "-m", "popo.deploy.cli", "eval", "--model", str(demo_model_dir),
-             "--benchmark", bench, "--limit", "6", "--k", "4", "--out", str(out),
+             "--benchmark", bench, "--limit", "12", "--k", "4", "--out", str(out),
              "--actor.max_tokens", "24"],
             capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         outs[bench] = json.loads(out.read_text())
     m = outs[str(DATA / "math500.jsonl")]
-    assert m["prompts"] == 6 and m["k"] == 4
+    # byte-level tokens + the Qwen-math template: some MATH-500 prompts exceed the demo model's
+    # 256-token context and are skipped (counted), never sent to the engine
+    assert m["prompts"] + m["skipped_too_long"] == 12 and m["prompts"] >= 1 and m["k"] == 4
     for res in outs.values():
         for key in ("pass@1_greedy", "avg@4", "pass@4", "pass@1_sampled"):
             assert 0.0 <= res[key] <= 1.0

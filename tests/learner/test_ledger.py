@@ -72,7 +72,9 @@ def test_rewind_after_crash_retrains_exactly_the_uncheckpointed_steps(tmp_path):
     led = Ledger(path)
     assert led.get("checkpoint_step") == 1
     assert led.rewind_to(1) == 2
-    assert [r.lease_id for r in led.received()] == [ls[2].lease_id, ls[3].lease_id]
+    rows = led.received()
+    assert [r.lease_id for r in rows] == [ls[2].lease_id, ls[3].lease_id]
+    assert all(r.resumed for r in rows)
     assert led.check_exactly_once() == []
     led.close()
 
