@@ -95,6 +95,10 @@ def _print_metrics_endpoints(cfg: RunConfig) -> None:
 
     if not cfg.metrics.enabled:
         return
+    if cfg.metrics.base_port == 0:  # role_port would print ":0"; each role picks its own port
+        print("metrics: on OS-assigned ports (metrics.base_port = 0), not scrapeable by the shipped "
+              "Prometheus config", flush=True)  # fmt: skip
+        return
     h = cfg.metrics.host
     lines = [f"  learner     http://{h}:{role_port(cfg.metrics, 'learner')}/metrics"]
     lines += [f"  verifier-{r}  http://{h}:{role_port(cfg.metrics, 'verifier', r)}/metrics"

@@ -190,7 +190,17 @@ class Learner:
             "learner_eval_pass_at_k", "Held-out unbiased pass@G at the last eval"
         )
         self.c_dup = m.counter("learner_duplicates_total", "Late or duplicate completions ignored")
+        # The bound and the last step's worst lag as gauges, so an alert can compare the two.
+        self.g_stale_bound = m.gauge(
+            "learner_staleness_bound_versions", "Configured max_staleness (versions)"
+        )
+        self.g_stale_max = m.gauge(
+            "learner_staleness_max_versions", "Largest version lag among the last step's groups"
+        )
+        for outcome in ("trained", "too_stale", self._no_signal_reason()):
+            self.c_leases.labels(outcome)  # zeros from the start, so alert ratios have series
         self.g_total.set(self.cfg.learner.total_steps)
+        self.g_stale_bound.set(self.cfg.learner.max_staleness)
         port = self.metrics.serve(role_port(self.cfg.metrics, "learner"))
         if port:
             log.info("learner metrics on http://%s:%d/metrics", self.cfg.metrics.host, port)
@@ -285,9 +295,11 @@ class Learner:
         return "all_negative" if self.cfg.algorithm.name == "popo" else "zero_advantage"
 
     def _record(self, m: dict[str, float], batch: list[Received], used: set[int]) -> None:
-        for r in batch:
-            if r.lease_id in used:
-                self.h_stale.observe(self.state.version - r.version_min)
+        lags = [self.state.version - r.version_min for r in batch if r.lease_id in used]
+        for lag in lags:
+            self.h_stale.observe(lag)
+        if lags:
+            self.g_stale_max.set(max(lags))
         self.c_leases.labels("trained").inc(len(used))
         self.c_leases.labels(self._no_signal_reason()).inc(len(batch) - len(used))
         if m["tokens"] > 0:
