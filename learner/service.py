@@ -229,21 +229,26 @@ class Learner:
             batch = self.next_batch()
             if batch is None:
                 break
+            version = self.state.version  # the policy these groups update
             groups = [decode(r.payload, ScoredGroup) for r in batch]
             useful = [g for g in groups if self._has_signal(g)]
             m = self.trainer.train_step(useful) if useful else {"tokens": 0.0}
             used = {g.lease_id for g in useful} if m["tokens"] > 0 else set()
+            # Publish before the batch's leases are closed: closing frees admission slots, and a
+            # lease issued then must already carry the new version (else it is born stale).
+            if used and (
+                self.trainer.step % lc.publish_every == 0 or self.trainer.step == lc.total_steps
+            ):
+                self.publish()
             self.ledger.mark_trained(
                 [r.lease_id for r in batch if r.lease_id in used], self.trainer.step
             )
             self.ledger.skip(
                 [r.lease_id for r in batch if r.lease_id not in used], self._no_signal_reason()
             )
-            self._record(m, batch, used)
+            self._record(m, batch, used, version)
             if not used:
                 continue
-            if self.trainer.step % lc.publish_every == 0 or self.trainer.step == lc.total_steps:
-                self.publish()
             if self.trainer.step % lc.checkpoint_every == 0 or self.trainer.step == lc.total_steps:
                 self.checkpoint()
             if (
@@ -294,8 +299,10 @@ class Learner:
     def _no_signal_reason(self) -> str:
         return "all_negative" if self.cfg.algorithm.name == "popo" else "zero_advantage"
 
-    def _record(self, m: dict[str, float], batch: list[Received], used: set[int]) -> None:
-        lags = [self.state.version - r.version_min for r in batch if r.lease_id in used]
+    def _record(
+        self, m: dict[str, float], batch: list[Received], used: set[int], version: int
+    ) -> None:
+        lags = [version - r.version_min for r in batch if r.lease_id in used]
         for lag in lags:
             self.h_stale.observe(lag)
         if lags:
