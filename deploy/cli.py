@@ -20,7 +20,7 @@ from pathlib import Path
 from popo.common.config import ConfigError, RunConfig, load_config
 
 # Nothing may call out from these machines (DESIGN §7); set before any heavy import.
-_OFFLINE_ENV = {
+OFFLINE_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -177,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for k, v in _OFFLINE_ENV.items():
+    for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
     logging.basicConfig(
         level=os.environ.get("POPO_LOG_LEVEL", "INFO"),
