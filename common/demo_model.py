@@ -154,33 +154,15 @@ def save_model_dir(model, tokenizer: PreTrainedTokenizerFast, out_dir: str | Pat
     return out
 
 
-def save_random_model(
-    out_dir: str | Path,
-    *,
-    seed: int = 0,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 2,
-    num_kv_heads: int = 1,
-    intermediate_size: int = 256,
-    max_position_embeddings: int = 256,
-) -> Path:
+def save_random_model(out_dir: str | Path, *, seed: int = 0, **sizes: int) -> Path:
     """Save a random-init tiny Qwen2 + the character tokenizer as a HF directory; return it.
+    `sizes` are `make_model`'s (hidden_size, num_layers, num_heads, ...; its defaults otherwise).
 
     For tests that need a real model quickly (well under 2 s); loads in transformers and in
     `vllm.LLM(model=dir, dtype="float32", enforce_eager=True)`.
     """
     tokenizer = build_tokenizer()
-    model = make_model(
-        tokenizer,
-        seed=seed,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-    )
+    model = make_model(tokenizer, seed=seed, **sizes)
     out = save_model_dir(model, tokenizer, out_dir)
     (out / "build_info.json").write_text(
         json.dumps({"kind": "random", "seed": seed, "params": model.num_parameters()}, indent=2)

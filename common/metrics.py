@@ -8,6 +8,7 @@ bounded values (a verdict, a loss term), never ids.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -159,3 +160,12 @@ def role_port(cfg: MetricsConfig, role: str, index: int = 0) -> int:
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120, 300)
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 16)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021) from n samples of which c are correct."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -25,17 +24,9 @@ from popo.common.data import (
     load_problems,
     load_prompts,
 )
+from popo.common.metrics import pass_at_k
 
 log = logging.getLogger("popo.eval")
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k (Chen et al. 2021) from n samples of which c are correct."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def load_benchmark(cfg: RunConfig, benchmark: str, limit: int | None) -> list[Problem]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import shutil
 import signal
@@ -31,7 +30,13 @@ from popo.common.config import RunConfig
 from popo.common.data import Problem, apply_template, drop_too_long, load_prompts
 from popo.common.demo_model import resolve_model_dir
 from popo.common.messages import ScoredGroup, WeightsReady, decode
-from popo.common.metrics import STALENESS_BUCKETS, STEP_BUCKETS, RoleMetrics, role_port
+from popo.common.metrics import (
+    STALENESS_BUCKETS,
+    STEP_BUCKETS,
+    RoleMetrics,
+    pass_at_k,
+    role_port,
+)
 from popo.learner.dispatch import Dispatcher, EvalRound, SharedState
 from popo.learner.ledger import Ledger, Received
 
@@ -40,13 +45,6 @@ log = logging.getLogger("popo.learner")
 
 class LearnerError(RuntimeError):
     pass
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 class Learner:

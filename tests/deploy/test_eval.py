@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from popo.deploy.evaluate import pass_at_k
+from popo.common.metrics import pass_at_k
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
