@@ -73,11 +73,11 @@ class ActorEndpoints:
     def from_config(cls, cfg: RunConfig, run_dir: str | Path | None = None) -> ActorEndpoints:
         t = cfg.transport
         return cls(
-            dispatch=transport.address(t, "dispatch", run_dir=run_dir),
+            dispatch=transport.learner_address(t, "dispatch", run_dir=run_dir),
             rollouts=[
-                transport.rollouts_address(t, r, run_dir) for r in range(cfg.verifier.replicas)
+                transport.verifier_address(t, r, run_dir) for r in range(cfg.verifier.replicas)
             ],
-            weights=transport.address(t, "weights", run_dir=run_dir),
+            weights=transport.learner_address(t, "weights", run_dir=run_dir),
         )
 
 
@@ -424,6 +424,9 @@ class Actor:
         else:
             self.stats.serving(r.version)
             self.stats.reloaded(r.seconds, r.mismatch_kl, r.max_abs_diff)
+            # The learner refuses leases to a lagging actor (retry_after_s); with the new version
+            # it may have some now, and a synchronous run (max_staleness 0) waits on exactly this.
+            self._next_ask = 0.0
             log.info(
                 "%s: serving version %d (%.3f s, mismatch_kl %s)",
                 self.actor_id, r.version, r.seconds, r.mismatch_kl,

@@ -1,24 +1,24 @@
-"""Actor benchmark (issue 4): `python -m popo.actors.bench [--prompts 64 --group-size 8 ...]`.
+"""Actor measurements for `popo bench generate` and `popo bench sync` (`popo.deploy.bench`).
 
-1. Throughput: completion tokens/s of the running actor (fake learner + fake verifier on real
-   ZeroMQ sockets, the whole lease -> sample -> push path) against the same engine's raw `generate`
-   of the same prompts with the same sampling, in the same process, alternating runs.
-2. Reload: the actor's in-place weight reload (engine side: pause + load + resume; and the whole
-   path: + sha256 + header check) against reading the same safetensors file into memory.
+- Throughput: completion tokens/s of the running actor (fake learner + fake verifier on real
+  ZeroMQ sockets, the whole lease -> sample -> push path) against the same engine's raw `generate`
+  of the same prompts with the same sampling, in the same process, alternating runs.
+- Reload: the actor's own in-place reload path (`Reloader`), fed the learner's announcements.
 
-Prints a Markdown table (for BENCHMARKS.md) and writes it as JSON with `--json`.
+`python -m popo.actors.bench ...` is `popo bench generate ...`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from popo.actors.engine import RolloutEngine
+    from popo.common.config import RunConfig
+    from popo.common.messages import WeightsReady
 
 
 def _free_port() -> int:
@@ -29,7 +29,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _prompts(n: int) -> list[str]:
+def arith_prompts(n: int) -> list[str]:
     return [f"{(i * 37) % 100}+{(i * 53) % 100}+{(i * 11) % 10}=" for i in range(n)]
 
 
@@ -93,141 +93,55 @@ def bench_actor(engine, cfg, model_dir: Path, prompts: list[str]) -> tuple[int, 
     return tokens, dt
 
 
-def bench_reload(engine, reference_state: dict, tmp: Path, reps: int) -> dict[str, float]:
-    """Median seconds: reading the file, the engine's reload, and the actor's whole reload path."""
-    import torch
-    from safetensors.torch import load_file
+class Reloader:
+    """The actor's own reload path (`Actor._load`: sha256 + header check off the loop, in-place
+    engine reload, parity probe) on an already started engine, without sockets: the `sync`
+    benchmark hands it the learner's announcements directly."""
 
-    from popo.actors.reload import check_schema, read_schema
-    from popo.common.weights import WEIGHTS_FILE, verify_weights, write_version_dir
+    def __init__(self, engine: RolloutEngine, cfg: RunConfig, model_dir: Path) -> None:
+        from popo.actors.actor import Actor, ActorEndpoints
+        from popo.actors.reload import model_schema
 
-    schema = None
-    read, engine_s, full = [], [], []
-    for r in range(reps):
-        version = engine.version + 1
-        g = torch.Generator().manual_seed(r)
-        state = {
-            k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in reference_state.items()
-        }
-        path, sha, nbytes = write_version_dir(tmp / f"v{version}", state)
-        schema = schema or read_schema(path)
-        os.sync()
-        t0 = time.perf_counter()
-        load_file(str(path))
-        read.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        verify_weights(path, sha, nbytes)
-        check_schema(path, schema)
-        timing = engine.reload(path.parent, version).result()
-        full.append(time.perf_counter() - t0)
-        engine_s.append(timing.total_s)
-        assert path.name == WEIGHTS_FILE
-    return {
-        "read_s": statistics.median(read),
-        "reload_engine_s": statistics.median(engine_s),
-        "reload_full_s": statistics.median(full),
-        "nbytes": float(nbytes),
-    }
+        self.engine = engine
+        self.actor = Actor(cfg, model_dir, ActorEndpoints("", [], ""), engine=engine)
+        self.actor._schema = model_schema(model_dir)
+
+    def reload(self, msg: WeightsReady) -> tuple[float, float | None]:
+        """Load one announced version; -> (actor reload seconds, probe mismatch KL or None)."""
+        r = self.engine.call(self.actor._load(msg)).result()
+        if self.engine.version != msg.version:
+            raise RuntimeError(f"engine serves v{self.engine.version}, announced v{msg.version}")
+        return r.seconds, r.mismatch_kl
+
+    def close(self) -> None:
+        self.actor.stats.metrics.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m popo.actors.bench", description=__doc__.split("\n")[0]
-    )
-    p.add_argument("--prompts", type=int, default=64)
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--inflight", type=int, default=16, help="actor.max_inflight_prompts")
-    p.add_argument(
-        "--max-num-seqs", type=int, default=None,
-        help="engine batch cap for both runs (default: inflight * group size)",
+def random_model(out: Path, hidden: int, layers: int) -> Path:
+    """A random-init model of the demo architecture (head size 32 up to hidden 128, else 64: sizes
+    vLLM's CPU attention supports)."""
+    from popo.common.demo_model import save_random_model
+
+    heads = max(1, hidden // (32 if hidden <= 128 else 64))
+    return save_random_model(
+        out, seed=0, hidden_size=hidden, num_layers=layers, num_heads=heads,
+        num_kv_heads=max(1, heads // 2), intermediate_size=4 * hidden,
     )  # fmt: skip
-    p.add_argument("--reps", type=int, default=3, help="alternating raw/actor repetitions")
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--model", help="model directory (default: a random model of the given size)")
-    p.add_argument("--json", help="also write the results here")
-    args = p.parse_args(argv)
-    for k, v in {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}.items():
-        os.environ.setdefault(k, v)
 
-    from safetensors.torch import load_file
 
+def start_engine(model_dir: Path, cfg: RunConfig) -> tuple[RolloutEngine, float]:
+    """A started engine for `model_dir` with the actor config of `cfg`; -> (engine, start seconds)."""
     from popo.actors.engine import RolloutEngine
-    from popo.common.config import RunConfig
 
-    tmp = Path(tempfile.mkdtemp(prefix="popo-actor-bench-"))
-    if args.model:
-        model_dir = Path(args.model)
-    else:
-        from popo.common.demo_model import save_random_model
-
-        model_dir = save_random_model(
-            tmp / "model", seed=0, hidden_size=args.hidden, num_layers=args.layers,
-            num_heads=args.heads, num_kv_heads=max(1, args.heads // 2),
-            intermediate_size=4 * args.hidden,
-        )  # fmt: skip
-    cfg = RunConfig()
-    a = cfg.actor
-    a.group_size, a.max_tokens, a.max_inflight_prompts = (
-        args.group_size,
-        args.max_tokens,
-        args.inflight,
-    )
-    a.max_pending_groups = max(a.max_pending_groups, args.inflight)
-    # the raw reference and the actor run under the same batch cap
-    a.max_num_seqs = args.max_num_seqs or args.inflight * args.group_size
-    cfg.metrics.enabled = False
-    engine = RolloutEngine(model_dir, a, cfg.model, seed=0)
+    engine = RolloutEngine(model_dir, cfg.actor, cfg.model, seed=0)
     t0 = time.perf_counter()
     engine.start()
-    start_s = time.perf_counter() - t0
-    prompts = _prompts(args.prompts)
-    bench_raw(engine, prompts[:8])  # warm-up
-    raw, act = [], []
-    for _ in range(args.reps):
-        tok, dt = bench_raw(engine, prompts)
-        raw.append(tok / dt)
-        tok, dt = bench_actor(engine, cfg, model_dir, prompts)
-        act.append(tok / dt)
-    state = load_file(str(next(model_dir.glob("*.safetensors"))))
-    rl = bench_reload(engine, state, tmp / "weights", reps=5)
-    engine.close()
-
-    raw_tps, act_tps = statistics.median(raw), statistics.median(act)
-    res = {
-        "engine_start_s": start_s,
-        "params": sum(v.numel() for v in state.values()),
-        "raw_tokens_per_s": raw_tps,
-        "actor_tokens_per_s": act_tps,
-        "throughput_ratio": act_tps / raw_tps,
-        "raw_runs": raw,
-        "actor_runs": act,
-        **rl,
-        "reload_engine_over_read": rl["reload_engine_s"] / rl["read_s"],
-        "reload_full_over_read": rl["reload_full_s"] / rl["read_s"],
-        "args": vars(args),
-    }
-    print(
-        f"\nmodel: {res['params'] / 1e6:.2f} M params ({rl['nbytes'] / 2**20:.1f} MiB safetensors), "
-        f"{args.prompts} prompts x G={args.group_size}, max_tokens={args.max_tokens}, "
-        f"actor.max_inflight_prompts={args.inflight}, max_num_seqs={a.max_num_seqs}, "
-        f"median of {args.reps} alternating runs\n"
-    )
-    print("| measure | value |\n| --- | --- |")
-    print(f"| raw vLLM generate | {raw_tps:,.0f} tokens/s |")
-    print(f"| actor (leases -> engine -> verifier) | {act_tps:,.0f} tokens/s |")
-    print(f"| ratio actor / raw | {res['throughput_ratio']:.3f} |")
-    print(f"| read safetensors file (load_file) | {rl['read_s'] * 1e3:.2f} ms |")
-    print(f"| in-place reload, engine (pause+load+resume) | {rl['reload_engine_s'] * 1e3:.2f} ms |")
-    print(f"| in-place reload, actor path (+sha256+header) | {rl['reload_full_s'] * 1e3:.2f} ms |")
-    print(f"| ratio engine reload / read | {res['reload_engine_over_read']:.1f} |")
-    print(f"| ratio actor reload / read | {res['reload_full_over_read']:.1f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
-    return 0
+    return engine, time.perf_counter() - t0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from popo.deploy.bench import main
+
+    raise SystemExit(main(["generate", *sys.argv[1:]]))

@@ -26,6 +26,10 @@ class ConfigError(ValueError):
     """A config file or flag is wrong. The message is one line naming the key and its source."""
 
 
+WILDCARD_HOSTS = frozenset({"*", "0.0.0.0", "::", "[::]", ""})
+"""Hosts that bind every interface: refused without explicit consent (TransportConfig, MetricsConfig)."""
+
+
 class _Section(BaseModel):
     # Unknown keys are errors, not silently ignored typos; docstrings become field help.
     model_config = ConfigDict(
@@ -167,6 +171,11 @@ class ActorConfig(_Section):
     drain_timeout_s: float = Field(30.0, ge=0.0)
     """On SIGTERM: how long to wait for in-flight groups to finish and be delivered; what is left
     after it is dropped whole (its leases expire at the learner and are re-dispatched)."""
+    weights_cache_dir: str | None = None
+    """Node-local directory for streamed weight versions (`transport.weights_mode`); default
+    `<run_dir>/weights-cache/actor-<i>`, or a temporary directory without a run directory."""
+    weights_cache_keep: int = Field(2, ge=1)
+    """Streamed versions kept in the cache (the served one is never deleted)."""
 
 
 class VerifierConfig(_Section):
@@ -195,6 +204,10 @@ class VerifierConfig(_Section):
 class LearnerConfig(_Section):
     device: str = "auto"
     """Torch device of the learner: `auto` is cuda when available, else cpu."""
+    devices: int = Field(1, ge=1)
+    """Learner ranks. Above 1 the learner shards its modules with FSDP2 over that many processes
+    (one per GPU, `cuda:<LOCAL_RANK>`; gloo processes on CPU) started by `popo learner` itself, or
+    by torchrun when it sets WORLD_SIZE. Rank 0 runs the learner role; the others only train."""
     seed: int = 0
     """Seed of the learner's RNGs (data order, feature noise, predictor init)."""
     lr: float = Field(2e-4, gt=0.0)
@@ -224,6 +237,11 @@ class LearnerConfig(_Section):
     """Write a full training checkpoint every N steps."""
     keep_checkpoints: int = Field(2, ge=1)
     """Checkpoints kept on disk."""
+    write_retries: int = Field(5, ge=0)
+    """Retries of a failed weight-version or checkpoint write (full disk, I/O error) before the
+    learner fails; nothing half-written is ever announced or resumed from."""
+    write_retry_backoff_s: float = Field(1.0, gt=0.0)
+    """First back-off between write retries (doubles each time)."""
     eval_every: int = Field(50, ge=0)
     """Evaluate on the held-out split every N steps (0: only before and after the run)."""
 
@@ -278,6 +296,27 @@ class TransportConfig(_Section):
     """Learner PUB: WeightsReady announcements."""
     rollouts_port: int = Field(5560, ge=0, le=65535)
     """Verifier PULL: rollout groups from actors; replica r binds rollouts_port + r."""
+    learner_host: str | None = None
+    """Address peers connect to for the learner's endpoints (dispatch, ingest, weights,
+    weightstream); `None`: `host`. `popo ray` sets it to the learner's node IP."""
+    verifier_hosts: list[str] = []
+    """Address actors connect to for verifier replica r (entry r); empty: `host` for every replica.
+    `popo ray` fills it with the replicas' node IPs."""
+    weightstream_port: int = Field(5553, ge=0, le=65535)
+    """Learner ROUTER: weight files streamed in chunks to actors that do not see its weights/."""
+    weights_mode: Literal["auto", "shared", "stream"] = "auto"
+    """How actors get a version's files: `shared` reads the learner's path (a shared filesystem),
+    `stream` fetches them over `weightstream` into a node-local cache, `auto` uses the path when it
+    holds the announced bytes on the actor's node and streams otherwise."""
+    stream_chunk_bytes: int = Field(4 << 20, ge=4096, le=64 << 20)
+    """Weight streaming: bytes per chunk (one request, one reply)."""
+    stream_window: int = Field(8, ge=1)
+    """Weight streaming: chunk requests an actor keeps in flight (credit; bounds the learner's
+    send queue to window x chunk bytes per actor)."""
+    stream_timeout_s: float = Field(10.0, gt=0.0)
+    """Weight streaming: give up an attempt when no reply came for this long."""
+    stream_retries: int = Field(3, ge=0)
+    """Weight streaming: further attempts after a timeout or a corrupt / short transfer."""
     hwm: int = Field(1000, gt=0)
     """ZeroMQ high-water mark (messages queued per peer before send blocks or drops)."""
     linger_ms: int = Field(1000, ge=0)
@@ -285,7 +324,20 @@ class TransportConfig(_Section):
     recv_timeout_ms: int = Field(1000, gt=0)
     """Receive poll timeout; loops wake at least this often to check for shutdown."""
     curve_keys_dir: str | None = None
-    """Directory of CurveZMQ key pairs; when set every endpoint requires them."""
+    """Directory of CurveZMQ key pairs (`popo keys`: one pair per role kind, see README "Security");
+    when set every endpoint is a Curve server / client and refuses peers without the right key."""
+    allow_insecure_bind: bool = False
+    """Allow a wildcard `host` (`0.0.0.0`, `*`, `::`) without `curve_keys_dir`. DANGER: anyone who
+    reaches the port can then lease prompts, inject rollouts or scored groups and announce weights."""
+
+    @model_validator(mode="after")
+    def _no_open_wildcard(self) -> TransportConfig:
+        if self.host in WILDCARD_HOSTS and not self.curve_keys_dir and not self.allow_insecure_bind:
+            raise ValueError(
+                f"transport.host: {self.host!r} binds every interface without CurveZMQ keys; set "
+                "transport.curve_keys_dir (`popo keys`) or transport.allow_insecure_bind = true"
+            )
+        return self
 
 
 class MetricsConfig(_Section):
@@ -293,10 +345,59 @@ class MetricsConfig(_Section):
     """Serve Prometheus `/metrics` from every role."""
     host: str = "127.0.0.1"
     """Interface the metrics HTTP servers bind (loopback by default)."""
+    allow_insecure_bind: bool = False
+    """Allow a wildcard `host` (`0.0.0.0`, `*`, `::`). DANGER: `/metrics` has no authentication;
+    anyone who reaches the port reads the run's figures."""
     base_port: int = Field(9400, ge=0, le=65535)
     """Learner port; verifier replica r uses base+1+r, actor i base+20+i. 0 picks free ports."""
     jsonl_every_s: float = Field(5.0, gt=0.0)
     """Interval at which each role appends its figures to metrics.jsonl."""
+
+    @model_validator(mode="after")
+    def _no_open_wildcard(self) -> MetricsConfig:
+        if self.enabled and self.host in WILDCARD_HOSTS and not self.allow_insecure_bind:
+            raise ValueError(
+                f"metrics.host: {self.host!r} serves /metrics (no authentication) on every "
+                "interface; name an interface or set metrics.allow_insecure_bind = true"
+            )
+        return self
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    """Ray cluster to join: `auto` (the cluster this machine belongs to, e.g. under `ray job
+    submit`), `HOST:6379`, or `ray://HOST:10001`; `None` starts a local single-node cluster."""
+    namespace: str = "popo"
+    """Ray namespace of the run's actors."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Placement-group strategy over the bundles of all roles (learner, verifier replicas,
+    actors): PACK fills few nodes, SPREAD puts the roles on different nodes where it can."""
+    use_gpus: bool = False
+    """Reserve GPUs: the learner gets `learner.devices` GPUs, each actor
+    `actor.tensor_parallel_size`. False on a CPU cluster (every role asks for CPUs only)."""
+    learner_cpus: float = Field(1.0, ge=0.0)
+    """CPUs reserved for the learner."""
+    verifier_cpus: float = Field(1.0, ge=0.0)
+    """CPUs reserved per verifier replica (its scoring workers run inside this reservation)."""
+    actor_cpus: float = Field(1.0, ge=0.0)
+    """CPUs reserved per actor."""
+    learner_resources: dict[str, float] = {}
+    """Custom Ray resources the learner's bundle needs, e.g. `{learner_node = 1}` to pin it to the
+    node started with `ray start --resources='{"learner_node": 1}'`."""
+    verifier_resources: dict[str, float] = {}
+    """Custom Ray resources each verifier replica's bundle needs (node pinning)."""
+    actor_resources: dict[str, float] = {}
+    """Custom Ray resources each actor's bundle needs (node pinning), e.g. `{worker_node = 1}`."""
+    bind_node_ip: bool = True
+    """Bind each role's ZeroMQ endpoints and metrics server on the node IP Ray reports, and point
+    peers at those IPs (no hand-edited addresses); false keeps `transport.host`/`metrics.host`."""
+    ready_timeout_s: float = Field(600.0, gt=0.0)
+    """How long to wait for the placement group (the cluster's free resources) before giving up."""
+    stop_grace_s: float = Field(40.0, gt=0.0)
+    """At the end of a run: how long a role may drain after SIGTERM before it is killed."""
+    env_vars: dict[str, str] = {}
+    """Extra environment for every role (added to the offline environment passed through Ray's
+    `runtime_env`)."""
 
 
 class DeployConfig(_Section):
@@ -307,8 +408,20 @@ class DeployConfig(_Section):
     """Initial back-off before a crashed actor or verifier is restarted (doubles each time)."""
     max_restarts: int = Field(5, ge=0)
     """Restarts per role before the run is stopped."""
-    ray_address: str | None = None
-    """Ray cluster address for `popo ray` (`None` starts a local one)."""
+    restart_backoff_max_s: float = Field(30.0, gt=0.0)
+    """Cap of the doubling restart back-off."""
+    learner_max_restarts: int = Field(5, ge=0)
+    """Restarts of a killed or crashed learner (it resumes from the run directory) before the run
+    is stopped."""
+    learner_min_uptime_s: float = Field(60.0, ge=0.0)
+    """A learner that exits non-zero without a signal sooner than this after its start failed to
+    start (config, data, code error): the run stops with its error instead of restarting it."""
+    ray: RayConfig = RayConfig()
+    """`popo ray`: the Ray cluster, placement of the roles and their restart policy."""
+    cpu_affinity: dict[str, list[int]] = {}
+    """Cores each role may run on (with every process it spawns), by role name (`actor-0`,
+    `verifier-1`) or kind (`actor`, `verifier`, `learner`); e.g. `{learner = [0], actor = [1]}`.
+    A role not named runs anywhere. `popo bench e2e` pins the actor and the learner apart."""
 
 
 class RunConfig(BaseSettings):
@@ -407,7 +520,10 @@ def _format_error(
     elif source is not None and (_has_key(toml_data, loc) or not loc):
         origin = source
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"config error: {origin}: {key}: {first['msg']}{more}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if msg.startswith(f"{key}.") and ": " in msg:  # a section's validator names its own field
+        key, msg = msg.split(": ", 1)
+    return f"config error: {origin}: {key}: {msg}{more}"
 
 
 def _has_key(tree: dict[str, Any], path: list[str]) -> bool:

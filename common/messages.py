@@ -175,7 +175,87 @@ class WeightsReady(_Msg, tag="weights_ready"):
     """float32 packed learner log-probs of the probe continuation tokens."""
 
 
-Message = LeaseRequest | Leases | RolloutGroup | ScoredGroup | WeightsReady
+# --- weightstream: actor DEALER <-> learner ROUTER ------------------------------------------------
+
+
+class StreamFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One file of a version directory."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+class ManifestRequest(_Msg, tag="manifest_request"):
+    """An actor asks which files version `version` holds."""
+
+    version: int
+
+
+class Manifest(_Msg, tag="manifest"):
+    """The files of `weights/v{version}/` (plain names, sizes, sha256 of each)."""
+
+    version: int
+    files: list[StreamFile]
+
+
+class FetchRequest(_Msg, tag="fetch_request"):
+    """One chunk: `length` bytes of `file` of `version` from `offset` (one credit)."""
+
+    version: int
+    file: str
+    offset: int
+    length: int
+
+
+class Chunk(_Msg, tag="chunk"):
+    """The answer to a FetchRequest; `eof` when it reaches the end of the file."""
+
+    version: int
+    file: str
+    offset: int
+    data: bytes
+    eof: bool
+
+
+class StreamError(_Msg, tag="stream_error"):
+    """A request the weight server cannot serve (version pruned, file not in it, bad range)."""
+
+    version: int
+    reason: str
+    file: str = ""
+
+
+# --- learner ranks: rank 0 -> ranks 1..N-1 (a torch.distributed broadcast, not a socket) ---------
+
+
+class RankCommand(_Msg, tag="rank_command"):
+    """What every learner rank does next, so all enter the same collectives in the same order."""
+
+    op: Literal["train", "publish", "checkpoint", "stop"]
+    groups: list[bytes] = []
+    """`train`: the batch, each an encoded ScoredGroup (every rank gets all; each trains its share)."""
+    version: int = 0
+    """`publish`: the version number being written."""
+    protect: list[int] = []
+    """`publish`: versions actors may still be loading (never pruned)."""
+    probe: list[list[int]] = []
+    """`publish`: [prompt ids, continuation ids] of the parity probe (its forward is collective)."""
+
+
+Message = (
+    LeaseRequest
+    | Leases
+    | RolloutGroup
+    | ScoredGroup
+    | WeightsReady
+    | ManifestRequest
+    | Manifest
+    | FetchRequest
+    | Chunk
+    | StreamError
+    | RankCommand
+)
 M = TypeVar("M", bound=_Msg)
 
 _encoder = msgspec.msgpack.Encoder()
@@ -201,3 +281,37 @@ def decode(frame: bytes, expect: type[M] | None = None) -> Message:
     if expect is not None and not isinstance(msg, expect):
         raise MessageError(f"expected {expect.__name__}, got {type(msg).__name__}")
     return msg
+
+
+def check(msg: Message) -> None:
+    """Raise MessageError if a decoded message cannot be right: what the schema lets through but a
+    receiver would trip over later (a packed array of a partial element, token ids and log-probs of
+    different lengths, counts that do not add up, a checksum that is no sha256). `transport.Channel`
+    runs it on every received message, so a role never sees such a message."""
+    if isinstance(msg, LeaseRequest) and msg.n < 0:
+        raise MessageError(f"LeaseRequest.n = {msg.n} < 0")
+    if isinstance(msg, RolloutGroup | ScoredGroup):
+        name = type(msg).__name__
+        unpack_ids(msg.prompt_token_ids)
+        for i, c in enumerate(msg.completions):
+            if len(unpack_ids(c.token_ids)) != len(unpack_f32(c.logprobs)):
+                raise MessageError(f"{name} completion {i}: token ids and log-probs differ in length")
+        if msg.version_min > msg.version_max:
+            raise MessageError(f"{name}: version_min {msg.version_min} > {msg.version_max}")
+    if isinstance(msg, ScoredGroup):
+        if not 0 <= msg.n_positive <= msg.n_total or len(msg.completions) > msg.n_total:
+            raise MessageError(
+                f"ScoredGroup: {msg.n_positive} positives, {len(msg.completions)} completions "
+                f"of n_total {msg.n_total}"
+            )
+        if any(not 0.0 <= c.reward <= 1.0 for c in msg.completions):  # also catches NaN
+            raise MessageError("ScoredGroup: a reward outside [0, 1]")
+    if isinstance(msg, WeightsReady):
+        if msg.version < 0 or msg.nbytes < 0:
+            raise MessageError(f"WeightsReady: version {msg.version}, nbytes {msg.nbytes}")
+        if len(msg.sha256) != 64 or msg.sha256.strip("0123456789abcdef"):
+            raise MessageError("WeightsReady: sha256 is not 64 lowercase hex digits")
+        n = len(unpack_ids(msg.probe_token_ids))
+        unpack_f32(msg.probe_logprobs)
+        if not 0 <= msg.probe_prompt_len <= n:
+            raise MessageError(f"WeightsReady: probe_prompt_len {msg.probe_prompt_len} of {n} ids")

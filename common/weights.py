@@ -9,16 +9,23 @@ and travels in `WeightsReady`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 WEIGHTS_FILE = "model.safetensors"
+FAULT_DELAY_ENV = "POPO_FAULT_WRITE_DELAY_S"
+"""Test hook (chaos tests only): seconds a writer sleeps inside its write window; see fault_window."""
 
 
 class WeightsError(RuntimeError):
@@ -41,6 +48,45 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fault_window() -> None:
+    """Chaos-test hook, called by every atomic writer (weight versions, checkpoints) after its files
+    are written under the `.tmp-*` name and before the rename. When `POPO_FAULT_WRITE_DELAY_S` is
+    set it sleeps that long, so a test that sees a `.tmp-*` directory can SIGKILL the writer inside
+    the window deterministically. Unset (always, outside tests) it does nothing."""
+    delay = os.environ.get(FAULT_DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
+
+
+def retry_write(
+    write: Callable[[], T],
+    what: str,
+    retries: int,
+    backoff_s: float,
+    on_failure: Callable[[OSError], None] | None = None,
+) -> T:
+    """Call an atomic writer (one that leaves nothing behind when it raises) until it succeeds.
+
+    An OSError (disk full, I/O error, file too large, read-only file system) is logged and
+    reported to `on_failure`, then the write is tried again after `backoff_s * 2**i` seconds, up to
+    `retries` more times; the last error propagates. Only the file writing is retried, never a
+    collective, so every rank of a sharded learner stays in step.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return write()
+        except OSError as e:
+            if on_failure is not None:
+                on_failure(e)
+            if attempt == retries:
+                log.error("writing %s failed %d times; giving up: %s", what, attempt + 1, e)
+                raise
+            delay = backoff_s * 2**attempt
+            log.warning("writing %s failed (%s); retrying in %.1f s", what, e, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def _fsync_file(path: Path) -> None:
@@ -77,6 +123,7 @@ def write_version_dir(
         _fsync_file(weights)
         digest = sha256_file(weights)
         (tmp / f"{WEIGHTS_FILE}.sha256").write_text(digest + "\n")
+        _fsync_file(tmp / f"{WEIGHTS_FILE}.sha256")  # actors that start late read it
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
             _fsync_file(tmp / name)
@@ -86,6 +133,7 @@ def write_version_dir(
             except OSError:
                 shutil.copy2(src, tmp / name)
         fsync_dir(tmp)
+        fault_window()
         os.rename(tmp, out)
         fsync_dir(out.parent)
     except BaseException:

@@ -70,6 +70,32 @@ def _demo_model(cfg: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, help="key directory (default: transport.curve_keys_dir)")
+    p.add_argument("--force", action="store_true", help="replace existing keys of the cluster")
+
+
+@command("keys", "create the CurveZMQ key pairs of a cluster (one per role kind)", _keys_args)
+def _keys(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from popo.common.keys import KeysError, create_keys
+
+    out = args.out or cfg.transport.curve_keys_dir
+    if out is None:
+        print("popo keys: name a directory with --out or --transport.curve_keys_dir", file=sys.stderr)
+        return 2
+    try:
+        written = create_keys(out, force=args.force)
+    except KeysError as e:
+        print(f"popo keys: {e}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    print(f"set transport.curve_keys_dir = {str(out)!r} on every node; copy the *.key files to "
+          "all nodes and each <role>.key_secret only to the nodes that run that role",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def _role_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", type=Path, required=True, help="the run directory")
     p.add_argument("--index", type=int, default=0, help="replica / actor index")
@@ -105,6 +131,24 @@ def _train(cfg: RunConfig, args: argparse.Namespace) -> int:
     from popo.deploy.train import train
 
     return train(cfg, args.config, args.resume, args.overrides)
+
+
+def _ray_args(p: argparse.ArgumentParser) -> None:
+    _train_args(p)
+    p.add_argument(
+        "--address",
+        help="Ray cluster: auto | HOST:6379 | ray://HOST:10001 (default: deploy.ray.address; "
+        "none starts a local cluster)",
+    )
+
+
+@command("ray", "run every role as Ray actors on a Ray cluster (deploy/README.md)", _ray_args)
+def _ray(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from popo.deploy.ray_launch import ray_train
+
+    if args.address:
+        cfg.deploy.ray.address = args.address
+    return ray_train(cfg, args.resume)
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:

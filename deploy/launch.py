@@ -1,8 +1,13 @@
 """Local supervisor for `popo train`: every role in its own process on this machine (DESIGN §1, issue 6).
 
-The learner is the run: when it exits 0 the run is done and the others are stopped; when it fails the
-run stops with its error. A crashed actor or verifier is restarted with exponential back-off (the
-learner's leases cover its lost work) up to `deploy.max_restarts` times. Each role runs in its own
+The learner is the run: when it exits 0 the run is done and the others are stopped. A crashed actor
+or verifier is restarted with exponential back-off (the learner's leases cover its lost work) up to
+`deploy.max_restarts` times. A learner killed by a signal, or failing after it ran at least
+`deploy.learner_min_uptime_s`, is restarted the same way up to `deploy.learner_max_restarts` times:
+it resumes from its run directory (latest checkpoint + ledger), losing and retraining nothing. A
+learner that fails sooner failed to start (config, data, code): the run stops with its error rather
+than loop. Every restart (and every give-up) is a line in the log and a record in
+`RUN_DIR/restarts.jsonl`; `RUN_DIR/pids.json` holds every role's current pid. Each role runs in its own
 process group, so stopping a role also stops the engine workers it spawned, and each child asks the
 kernel to SIGTERM it if the supervisor dies: no orphans.
 """
@@ -11,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import json
 import logging
 import os
 import signal
@@ -34,6 +41,19 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _child_setup(cpus: list[int] | None) -> None:
+    # Between fork and exec: the affinity set here is inherited by everything the role spawns
+    # (vLLM's engine core and its OpenMP threads, verifier workers).
+    _die_with_parent()
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
+
+
+def role_cpus(affinity: dict[str, list[int]], name: str) -> list[int] | None:
+    """Cores of role `name` (`actor-1`) from `deploy.cpu_affinity`: its own entry, else its kind's."""
+    return affinity.get(name, affinity.get(name.split("-")[0]))
+
+
 @dataclass
 class Role:
     name: str
@@ -44,8 +64,11 @@ class Role:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float = 0.0
+    started_at: float = 0.0
     history: list[tuple[float, int]] = field(default_factory=list)
     """(time, exit code) of every exit, for the run summary."""
+    cpus: list[int] | None = None
+    """Cores the role and its children may run on (`deploy.cpu_affinity`); None: any."""
 
     def start(self, env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,9 +82,10 @@ class Role:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(_child_setup, self.cpus),
         )
         out.close()
+        self.started_at = time.time()
 
     def signal(self, sig: int) -> None:
         """Signal the role's whole process group (it leads its own session), even after the
@@ -70,6 +94,16 @@ class Role:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
+
+
+def _signal_name(code: int) -> str | None:
+    """`SIGKILL` for a Popen return code of -9; None for a normal exit."""
+    if code >= 0:
+        return None
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
 
 
 def role_argv(role: str, config_path: Path, run_dir: Path, index: int = 0) -> list[str]:
@@ -109,6 +143,8 @@ class Supervisor:
                     logs / f"actor-{i}.log",
                 )
             )
+        for role in self.roles:
+            role.cpus = role_cpus(cfg.deploy.cpu_affinity, role.name)
         self.env = dict(os.environ)
         self._stopping = False
 
@@ -120,15 +156,19 @@ class Supervisor:
         for role in self.roles:
             role.start(self.env)
             log.info("started %s (pid %d), log %s", role.name, role.proc.pid, role.log_path)  # type: ignore[union-attr]
+        self._write_pids()
 
     def poll(self) -> int | None:
         """Check every role once. Returns the learner's exit code when the run is over."""
         now = time.time()
+        d = self.cfg.deploy
         for role in self.roles:
             if role.proc is None:
-                if now >= role.next_start:
+                if now >= role.next_start and not self._stopping:
                     role.start(self.env)
-                    log.info("restarted %s (restart %d)", role.name, role.restarts)
+                    self._write_pids()
+                    log.info("restarted %s (restart %d, pid %d)", role.name, role.restarts,
+                             role.proc.pid)  # type: ignore[union-attr]  # fmt: skip
                 continue
             code = role.proc.poll()
             if code is None:
@@ -136,18 +176,32 @@ class Supervisor:
             role.history.append((now, code))
             role.signal(signal.SIGKILL)  # leftovers of the dead role's process group
             role.proc = None
+            uptime = now - role.started_at
             if role is self.learner:
-                return code
-            if self._stopping:
-                continue
-            if not role.restartable or role.restarts >= self.cfg.deploy.max_restarts:
+                if code == 0 or self._stopping:
+                    return code
+                # Killed (OOM, preemption, chaos) or crashed mid-run: it resumes from the run dir.
+                # Failing before `learner_min_uptime_s` without a signal is a start-up error that
+                # a restart would only repeat.
+                limit = d.learner_max_restarts
+                if code > 0 and uptime < d.learner_min_uptime_s:
+                    self._record(role, code, uptime, None, "start-up failure: not restarted")
+                    log.error("learner failed %.0f s after its start; not restarting it", uptime)
+                    return code
+            else:
+                if self._stopping:
+                    continue
+                limit = d.max_restarts if role.restartable else 0
+            if role.restarts >= limit:
+                self._record(role, code, uptime, None, f"{role.restarts} restarts: giving up")
                 log.error(
                     "%s exited with %d and will not be restarted; stopping the run", role.name, code
                 )
-                return 1
-            delay = self.cfg.deploy.restart_backoff_s * 2**role.restarts
+                return code if role is self.learner else 1
+            delay = min(d.restart_backoff_s * 2**role.restarts, d.restart_backoff_max_s)
             role.restarts += 1
             role.next_start = now + delay
+            self._record(role, code, uptime, delay, "restart")
             log.warning(
                 "%s exited with %d; restarting in %.1f s (see %s)",
                 role.name,
@@ -156,6 +210,30 @@ class Supervisor:
                 role.log_path,
             )
         return None
+
+    def _record(
+        self, role: Role, code: int, uptime: float, delay: float | None, action: str
+    ) -> None:
+        """One line of `restarts.jsonl` per exit the supervisor acted on."""
+        rec = {
+            "t": time.time(),
+            "role": role.name,
+            "exit_code": code,
+            "signal": _signal_name(code),
+            "uptime_s": round(uptime, 3),
+            "restart": role.restarts,
+            "delay_s": delay,
+            "action": action,
+        }
+        with open(self.run_dir / "restarts.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _write_pids(self) -> None:
+        """`pids.json`: the supervisor's and every live role's pid (for soak sampling and tests)."""
+        pids = {r.name: r.proc.pid for r in self.roles if r.proc is not None}
+        tmp = self.run_dir / "pids.json.tmp"
+        tmp.write_text(json.dumps({"supervisor": os.getpid(), "roles": pids}))
+        tmp.replace(self.run_dir / "pids.json")
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM every role, then SIGKILL what is left of its process group after `grace_s`."""

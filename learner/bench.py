@@ -1,19 +1,18 @@
-"""Learner-step cost of POPO vs GRPO vs a plain NLL step on the same batch of the same model.
+"""Learner-step cost of POPO vs GRPO vs a plain NLL step on the same batch of the same model, and
+POPO's saving from training on positives only as a function of the pass rate.
 
-    python -m popo.learner.bench [--reps 7] [--groups 16] [--group-size 8] [--hidden 128] [--layers 4]
+    popo bench learn [--quick] [--reps 7] [--groups 16] [--group-size 8] [--threads 1]
 
-Every variant trains the same sequences (POPO sees them all as positives; GRPO gets mixed rewards,
-which change no cost) from the same initial weights. Variants run round-robin, so slow phases of a
-shared machine hit all of them alike; the table reports the median step time, its spread (min–max),
-tokens/s, and the ratio to the plain NLL step of the same run.
+(`python -m popo.learner.bench ...` is the same command.) Every variant trains the same sequences
+from the same initial weights (POPO keeps only the positives, as the verifier forwards them; GRPO
+takes the whole group). Variants run round-robin, so slow phases of a shared machine hit all of them
+alike; the driver (`popo.deploy.bench`) turns the per-repetition times into paired ratios.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import statistics
-import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,18 +23,26 @@ from popo.learner import losses
 from popo.learner.model import collate, policy_forward
 from popo.learner.trainer import Trainer, flatten_groups, pack_micro_batches
 
+PASS_RATES = (0.125, 0.25, 0.5, 0.75, 1.0)
+
 
 def make_batch(
-    n_groups: int, g: int, vocab: int, seed: int, all_positive: bool
+    n_groups: int, g: int, vocab: int, seed: int, pass_rate: float | None = None
 ) -> list[ScoredGroup]:
-    """Synthetic groups: prompts 16–32 tokens, completions 24–64 tokens, mixed rewards."""
+    """Synthetic groups: prompts 16–32 tokens, completions 24–64 tokens.
+
+    pass_rate None: random rewards with at least one positive and one negative per group;
+    otherwise exactly max(1, round(pass_rate * g)) positives per group. The token ids and lengths
+    depend on `seed` only, so batches of different pass rates hold the same sequences.
+    """
     rng = np.random.default_rng(seed)
     out = []
     for gi in range(n_groups):
         rewards = rng.integers(0, 2, g).astype(float)
         rewards[0], rewards[-1] = 1.0, 0.0
-        if all_positive:
-            rewards[:] = 1.0
+        if pass_rate is not None:
+            rewards[:] = 0.0
+            rewards[: max(1, round(pass_rate * g))] = 1.0
         comps = []
         for r in rewards:
             n = int(rng.integers(24, 65))
@@ -77,7 +84,7 @@ class NLLStep:
         self.model, self.cfg = model.train(), cfg
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def train_step(self, groups: list[ScoredGroup]) -> dict[str, float]:
+    def train_step(self, groups: Sequence[ScoredGroup]) -> dict[str, float]:
         seqs = flatten_groups(groups, "grpo")
         n_tok = float(sum(len(s.completion) for s in seqs))
         self.opt.zero_grad(set_to_none=True)
@@ -94,89 +101,84 @@ class NLLStep:
         return {"tokens": n_tok}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--groups", type=int, default=16)
-    ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--micro-batch-tokens", type=int, default=4096)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+StepFn = Callable[[], float]
+"""One training step; returns the completion tokens it trained."""
 
+
+def base_model(hidden: int, layers: int) -> tuple[torch.nn.Module, int]:
+    """A random-init model of the demo architecture and its vocabulary size."""
     from popo.common.demo_model import build_tokenizer, make_model
 
     tok = build_tokenizer()
-    base = make_model(
-        tok,
-        seed=0,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        intermediate_size=4 * args.hidden,
+    model = make_model(
+        tok, seed=0, hidden_size=hidden, num_layers=layers, intermediate_size=4 * hidden
     )
-    vocab = len(tok)
-    lc = LearnerConfig(
-        lr=1e-4, device="cpu", micro_batch_tokens=args.micro_batch_tokens, total_steps=10_000
-    )
-    mixed = make_batch(args.groups, args.group_size, vocab, 0, all_positive=False)
-    positive = make_batch(args.groups, args.group_size, vocab, 0, all_positive=True)
-    variants = {
-        "nll": (NLLStep(copy.deepcopy(base), lc), mixed),
+    return model, len(tok)
+
+
+def step_variants(
+    base: torch.nn.Module, vocab: int, groups: int, g: int, micro_batch_tokens: int
+) -> dict[str, tuple[object, list[ScoredGroup]]]:
+    """name -> (trainer, batch): NLL, GRPO and three POPO settings, each on its own model copy."""
+    lc = LearnerConfig(lr=1e-4, device="cpu", micro_batch_tokens=micro_batch_tokens,
+                       total_steps=10_000)  # fmt: skip
+    mixed = make_batch(groups, g, vocab, 0)
+    positive = make_batch(groups, g, vocab, 0, pass_rate=1.0)
+
+    def trainer(**algo: object) -> Trainer:
+        return Trainer(copy.deepcopy(base), lc, AlgorithmConfig(**algo), max_completion_len=64)
+
+    return {
+        "plain NLL": (NLLStep(copy.deepcopy(base), lc), mixed),
+        "GRPO (clip 0.2/0.28, no reference)": (trainer(name="grpo"), mixed),
+        "POPO, alpha = 0 (no EMA forward)": (trainer(alpha=0.0, kl_monitor_every=0), positive),
+        "POPO, KL monitor off": (trainer(kl_monitor_every=0), positive),
+        "POPO, KL monitor every step (default)": (trainer(kl_monitor_every=1), positive),
+    }
+
+
+def pass_rate_variants(
+    base: torch.nn.Module,
+    vocab: int,
+    groups: int,
+    g: int,
+    micro_batch_tokens: int,
+    pass_rates: Sequence[float] = PASS_RATES,
+) -> dict[str, tuple[object, list[ScoredGroup]]]:
+    """GRPO on the full batch, and POPO on the batch of each pass rate (it trains its positives
+    only: what the verifier forwards). Same sequences throughout (same seed)."""
+    lc = LearnerConfig(lr=1e-4, device="cpu", micro_batch_tokens=micro_batch_tokens,
+                       total_steps=10_000)  # fmt: skip
+    out: dict[str, tuple[object, list[ScoredGroup]]] = {
         "grpo": (
             Trainer(copy.deepcopy(base), lc, AlgorithmConfig(name="grpo"), max_completion_len=64),
-            mixed,
-        ),
-        "popo, alpha=0 (no EMA forward)": (
-            Trainer(
-                copy.deepcopy(base),
-                lc,
-                AlgorithmConfig(alpha=0.0, kl_monitor_every=0),
-                max_completion_len=64,
-            ),
-            positive,
-        ),
-        "popo (KL monitor off)": (
-            Trainer(
-                copy.deepcopy(base), lc, AlgorithmConfig(kl_monitor_every=0), max_completion_len=64
-            ),
-            positive,
-        ),
-        "popo (KL monitor every step)": (
-            Trainer(
-                copy.deepcopy(base), lc, AlgorithmConfig(kl_monitor_every=1), max_completion_len=64
-            ),
-            positive,
-        ),
-    }
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    tokens = {}
-    for rep in range(args.reps + 1):  # rep 0 warms up allocators and kernels
-        for name, (trainer, batch) in variants.items():
-            t0 = time.perf_counter()
-            m = trainer.train_step(batch)
-            dt = time.perf_counter() - t0
-            tokens[name] = m["tokens"]
-            if rep:
-                times[name].append(dt)
-    n_params = sum(p.numel() for p in base.parameters())
-    print(
-        f"model: Qwen2 hidden {args.hidden}, {args.layers} layers, {n_params / 1e6:.2f} M params; "
-        f"batch: {args.groups} groups x {args.group_size}, {tokens['nll']:.0f} completion tokens; "
-        f"torch threads {torch.get_num_threads()}; {args.reps} reps"
-    )
-    ref = statistics.median(times["nll"])
-    print("| step | median s | min–max s | tokens/s | ratio to NLL |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(
-            f"| {name} | {med:.3f} | {min(ts):.3f}–{max(ts):.3f} | "
-            f"{tokens[name] / med:,.0f} | {med / ref:.2f} |"
+            make_batch(groups, g, vocab, 0),
         )
+    }
+    for p in pass_rates:
+        out[f"popo@{p:g}"] = (
+            Trainer(copy.deepcopy(base), lc, AlgorithmConfig(), max_completion_len=64),
+            make_batch(groups, g, vocab, 0, pass_rate=p),
+        )
+    return out
+
+
+def as_step(
+    trainer: object, batch: list[ScoredGroup], tokens: dict[str, float], name: str
+) -> StepFn:
+    """A step closure that records its trained tokens under `name`."""
+
+    def step() -> float:
+        m = trainer.train_step(batch)  # type: ignore[attr-defined]
+        tokens[name] = m["tokens"]
+        return m["tokens"]
+
+    return step
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from popo.deploy.bench import main
+
+    raise SystemExit(main(["learn", *sys.argv[1:]]))

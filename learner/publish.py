@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from popo.common.messages import WeightsReady, pack_f32, pack_ids
-from popo.common.weights import write_version_dir
+from popo.common.weights import retry_write, write_version_dir
 from popo.learner.model import sequence_logprobs
 
 _VERSION = re.compile(r"^v(\d+)$")
@@ -72,12 +72,18 @@ def publish_weights(
     dtype: torch.dtype | None = None,
     probe: tuple[np.ndarray, np.ndarray] | None = None,
     pad_id: int = 0,
+    retries: int = 0,
+    backoff_s: float = 1.0,
+    on_failure: Callable[[OSError], None] | None = None,
 ) -> WeightsReady | None:
     """Write the policy as `weights_root/v{version}` atomically and return its announcement.
 
     source_dir: HF model directory whose config / tokenizer files are linked into the version.
     probe: (prompt ids, continuation ids) whose learner log-probs travel in the message so actors
     can measure their parity after the reload (DESIGN §3).
+    retries, backoff_s, on_failure: a failed write (full disk, I/O error) leaves nothing behind and
+    is tried again `retries` times with doubling back-off (`common.weights.retry_write`); the
+    announcement exists only once the version directory is complete, fsynced and renamed.
     Under FSDP2 every rank must call this (gathering the shards is a collective); rank 0 writes
     and returns the message, the other ranks return None.
     """
@@ -97,7 +103,10 @@ def publish_weights(
             if p.is_file() and not _SKIP.search(p.name):
                 links[p.name] = p
     out_dir = Path(weights_root) / f"v{version}"
-    _, digest, nbytes = write_version_dir(out_dir, tensors, link_files=links)
+    _, digest, nbytes = retry_write(
+        lambda: write_version_dir(out_dir, tensors, link_files=links),
+        f"weights v{version}", retries, backoff_s, on_failure,
+    )  # fmt: skip
     prune_versions(weights_root, keep, protect={*protect, version})
     msg = WeightsReady(version=version, path=str(out_dir), sha256=digest, nbytes=nbytes)
     if probe is not None and learner_lp is not None:

@@ -29,7 +29,7 @@ from popo.common import transport
 from popo.common.config import RunConfig
 from popo.common.data import Problem, apply_template, drop_too_long, load_prompts
 from popo.common.demo_model import resolve_model_dir
-from popo.common.messages import ScoredGroup, WeightsReady, decode
+from popo.common.messages import RankCommand, ScoredGroup, WeightsReady, decode, encode
 from popo.common.metrics import (
     STALENESS_BUCKETS,
     STEP_BUCKETS,
@@ -39,6 +39,7 @@ from popo.common.metrics import (
 )
 from popo.learner.dispatch import Dispatcher, EvalRound, SharedState
 from popo.learner.ledger import Ledger, Received
+from popo.learner.ranks import RankLink
 
 log = logging.getLogger("popo.learner")
 
@@ -47,11 +48,80 @@ class LearnerError(RuntimeError):
     pass
 
 
+def build_trainer(
+    cfg: RunConfig, run_dir: Path, model_dir: Path, device: str | None = None
+) -> tuple[Any, Any]:
+    """(trainer, tokenizer), restored from the run's latest checkpoint if there is one. Every
+    learner rank calls this (with a process group, loading the checkpoint is a collective)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from popo.learner.checkpoint import latest_checkpoint, load_checkpoint
+    from popo.learner.trainer import Trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    trainer = Trainer(
+        model, cfg.learner, cfg.algorithm, max_completion_len=cfg.actor.max_tokens,
+        pad_id=tokenizer.pad_token_id or 0, device=device,
+    )  # fmt: skip
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is not None:
+        load_checkpoint(trainer, ckpt)
+        log.info("resumed from %s (step %d)", ckpt, trainer.step)
+    return trainer, tokenizer
+
+
+def write_weights(
+    trainer: Any, cfg: RunConfig, run_dir: Path, model_dir: Path, version: int,
+    protect: set[int], probe: tuple[list[int], list[int]] | None, on_failure: Any = None,
+) -> WeightsReady | None:  # fmt: skip
+    """Publish the policy as `weights/v{version}` (every rank calls; rank 0 writes and returns the
+    announcement)."""
+    from popo.learner.publish import publish_weights
+
+    lc = cfg.learner
+    return publish_weights(
+        trainer.policy, run_dir / "weights", version, source_dir=model_dir, keep=lc.keep_weights,
+        protect=protect, probe=probe, pad_id=trainer.pad_id, retries=lc.write_retries,
+        backoff_s=lc.write_retry_backoff_s, on_failure=on_failure,
+    )  # fmt: skip
+
+
+def write_checkpoint(trainer: Any, cfg: RunConfig, run_dir: Path, on_failure: Any = None) -> None:
+    """Checkpoint the trainer (every rank calls; rank 0 writes)."""
+    from popo.learner.checkpoint import save_checkpoint
+
+    lc = cfg.learner
+    save_checkpoint(
+        trainer, run_dir / "checkpoints", keep=lc.keep_checkpoints, retries=lc.write_retries,
+        backoff_s=lc.write_retry_backoff_s, on_failure=on_failure,
+    )  # fmt: skip
+
+
+def follow(cfg: RunConfig, run_dir: Path, model_dir: Path, device: str) -> None:
+    """Learner ranks 1..N-1: build the same trainer, then do what rank 0 says until `stop`."""
+    trainer, _ = build_trainer(cfg, run_dir, model_dir, device)
+    link = RankLink(trainer.device)
+    while (cmd := link.recv()).op != "stop":
+        if cmd.op == "train":
+            trainer.train_step([decode(b, ScoredGroup) for b in cmd.groups])
+        elif cmd.op == "publish":
+            probe = (cmd.probe[0], cmd.probe[1]) if cmd.probe else None
+            write_weights(trainer, cfg, run_dir, model_dir, cmd.version, set(cmd.protect), probe)
+        elif cmd.op == "checkpoint":
+            write_checkpoint(trainer, cfg, run_dir)
+
+
 class Learner:
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, model_dir: str | Path) -> None:
+    def __init__(
+        self, cfg: RunConfig, run_dir: str | Path, model_dir: str | Path, device: str | None = None
+    ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.model_dir = Path(model_dir)
+        self.device = device
+        self.link: RankLink | None = None  # to ranks 1..N-1 when the learner is sharded
         self.stop_event = threading.Event()
         self.state = SharedState()
         self.last_ready: WeightsReady | None = None
@@ -61,26 +131,12 @@ class Learner:
     # --- setup ------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from popo.learner.checkpoint import latest_checkpoint, load_checkpoint
-        from popo.learner.trainer import Trainer
-
         cfg, lc = self.cfg, self.cfg.learner
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        self.trainer = Trainer(
-            model, lc, cfg.algorithm, max_completion_len=cfg.actor.max_tokens,
-            pad_id=tokenizer.pad_token_id or 0,
-        )  # fmt: skip
-
+        self.trainer, tokenizer = build_trainer(cfg, self.run_dir, self.model_dir, self.device)
+        if self.trainer.sharded:
+            self.link = RankLink(self.trainer.device)
         self.ledger = Ledger(self.run_dir / "ledger.db")
-        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
-        if ckpt is not None:
-            load_checkpoint(self.trainer, ckpt)
-            log.info("resumed from %s (step %d)", ckpt, self.trainer.step)
         rewound = self.ledger.rewind_to(self.trainer.step)
         if rewound:
             log.info("%d lease(s) trained after the checkpoint go back to the buffer", rewound)
@@ -172,6 +228,12 @@ class Learner:
         self.h_pub = m.histogram(
             "learner_publish_seconds", "Write + announce of one weight version", STEP_BUCKETS
         )
+        self.c_pub_fail = m.counter(
+            "learner_publish_failures_total", "Failed weight-version writes (each one retried)"
+        )
+        self.c_ckpt_fail = m.counter(
+            "learner_checkpoint_failures_total", "Failed checkpoint writes (each one retried)"
+        )
         self.c_wait = m.counter(
             "learner_wait_seconds_total", "Time the training loop waited for data"
         )
@@ -230,7 +292,7 @@ class Learner:
             version = self.state.version  # the policy these groups update
             groups = [decode(r.payload, ScoredGroup) for r in batch]
             useful = [g for g in groups if self._has_signal(g)]
-            m = self.trainer.train_step(useful) if useful else {"tokens": 0.0}
+            m = self.train_step(useful) if useful else {"tokens": 0.0}
             used = {g.lease_id for g in useful} if m["tokens"] > 0 else set()
             # Publish before the batch's leases are closed: closing frees admission slots, and a
             # lease issued then must already carry the new version (else it is born stale).
@@ -259,6 +321,11 @@ class Learner:
             self.evaluate()
             self.ledger.finish()
             self._write_summary()
+
+    def train_step(self, groups: list[ScoredGroup]) -> dict[str, float]:
+        if self.link is not None:
+            self.link.send(RankCommand(op="train", groups=[encode(g) for g in groups]))
+        return self.trainer.train_step(groups)
 
     def next_batch(self) -> list[Received] | None:
         """Block until `prompts_per_step` fresh groups are buffered; skip the too-stale ones."""
@@ -333,15 +400,14 @@ class Learner:
     # --- weights, checkpoints, eval ----------------------------------------------------------------
 
     def publish(self) -> None:
-        from popo.learner.publish import publish_weights
-
         t0 = time.perf_counter()
         version = self.state.version + 1
-        msg = publish_weights(
-            self.trainer.policy, self.run_dir / "weights", version, source_dir=self.model_dir,
-            keep=self.cfg.learner.keep_weights, protect=set(self.state.actor_versions.values()),
-            probe=self.probe, pad_id=self.trainer.pad_id,
-        )  # fmt: skip
+        protect = set(self.state.actor_versions.values())
+        if self.link is not None:
+            self.link.send(RankCommand(op="publish", version=version, protect=sorted(protect),
+                                       probe=list(self.probe)))  # fmt: skip
+        msg = write_weights(self.trainer, self.cfg, self.run_dir, self.model_dir, version, protect,
+                            self.probe, on_failure=lambda _e: self.c_pub_fail.inc())  # fmt: skip
         self.ledger.set("version", version)
         self.state.version = version
         self.last_ready = msg
@@ -354,11 +420,9 @@ class Learner:
             self.pub.send(self.last_ready, timeout_ms=0)
 
     def checkpoint(self) -> None:
-        from popo.learner.checkpoint import save_checkpoint
-
-        save_checkpoint(
-            self.trainer, self.run_dir / "checkpoints", keep=self.cfg.learner.keep_checkpoints
-        )
+        if self.link is not None:
+            self.link.send(RankCommand(op="checkpoint"))
+        write_checkpoint(self.trainer, self.cfg, self.run_dir, lambda _e: self.c_ckpt_fail.inc())
         self.ledger.checkpointed(self.trainer.step)
 
     def evaluate(self) -> dict[str, Any] | None:
@@ -420,7 +484,25 @@ class Learner:
 
 
 def main(cfg: RunConfig, run_dir: str | Path) -> int:
-    """`popo learner`: run until `total_steps` (exit 0) or an error (logged, exit 1)."""
+    """`popo learner`: run until `total_steps` (exit 0) or an error (logged, exit 1).
+
+    With `learner.devices` > 1 it starts that many ranks of itself (or, started by torchrun, is one):
+    rank 0 runs the learner role, the others `follow`."""
+    from popo.learner import ranks
+
+    if cfg.learner.devices > 1 and not ranks.in_group():
+        return ranks.launch(ranks.main_argv(), cfg.learner.devices)
+    device = None
+    if ranks.in_group():
+        rank, world, device = ranks.init_group(cfg.learner.device)
+        log.info("learner rank %d of %d on %s", rank, world, device)
+        if rank > 0:
+            try:
+                follow(cfg, Path(run_dir), resolve_model_dir(cfg), device)
+                return 0
+            except Exception:
+                log.exception("learner rank %d failed", rank)
+                return 1
     learner: Learner | None = None
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -431,9 +513,11 @@ def main(cfg: RunConfig, run_dir: str | Path) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        learner = Learner(cfg, run_dir, resolve_model_dir(cfg))
+        learner = Learner(cfg, run_dir, resolve_model_dir(cfg), device)
         learner.setup()
         learner.run()
+        if learner.link is not None:
+            learner.link.send(RankCommand(op="stop"))
         return 0
     except Exception:
         log.exception("learner failed")

@@ -196,7 +196,7 @@ class Verifier:
         self._ctx = zmq.Context()
         addr = transport.rollouts_address(self.cfg.transport, self.replica, self.run_dir)
         self.rollouts = transport.bind(self._ctx, "rollouts", addr, t, on_drop=self.stats.drop)
-        ingest = self._ingest_addr or transport.address(t, "ingest", run_dir=self.run_dir)
+        ingest = self._ingest_addr or transport.learner_address(t, "ingest", run_dir=self.run_dir)
         self.ingest = transport.connect(self._ctx, "ingest", ingest, t)
         log.info(
             "verifier-%d: %d workers, forward=%s, rollouts %s -> ingest %s",

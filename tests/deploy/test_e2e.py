@@ -127,3 +127,17 @@ def test_stop_and_resume(tmp_path, demo_model_dir):
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
     _assert_exactly_once(run_dir, 4)
+
+
+def test_train_with_two_learner_ranks(tmp_path, demo_model_dir):
+    """`learner.devices=2`: `popo learner` starts two FSDP2 ranks (gloo on CPU); rank 0 serves the
+    role, rank 1 follows; the run finishes, checkpoints are 2-rank ones, nothing trained twice."""
+    run_dir = tmp_path / "run"
+    proc = _popo([*_args(run_dir, demo_model_dir, steps=2), "--learner.devices=2"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    log = (run_dir / "logs" / "learner.log").read_text()
+    assert "learner rank 0 of 2" in log and "learner rank 1 of 2" in log, log[-3000:]
+    ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    assert json.loads((ckpt / "meta.json").read_text())["world"] == 2
+    _assert_exactly_once(run_dir, 2)

@@ -1,0 +1,303 @@
+"""`popo ray`: the roles of one run as Ray actors on a Ray cluster (DESIGN §1, §7; issue 8).
+
+    driver (`popo ray`, or a `ray job submit` entrypoint)
+      ray.init(address) -> placement group [learner | verifier x R | actor x N] (PACK / SPREAD ...)
+      RoleHost(learner)    on bundle 0 ──┐  each host runs the same command `popo train` runs for the
+      RoleHost(verifier r) on bundle 1+r ├─ role (`popo learner|verifier|actor`) as its child process,
+      RoleHost(actor i)    on 1+R+i    ──┘  bound to the node IP Ray reports for the host's node
+
+ZeroMQ endpoints come from the node addresses Ray reports: each host answers
+`ray.util.get_node_ip_address()` before its role starts, and the driver hands the learner's and the
+verifiers' addresses to every role as dotted config flags (`transport.learner_host`,
+`transport.verifier_hosts`). Nothing is hand-edited per node.
+
+Restarts are Ray's: a host whose role dies (crash, OOM, `kill -9`) exits its own process, and Ray's
+restart policy (`max_restarts`, `max_task_retries`) brings the host back on the same bundle and
+re-runs its role, which starts afresh; the learner's lease deadlines re-dispatch the prompts the dead
+actor held. The learner is the run: when its role exits 0 the driver stops the others (SIGTERM, drain,
+then kill) and removes the placement group.
+
+Ray moves only plain strings and numbers between driver and hosts (the config travels as TOML
+text); tensors and messages go over ZeroMQ as before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from popo.common.config import RunConfig
+
+log = logging.getLogger("popo.ray")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What one role asks the cluster for (one placement-group bundle)."""
+
+    name: str
+    """`learner`, `verifier-0`, `actor-1`, ..."""
+    role: str
+    index: int
+    cpus: float
+    gpus: int
+    resources: dict[str, float]
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        b = {"CPU": self.cpus, **self.resources}
+        if self.gpus:
+            b["GPU"] = float(self.gpus)
+        return b
+
+
+def placements(cfg: RunConfig) -> list[Placement]:
+    """One bundle per role: the learner first, then the verifier replicas, then the actors."""
+    r = cfg.deploy.ray
+    # `learner.devices` (FSDP ranks) is the learner's GPU count; absent means one device.
+    learner_gpus = int(getattr(cfg.learner, "devices", 1)) if r.use_gpus else 0
+    actor_gpus = cfg.actor.tensor_parallel_size if r.use_gpus else 0
+    out = [Placement("learner", "learner", 0, r.learner_cpus, learner_gpus, r.learner_resources)]
+    out += [
+        Placement(f"verifier-{i}", "verifier", i, r.verifier_cpus, 0, r.verifier_resources)
+        for i in range(cfg.verifier.replicas)
+    ]
+    out += [
+        Placement(f"actor-{i}", "actor", i, r.actor_cpus, actor_gpus, r.actor_resources)
+        for i in range(cfg.actor.num_actors)
+    ]
+    return out
+
+
+def peer_flags(cfg: RunConfig, ips: dict[str, str], name: str) -> list[str]:
+    """Dotted config flags that point role `name` at its peers (and bind it on its own node IP)."""
+    if not cfg.deploy.ray.bind_node_ip:
+        return []
+    verifiers = [ips[f"verifier-{r}"] for r in range(cfg.verifier.replicas)]
+    own = ips[name]
+    return [
+        f"--transport.host={own}",
+        f"--metrics.host={own}",
+        f"--transport.learner_host={ips['learner']}",
+        f"--transport.verifier_hosts={json.dumps(verifiers)}",
+    ]
+
+
+def worker_env(cfg: RunConfig) -> dict[str, str]:
+    """The environment every Ray worker of the run gets: offline, unbuffered, plus `env_vars`."""
+    from popo.deploy.cli import OFFLINE_ENV
+
+    return {**OFFLINE_ENV, "PYTHONUNBUFFERED": "1", **cfg.deploy.ray.env_vars}
+
+
+class RoleHost:
+    """A Ray actor that runs one role as its child process and lives and dies with it.
+
+    `run()` blocks until the role exits. A role that fails while no stop was asked for takes its
+    host down with it (`os._exit`), so Ray's restart policy, not this class, decides whether the
+    role comes back. `stop()` runs on a second thread (max_concurrency=2) while `run()` waits.
+    """
+
+    def __init__(self, name: str, role: str, index: int, run_dir: str) -> None:
+        self.name, self.role, self.index = name, role, index
+        self.run_dir = Path(run_dir)
+        self._stopping = threading.Event()
+        self._role: Any = None
+
+    def node(self) -> dict[str, Any]:
+        """Where this host runs: node IP (the address its role binds), Ray node id, pid."""
+        import ray
+
+        return {
+            "ip": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+        }
+
+    def run(self, config_toml: str, flags: list[str]) -> int:
+        """Write the run's config on this node (no shared filesystem needed), start the role with the
+        same command `popo train` uses, wait for it, and return its exit code."""
+        from popo.deploy.launch import Role, role_argv
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config = self.run_dir / "config.toml"
+        if not config.exists() or config.read_text() != config_toml:
+            tmp = self.run_dir / f".config-{self.name}.tmp"
+            tmp.write_text(config_toml)
+            tmp.replace(config)
+        argv = role_argv(self.role, config, self.run_dir, self.index) + flags
+        self._role = Role(self.name, argv, self.role != "learner",
+                          self.run_dir / "logs" / f"{self.name}.log")  # fmt: skip
+        self._role.start(dict(os.environ))
+        pid_file = self.run_dir / "pids" / f"{self.name}.pid"
+        pid_file.parent.mkdir(exist_ok=True)
+        pid_file.write_text(f"{self._role.proc.pid}\n")
+        code = self._role.proc.wait()
+        self._role.signal(signal.SIGKILL)  # leftovers of its process group (engine workers)
+        if code != 0 and not self._stopping.is_set():
+            # Ray restarts a host whose process died; an exception would only fail this call.
+            logging.getLogger("popo.ray").error("%s exited with %d; host exits", self.name, code)
+            os._exit(1)
+        return code
+
+    def stop(self, grace_s: float) -> int | None:
+        """SIGTERM the role (it drains), SIGKILL its process group after `grace_s`."""
+        self._stopping.set()
+        role = self._role
+        if role is None or role.proc is None or role.proc.poll() is not None:
+            return None if role is None or role.proc is None else role.proc.returncode
+        role.proc.send_signal(signal.SIGTERM)
+        try:
+            return role.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            role.signal(signal.SIGKILL)
+            return role.proc.wait()
+
+
+class RayRun:
+    """The driver side: placement, start-up order, waiting, shutdown."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.places = placements(cfg)
+        self.hosts: dict[str, Any] = {}
+        self.refs: dict[str, Any] = {}
+        self.pg: Any = None
+
+    def connect(self) -> None:
+        import ray
+
+        r = self.cfg.deploy.ray
+        ray.init(
+            address=r.address,
+            namespace=r.namespace,
+            runtime_env={"env_vars": worker_env(self.cfg)},
+            include_dashboard=False if r.address is None else None,
+            log_to_driver=True,
+        )
+        log.info("ray: %d node(s), resources %s", len(ray.nodes()), ray.cluster_resources())
+
+    def place(self) -> dict[str, str]:
+        """Reserve every bundle at once (all or nothing), start the hosts, return their node IPs."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        r, d = self.cfg.deploy.ray, self.cfg.deploy
+        self.pg = placement_group([p.bundle for p in self.places], strategy=r.placement_strategy)
+        if not self.pg.wait(timeout_seconds=r.ready_timeout_s):
+            raise RuntimeError(
+                f"ray: the cluster cannot place {[p.bundle for p in self.places]} "
+                f"({r.placement_strategy}) within {r.ready_timeout_s:.0f} s; free resources: "
+                f"{ray.available_resources()}"
+            )
+        learner_restarts = getattr(d, "learner_max_restarts", 0)
+        host_cls = ray.remote(RoleHost)
+        for i, p in enumerate(self.places):
+            restarts = learner_restarts if p.role == "learner" else d.max_restarts
+            self.hosts[p.name] = host_cls.options(
+                name=f"{self.run_dir.name}/{p.name}",
+                num_cpus=p.cpus,
+                num_gpus=p.gpus,
+                max_restarts=restarts,
+                max_task_retries=restarts,
+                max_concurrency=2,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, bundle_index=i),
+            ).remote(p.name, p.role, p.index, str(self.run_dir))
+        nodes = dict(zip(self.hosts, ray.get([h.node.remote() for h in self.hosts.values()])))
+        for name, n in nodes.items():
+            log.info("ray: %s on node %s (%s)", name, n["ip"], n["node_id"][:12])
+        return {name: n["ip"] for name, n in nodes.items()}
+
+    def start(self, ips: dict[str, str]) -> None:
+        toml = self.cfg.to_toml()
+        for name, host in self.hosts.items():
+            self.refs[name] = host.run.remote(toml, peer_flags(self.cfg, ips, name))
+
+    def wait(self) -> int:
+        """Until the learner's role exits (its code), or a host is gone for good (1)."""
+        import ray
+
+        by_ref = {ref: name for name, ref in self.refs.items()}
+        pending = list(by_ref)
+        while True:
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            for ref in done:
+                name = by_ref[ref]
+                try:
+                    code = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    log.error("ray: %s is gone after its restarts: %s", name, e)
+                    return 1
+                if name == "learner":
+                    return code
+                log.error("ray: %s exited with %d while the learner runs", name, code)
+                return 1
+
+    def stop(self) -> None:
+        """Stop the actors first (they drain into the verifiers), then verifiers, then learner."""
+        import ray
+
+        grace = self.cfg.deploy.ray.stop_grace_s
+        for group in ("actor", "verifier", "learner"):
+            names = [p.name for p in self.places if p.role == group and p.name in self.hosts]
+            stops = [self.hosts[n].stop.remote(grace) for n in names]
+            try:
+                ray.get(stops, timeout=grace + 10)
+            except (ray.exceptions.RayError, TimeoutError) as e:
+                log.warning("ray: stopping %s: %s", group, e)
+        for host in self.hosts.values():
+            ray.kill(host, no_restart=True)
+        if self.pg is not None:
+            ray.util.remove_placement_group(self.pg)
+        ray.shutdown()
+
+
+def ray_train(cfg: RunConfig, resume: Path | None) -> int:
+    """`popo ray`: prepare the run directory here, run every role on the cluster, stop cleanly."""
+    from popo.deploy.train import _print_summary, prepare_run_dir
+
+    # Ray workers start in other directories (and on other nodes): every path absolute.
+    if cfg.deploy.run_dir and resume is None:
+        cfg = cfg.model_copy(deep=True)
+        cfg.deploy.run_dir = str(Path(cfg.deploy.run_dir).resolve())
+    cfg, run_dir = prepare_run_dir(cfg, resume.resolve() if resume else None)
+    run_dir = run_dir.resolve()
+    cfg.deploy.run_dir = str(run_dir)
+    if cfg.transport.scheme != "tcp":
+        raise SystemExit("popo ray: transport.scheme must be tcp (ipc sockets do not cross nodes)")
+    run = RayRun(cfg, run_dir)
+    print(f"run directory: {run_dir}  (role logs in {run_dir / 'logs'} on each role's node)",
+          flush=True)  # fmt: skip
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    code = 1
+    try:
+        run.connect()
+        ips = run.place()
+        run.start(ips)
+        print("ray: " + ", ".join(f"{n}@{ip}" for n, ip in ips.items()), flush=True)
+        code = run.wait()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: stopping every role (resume with `popo ray --resume {run_dir}`)",
+              flush=True)  # fmt: skip
+        code = 130
+    finally:
+        t0 = time.monotonic()
+        run.stop()
+        log.info("ray: stopped every role in %.1f s", time.monotonic() - t0)
+    if code == 0:
+        _print_summary(run_dir)  # on the learner's node, or a shared filesystem
+    return code
