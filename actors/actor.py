@@ -18,7 +18,9 @@ Weights. A `WeightsReady` is checked (sha256, size, tensor names and shapes) off
 then loaded in place between engine steps without dropping in-flight requests; a bad version is
 rejected and counted, the served one stays, and the next announcement is taken. Announcements that
 arrive during a reload collapse to the newest. After each reload the probe carried in the
-announcement is run and its mismatch goes into the next LeaseRequest.
+announcement is run and its mismatch goes into the next LeaseRequest. Where the announced path is
+not visible on this node (`transport.weights_mode`), the version is first streamed from the
+learner into a node-local cache (`common.weight_stream`) while the old version keeps serving.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ from popo.common.messages import (
     unpack_ids,
 )
 from popo.common.metrics import RoleMetrics, role_port
-from popo.common.weights import WEIGHTS_FILE, WeightsError, verify_weights
+from popo.common.weight_stream import WeightFetcher, default_cache_dir, local_weights
+from popo.common.weights import WEIGHTS_FILE, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,8 @@ class ActorEndpoints:
     rollouts: list[str]
     """One address per verifier replica; PUSH round-robins groups across them."""
     weights: str
+    weightstream: str | None = None
+    """The learner's weight server; None: versions are only read from the announced path."""
 
     @classmethod
     def from_config(cls, cfg: RunConfig, run_dir: str | Path | None = None) -> ActorEndpoints:
@@ -78,6 +83,7 @@ class ActorEndpoints:
                 transport.verifier_address(t, r, run_dir) for r in range(cfg.verifier.replicas)
             ],
             weights=transport.learner_address(t, "weights", run_dir=run_dir),
+            weightstream=transport.learner_address(t, "weightstream", run_dir=run_dir),
         )
 
 
@@ -97,6 +103,8 @@ class _Reloaded:
     seconds: float
     mismatch_kl: float | None
     max_abs_diff: float | None
+    mode: str
+    """`shared` (read the learner's path) or `stream` (fetched into the local cache)."""
 
 
 def latest_published(run_dir: str | Path) -> WeightsReady | None:
@@ -168,6 +176,8 @@ class Actor:
         self._reload: Future | None = None
         self._reload_version = -1
         self._next_weights: WeightsReady | None = None
+        self._fetcher: WeightFetcher | None = None
+        self._mode = ""
 
     # --- phases ----------------------------------------------------------------------------------
 
@@ -182,14 +192,22 @@ class Actor:
         self._ctx = zmq.Context()
         # A fresh ZeroMQ identity per process: a restarted actor is a new peer for the learner.
         self.dispatch = transport.connect(
-            self._ctx, "dispatch", self.endpoints.dispatch, t,
+            self._ctx, "dispatch", self.endpoints.dispatch, t, on_drop=self.stats.drop,
             identity=f"{self.actor_id}:{uuid.uuid4().hex[:8]}",
         )  # fmt: skip
         self.rollouts = transport.connect(self._ctx, "rollouts", self.endpoints.rollouts, t)
-        self.weights = transport.connect(self._ctx, "weights", self.endpoints.weights, t)
+        self.weights = transport.connect(
+            self._ctx, "weights", self.endpoints.weights, t, on_drop=self.stats.drop
+        )
         self._poller = zmq.Poller()
         self._poller.register(self.dispatch.sock, zmq.POLLIN)
         self._poller.register(self.weights.sock, zmq.POLLIN)
+        if t.weights_mode != "shared" and self.endpoints.weightstream:
+            cache = self.acfg.weights_cache_dir or default_cache_dir(self.run_dir, self.actor_id)
+            self._fetcher = WeightFetcher(
+                self.endpoints.weightstream, cache, t, keep=self.acfg.weights_cache_keep,
+                on_retry=lambda _why: self.stats.stream_retried(),
+            )  # fmt: skip
         if self.run_dir is not None and (latest := latest_published(self.run_dir)) is not None:
             self._on_weights(latest)
 
@@ -244,6 +262,8 @@ class Actor:
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
+        if self._fetcher is not None:
+            self._fetcher.close()
         if self._owns_engine:
             self.engine.close()
         self.stats.metrics.close()
@@ -392,10 +412,13 @@ class Actor:
         import asyncio
 
         t0 = time.perf_counter()
-        path = Path(msg.path) / WEIGHTS_FILE
-        await asyncio.to_thread(verify_weights, path, msg.sha256, msg.nbytes)
+        local, mode = await asyncio.to_thread(
+            local_weights, msg, self.cfg.transport.weights_mode, self._fetcher,
+            protect={self.engine.version},
+        )  # fmt: skip
+        path = local / WEIGHTS_FILE
         await asyncio.to_thread(check_schema, path, self._schema)
-        await self.engine.reload_async(msg.path, msg.version)
+        await self.engine.reload_async(str(local), msg.version)
         seconds = time.perf_counter() - t0
         kl = max_abs = None
         if msg.probe_token_ids and msg.probe_prompt_len > 0:
@@ -405,7 +428,7 @@ class Actor:
             kl, max_abs = probe_mismatch(
                 actor_lp[msg.probe_prompt_len - 1 :], unpack_f32(msg.probe_logprobs)
             )
-        return _Reloaded(msg.version, seconds, kl, max_abs)
+        return _Reloaded(msg.version, seconds, kl, max_abs, mode)
 
     def _check_reload(self) -> None:
         if self._reload is None or not self._reload.done():
@@ -422,6 +445,13 @@ class Actor:
             self.stats.serving(self.engine.version)
             self.stats.reloaded(0.0, None, None)
         else:
+            if r.mode != self._mode:
+                log.info("%s: weights mode %s (transport.weights_mode = %s)",
+                         self.actor_id, r.mode, self.cfg.transport.weights_mode)  # fmt: skip
+                self._mode = r.mode
+            self.stats.weights_mode(r.mode)
+            if self._fetcher is not None:
+                self.stats.streamed(self._fetcher.bytes_streamed)
             self.stats.serving(r.version)
             self.stats.reloaded(r.seconds, r.mismatch_kl, r.max_abs_diff)
             # The learner refuses leases to a lagging actor (retry_after_s); with the new version

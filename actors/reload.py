@@ -59,8 +59,30 @@ def model_schema(model_dir: str | Path) -> Schema:
     return schema
 
 
+def check_data_length(path: str | Path) -> None:
+    """Raise WeightsError unless the file is exactly as long as its header says: a file cut short
+    (or with trailing bytes) whose checksum was announced as is must not reach the engine, which
+    would load part of it and leave the rest of the old weights behind."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        size = p.stat().st_size
+    except (OSError, ValueError, struct.error) as e:
+        raise WeightsError(f"{p}: unreadable safetensors header: {e}") from None
+    try:
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)  # fmt: skip
+    except (KeyError, TypeError, IndexError) as e:
+        raise WeightsError(f"{p}: malformed safetensors header: {e}") from None
+    if size != 8 + n + end:
+        raise WeightsError(f"{p}: {size} bytes, its header describes {8 + n + end}")
+
+
 def check_schema(path: str | Path, expected: Schema) -> None:
-    """Raise WeightsError unless the file holds every tensor of `expected` with its shape."""
+    """Raise WeightsError unless the file holds every tensor of `expected` with its shape, and
+    all of their bytes."""
     got = read_schema(path)
     missing = sorted(set(expected) - set(got))
     if missing:
@@ -69,6 +91,7 @@ def check_schema(path: str | Path, expected: Schema) -> None:
     if wrong:
         k = wrong[0]
         raise WeightsError(f"{path}: {k} has shape {got[k]}, the served model {expected[k]}")
+    check_data_length(path)
 
 
 def probe_mismatch(actor_lp: np.ndarray, learner_lp: np.ndarray) -> tuple[float, float]:

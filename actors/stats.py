@@ -43,6 +43,10 @@ class ActorStats:
         self._reload = m.histogram(
             "actor_weight_reload_seconds", "Checksum + in-place reload + probe.", LATENCY_BUCKETS
         )
+        self.dropped = 0
+        self._dropped = m.counter(
+            "actor_dropped_messages_total", "Malformed, unexpected or invalid frames dropped."
+        )
         self._reload_fail = m.counter(
             "actor_weight_reload_failures_total", "Announced versions rejected (checksum, file)."
         )
@@ -55,6 +59,21 @@ class ActorStats:
         )
         self._requests = m.counter("actor_lease_requests_total", "Lease requests sent.")
         self._kl = m.gauge("actor_mismatch_kl", "Probe KL(learner || actor) after the last reload.")
+        self.mode = ""
+        """How the last version reached the engine: `shared` path or `stream`ed (weight_stream)."""
+        self.streamed_bytes = 0
+        self.stream_retries = 0
+        self._mode = m.gauge(
+            "actor_weights_mode", "1 for how the last version was obtained: shared or stream.",
+            ["mode"],
+        )  # fmt: skip
+        self._streamed = m.counter(
+            "actor_weights_streamed_bytes_total", "Weight bytes streamed from the learner."
+        )
+        self._stream_retries = m.counter(
+            "actor_weights_stream_retries_total",
+            "Weight stream attempts retried (timeout, corrupt).",
+        )
         self._window = (time.monotonic(), 0)
 
     def finished(self, n_tokens: int) -> None:
@@ -94,6 +113,26 @@ class ActorStats:
         self.probe_max_abs_diff = max_abs
         if mismatch_kl is not None:
             self._kl.set(mismatch_kl)
+
+    def weights_mode(self, mode: str) -> None:
+        self.mode = mode
+        for m in ("shared", "stream"):
+            self._mode.labels(m).set(1.0 if m == mode else 0.0)
+
+    def streamed(self, total_bytes: int) -> None:
+        """Bring the streamed-bytes counter up to the fetcher's running total."""
+        self._streamed.inc(total_bytes - self.streamed_bytes)
+        self.streamed_bytes = total_bytes
+
+    def stream_retried(self) -> None:
+        """Called from the fetch thread: only the (thread-safe) Prometheus counter and an int."""
+        self.stream_retries += 1
+        self._stream_retries.inc()
+
+    def drop(self, why: str) -> None:
+        """A frame on dispatch or weights that was malformed, unexpected or invalid."""
+        self.dropped += 1
+        self._dropped.inc()
 
     def reload_failed(self) -> None:
         self.reload_failures += 1

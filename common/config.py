@@ -509,7 +509,11 @@ def _dump_toml(tree: dict[str, Any]) -> str:
 
 
 def _format_error(
-    err: ValidationError, toml_data: dict[str, Any], cli_values: dict[str, Any], source: str | None
+    err: ValidationError,
+    toml_data: dict[str, Any],
+    cli_values: dict[str, Any],
+    source: str | None,
+    toml_text: str = "",
 ) -> str:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
@@ -523,7 +527,26 @@ def _format_error(
     msg = first["msg"].removeprefix("Value error, ")
     if msg.startswith(f"{key}.") and ": " in msg:  # a section's validator names its own field
         key, msg = msg.split(": ", 1)
+    if origin == source and (line := _toml_line(toml_text, key.split("."))) is not None:
+        origin = f"{source}:{line}"
     return f"config error: {origin}: {key}: {msg}{more}"
+
+
+def _toml_line(text: str, path: list[str]) -> int | None:
+    """1-based line of key `path` (e.g. learner.lr) in a TOML text written with [table] headers
+    and `key = value` lines, as config files are; None when it is written some other way."""
+    table: list[str] = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if line.startswith("[") and line.endswith("]") and not line.startswith("[["):
+            table = [part.strip().strip('"') for part in line[1:-1].split(".")]
+            if table == path:  # an unknown or mistyped table
+                return n
+        elif "=" in line:
+            key = [part.strip().strip('"') for part in line.split("=", 1)[0].split(".")]
+            if table + key == path:
+                return n
+    return None
 
 
 def _has_key(tree: dict[str, Any], path: list[str]) -> bool:
@@ -541,11 +564,13 @@ def load_config(path: str | Path | None = None, cli_args: list[str] | None = Non
     Raises ConfigError with one line naming the key and the file (or the command line).
     """
     toml_data: dict[str, Any] = {}
+    toml_text = ""
     source = None
     if path is not None:
         source = str(path)
         try:
-            toml_data = tomllib.loads(Path(path).read_text())
+            toml_text = Path(path).read_text()
+            toml_data = tomllib.loads(toml_text)
         except FileNotFoundError:
             raise ConfigError(f"config error: {path}: no such file") from None
         except tomllib.TOMLDecodeError as e:
@@ -556,7 +581,7 @@ def load_config(path: str | Path | None = None, cli_args: list[str] | None = Non
     try:
         return RunConfig(**_deep_merge(toml_data, cli_values))
     except ValidationError as e:
-        raise ConfigError(_format_error(e, toml_data, cli_values, source)) from None
+        raise ConfigError(_format_error(e, toml_data, cli_values, source, toml_text)) from None
 
 
 def _parse_cli(args: list[str]) -> dict[str, Any]:

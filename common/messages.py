@@ -209,12 +209,15 @@ class FetchRequest(_Msg, tag="fetch_request"):
 
 
 class Chunk(_Msg, tag="chunk"):
-    """The answer to a FetchRequest; `eof` when it reaches the end of the file."""
+    """The answer to a FetchRequest; `eof` when it reaches the end of the file.
+
+    The `nbytes` bytes themselves follow as the next ZeroMQ frame of the same message rather than
+    inside the msgpack, so neither side copies megabytes through the codec."""
 
     version: int
     file: str
     offset: int
-    data: bytes
+    nbytes: int
     eof: bool
 
 
@@ -288,6 +291,7 @@ def check(msg: Message) -> None:
     receiver would trip over later (a packed array of a partial element, token ids and log-probs of
     different lengths, counts that do not add up, a checksum that is no sha256). `transport.Channel`
     runs it on every received message, so a role never sees such a message."""
+    _check_ints(msg)
     if isinstance(msg, LeaseRequest) and msg.n < 0:
         raise MessageError(f"LeaseRequest.n = {msg.n} < 0")
     if isinstance(msg, RolloutGroup | ScoredGroup):
@@ -295,7 +299,9 @@ def check(msg: Message) -> None:
         unpack_ids(msg.prompt_token_ids)
         for i, c in enumerate(msg.completions):
             if len(unpack_ids(c.token_ids)) != len(unpack_f32(c.logprobs)):
-                raise MessageError(f"{name} completion {i}: token ids and log-probs differ in length")
+                raise MessageError(
+                    f"{name} completion {i}: token ids and log-probs differ in length"
+                )
         if msg.version_min > msg.version_max:
             raise MessageError(f"{name}: version_min {msg.version_min} > {msg.version_max}")
     if isinstance(msg, ScoredGroup):
@@ -315,3 +321,18 @@ def check(msg: Message) -> None:
         unpack_f32(msg.probe_logprobs)
         if not 0 <= msg.probe_prompt_len <= n:
             raise MessageError(f"WeightsReady: probe_prompt_len {msg.probe_prompt_len} of {n} ids")
+
+
+_INT64 = 1 << 63
+
+
+def _check_ints(obj: msgspec.Struct) -> None:
+    """msgpack carries integers up to 2**64 - 1; ours go to SQLite and numpy as int64."""
+    for name in obj.__struct_fields__:
+        v = getattr(obj, name)
+        values = v.values() if isinstance(v, dict) else v if isinstance(v, list) else (v,)
+        for x in values:
+            if isinstance(x, msgspec.Struct):
+                _check_ints(x)
+            elif isinstance(x, int) and not -_INT64 <= x < _INT64:
+                raise MessageError(f"{type(obj).__name__}.{name}: {x} does not fit in 64 bits")

@@ -33,8 +33,8 @@ from typing import Literal
 
 import zmq
 
-from popo.common.config import WILDCARD_HOSTS, TransportConfig
 from popo.common import keys as curve_keys
+from popo.common.config import WILDCARD_HOSTS, TransportConfig
 from popo.common.messages import (
     Chunk,
     FetchRequest,
@@ -85,7 +85,6 @@ _ACCEPTS: dict[str, tuple[tuple[type, ...], tuple[type, ...]]] = {
     "weights": ((), (WeightsReady,)),
     "weightstream": ((ManifestRequest, FetchRequest), (Manifest, Chunk, StreamError)),
 }
-
 
 
 def address(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import re
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import Literal
 
 import zmq
 
@@ -39,11 +41,15 @@ from popo.common.messages import (
     FetchRequest,
     Manifest,
     ManifestRequest,
+    MessageError,
     StreamError,
     StreamFile,
     WeightsReady,
+    check,
+    decode,
+    encode,
 )
-from popo.common.weights import WEIGHTS_FILE, WeightsError, fsync_dir, sha256_file
+from popo.common.weights import WEIGHTS_FILE, WeightsError, fsync_dir, sha256_file, verify_weights
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,7 @@ class WeightServer(threading.Thread):
         cfg: TransportConfig,
         ctx: zmq.Context | None = None,
         max_chunk_bytes: int = 64 << 20,
+        on_drop: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(name="weight-server", daemon=True)
         self.root = Path(weights_root)
@@ -100,6 +107,9 @@ class WeightServer(threading.Thread):
         """The bound address (real port when configured 0), once `start()` returned."""
         self.bytes_sent = 0
         self.requests = 0
+        self.dropped = 0
+        """Malformed, unexpected or invalid frames dropped (counted by the Channel)."""
+        self._on_drop = on_drop
         self._manifests: dict[int, dict[str, StreamFile]] = {}
         self._fds: OrderedDict[tuple[int, str], int] = OrderedDict()
 
@@ -116,7 +126,7 @@ class WeightServer(threading.Thread):
 
     def run(self) -> None:
         try:
-            ch = transport.bind(self.ctx, "weightstream", self.addr, self.cfg)
+            ch = transport.bind(self.ctx, "weightstream", self.addr, self.cfg, self._dropped)
         except BaseException as e:
             self.error = e
             self.ready.set()
@@ -129,17 +139,20 @@ class WeightServer(threading.Thread):
                 if got is None:
                     continue
                 ident, msg = got
-                reply = self.handle(msg)
+                reply, data = self.handle(msg)
+                frames = [ident, encode(reply)] + ([data] if data is not None else [])
                 try:
                     # Never block on one actor: under the credit scheme its queue has room, and an
                     # actor that breaks it (or left) loses this reply and times out.
-                    if not ch.send(reply, identity=ident, timeout_ms=0):
-                        log.warning("weight server: peer %r not ready, reply dropped", ident)
+                    ch.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    log.warning("weight server: peer %r not ready, reply dropped", ident)
+                    continue
                 except zmq.ZMQError as e:  # ROUTER_MANDATORY: the peer disconnected
                     log.info("weight server: peer %r gone (%s)", ident, e)
                     continue
-                if isinstance(reply, Chunk):
-                    self.bytes_sent += len(reply.data)
+                if data is not None:
+                    self.bytes_sent += len(data)
         except BaseException as e:
             self.error = e
             log.exception("weight server failed")
@@ -149,17 +162,22 @@ class WeightServer(threading.Thread):
                 os.close(fd)
             self._fds.clear()
 
-    def handle(self, msg: object) -> Manifest | Chunk | StreamError:
-        """One request -> one reply (no socket involved: tests call it directly)."""
+    def _dropped(self, why: str) -> None:
+        self.dropped += 1
+        if self._on_drop is not None:
+            self._on_drop(why)
+
+    def handle(self, msg: object) -> tuple[Manifest | Chunk | StreamError, bytes | None]:
+        """One request -> one reply, and a chunk's bytes (its second frame) or None."""
         self.requests += 1
         if isinstance(msg, ManifestRequest):
             files = self._manifest(msg.version)
             if files is None:
-                return StreamError(version=msg.version, reason=self._gone(msg.version))
-            return Manifest(version=msg.version, files=list(files.values()))
+                return StreamError(version=msg.version, reason=self._gone(msg.version)), None
+            return Manifest(version=msg.version, files=list(files.values())), None
         if isinstance(msg, FetchRequest):
             return self._chunk(msg)
-        return StreamError(version=-1, reason=f"unexpected {type(msg).__name__}")
+        return StreamError(version=-1, reason=f"unexpected {type(msg).__name__}"), None
 
     def _gone(self, version: int) -> str:
         return f"version {version} is not available (pruned or never published)"
@@ -189,9 +207,9 @@ class WeightServer(threading.Thread):
             self._close_version(old)
         return files
 
-    def _chunk(self, req: FetchRequest) -> Chunk | StreamError:
-        def err(reason: str) -> StreamError:
-            return StreamError(version=req.version, file=req.file, reason=reason)
+    def _chunk(self, req: FetchRequest) -> tuple[Chunk | StreamError, bytes | None]:
+        def err(reason: str) -> tuple[StreamError, None]:
+            return StreamError(version=req.version, file=req.file, reason=reason), None
 
         files = self._manifest(req.version)
         if files is None:
@@ -209,13 +227,10 @@ class WeightServer(threading.Thread):
             data = self.read(fd, req.offset, min(req.length, entry.size - req.offset))
         except OSError as e:
             return err(f"{req.file}: {e.strerror or e}")
+        eof = req.offset + len(data) >= entry.size
         return Chunk(
-            version=req.version,
-            file=req.file,
-            offset=req.offset,
-            data=data,
-            eof=req.offset + len(data) >= entry.size,
-        )
+            version=req.version, file=req.file, offset=req.offset, nbytes=len(data), eof=eof
+        ), data
 
     def read(self, fd: int, offset: int, length: int) -> bytes:
         """The bytes of one chunk (a method so tests can corrupt a transfer at the source)."""
@@ -241,8 +256,73 @@ class WeightServer(threading.Thread):
 # --- actor side ------------------------------------------------------------------------------------
 
 
+def recv_reply(
+    ch: transport.Channel, timeout_ms: int
+) -> tuple[Manifest | Chunk | StreamError, memoryview | None] | None:
+    """One reply of the weight server on a connected `weightstream` channel: the message and, for a
+    Chunk, its bytes (the second frame, not copied), or None on time-out. Chunks carry two frames,
+    which `Channel.recv` (one frame per message) would drop, so replies are read here; they get the
+    same decoding and checks. Raises MessageError for a malformed or unexpected reply."""
+    if not ch.sock.poll(timeout_ms, zmq.POLLIN):
+        return None
+    frames = ch.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+    msg = decode(frames[0].bytes)
+    check(msg)
+    if not isinstance(msg, Manifest | Chunk | StreamError):
+        raise MessageError(f"unexpected {type(msg).__name__} on weightstream")
+    if len(frames) != (2 if isinstance(msg, Chunk) else 1):
+        raise MessageError(f"{type(msg).__name__} in {len(frames)} frames")
+    return msg, frames[1].buffer if len(frames) == 2 else None
+
+
 class _Retry(Exception):
     """A transfer attempt failed in a way another attempt may not (timeout, corrupt, short)."""
+
+
+class _Sink:
+    """Writes and hashes a file's chunks on a helper thread, so disk and sha256 overlap the network
+    (both release the GIL). `finish()` fsyncs and returns the hex digest, raising a write error."""
+
+    def __init__(self, path: Path, depth: int) -> None:
+        self._out = open(path, "wb")  # noqa: SIM115 - closed by the writer thread / __exit__
+        self._hash = hashlib.sha256()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write, name="weight-sink", daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        ended = False
+        try:
+            while (data := self._queue.get()) is not None:
+                self._out.write(data)
+                self._hash.update(data)
+            ended = True
+            self._out.flush()
+            os.fsync(self._out.fileno())
+        except BaseException as e:
+            self._error = e
+            while not ended and self._queue.get() is not None:  # so put() never blocks for good
+                pass
+
+    def put(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def finish(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hash.hexdigest()
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread.is_alive():  # left early (a failed transfer): stop the writer
+            self._queue.put(None)
+            self._thread.join()
+        self._out.close()
 
 
 class WeightFetcher:
@@ -328,11 +408,14 @@ class WeightFetcher:
             ch.close()
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _recv(self, ch: transport.Channel) -> object:
-        got = ch.recv(int(self.cfg.stream_timeout_s * 1000))
+    def _recv(self, ch: transport.Channel) -> tuple[object, memoryview | None]:
+        try:
+            got = recv_reply(ch, int(self.cfg.stream_timeout_s * 1000))
+        except MessageError as e:
+            raise _Retry(f"bad reply: {e}") from None
         if got is None:
             raise _Retry(f"no reply from {self.addr} within {self.cfg.stream_timeout_s} s")
-        return got[1]
+        return got
 
     def _send(self, ch: transport.Channel, req: object) -> None:
         if not ch.send(req, timeout_ms=int(self.cfg.stream_timeout_s * 1000)):
@@ -340,7 +423,7 @@ class WeightFetcher:
 
     def _manifest(self, ch: transport.Channel, msg: WeightsReady) -> Manifest:
         self._send(ch, ManifestRequest(version=msg.version))
-        reply = self._recv(ch)
+        reply, _ = self._recv(ch)
         if isinstance(reply, StreamError):
             raise WeightsError(f"weight server: {reply.reason}")
         if not isinstance(reply, Manifest) or reply.version != msg.version:
@@ -362,9 +445,8 @@ class WeightFetcher:
     def _fetch_file(self, ch: transport.Channel, version: int, f: StreamFile, dest: Path) -> None:
         """Pipelined fetch of one file: `stream_window` requests out, one more per chunk back."""
         chunk = self.cfg.stream_chunk_bytes
-        h = hashlib.sha256()
         asked = done = 0
-        with open(dest, "wb") as out:
+        with _Sink(dest, self.cfg.stream_window) as out:
             while done < f.size:
                 while asked < f.size and asked - done < self.cfg.stream_window * chunk:
                     n = min(chunk, f.size - asked)
@@ -372,7 +454,7 @@ class WeightFetcher:
                         ch, FetchRequest(version=version, file=f.name, offset=asked, length=n)
                     )
                     asked += n
-                reply = self._recv(ch)
+                reply, data = self._recv(ch)
                 if isinstance(reply, StreamError):
                     raise WeightsError(f"weight server: {reply.reason}")
                 if not isinstance(reply, Chunk):
@@ -381,16 +463,15 @@ class WeightFetcher:
                 # One DEALER-ROUTER pipe delivers in order: anything else is a broken transfer.
                 if (reply.version, reply.file, reply.offset) != (version, f.name, done):
                     raise _Retry(f"{f.name}: chunk at {reply.offset}, expected {done}")
-                self.bytes_streamed += len(reply.data)
-                if len(reply.data) != want:
-                    raise _Retry(f"{f.name}: short chunk at {done}: {len(reply.data)} of {want}")
-                out.write(reply.data)
-                h.update(reply.data)
+                got = len(data) if data is not None else 0
+                self.bytes_streamed += got
+                if got != want or reply.nbytes != want:
+                    raise _Retry(f"{f.name}: short chunk at {done}: {got} of {want} bytes")
+                out.put(data)
                 done += want
-            out.flush()
-            os.fsync(out.fileno())
-        if h.hexdigest() != f.sha256:
-            raise _Retry(f"{f.name}: sha256 {h.hexdigest()[:12]}… != manifest {f.sha256[:12]}…")
+            digest = out.finish()
+        if digest != f.sha256:
+            raise _Retry(f"{f.name}: sha256 {digest[:12]}… != manifest {f.sha256[:12]}…")
 
     def _prune(self, protect: Collection[int]) -> None:
         """Keep the newest `keep` versions (and `protect`); drop leftovers of crashed fetches."""
@@ -407,3 +488,35 @@ def default_cache_dir(run_dir: str | Path | None, actor_id: str) -> Path:
     if run_dir is not None:
         return Path(run_dir) / "weights-cache" / actor_id
     return Path(tempfile.mkdtemp(prefix=f"popo-{actor_id}-weights-"))
+
+
+def local_weights(
+    msg: WeightsReady,
+    mode: Literal["auto", "shared", "stream"],
+    fetcher: WeightFetcher | None,
+    protect: Collection[int] = (),
+) -> tuple[Path, Literal["shared", "stream"]]:
+    """The verified directory of version `msg` on this node, and how it got there. Blocking.
+
+    `shared` reads the announced path (full sha256 check); `stream` fetches into the fetcher's
+    cache; `auto` reads the path when `shared_visible` says it holds the announced bytes here and
+    streams otherwise, also when the full checksum of a visible path fails. Raises WeightsError.
+    """
+    if mode == "shared" or (mode == "auto" and shared_visible(msg)):
+        try:
+            verify_weights(Path(msg.path) / WEIGHTS_FILE, msg.sha256, msg.nbytes)
+            return Path(msg.path), "shared"
+        except WeightsError as e:
+            if mode == "shared" or fetcher is None:
+                raise
+            log.warning("%s; streaming version %d instead", e, msg.version)
+    if fetcher is None:
+        raise WeightsError(
+            f"{msg.path} does not hold version {msg.version} on this node and no weight stream "
+            "endpoint is configured"
+        )
+    before = fetcher.bytes_streamed
+    local = fetcher.fetch(msg, protect)
+    log.info("streamed version %d (%d bytes) into %s", msg.version,
+             fetcher.bytes_streamed - before, local)  # fmt: skip
+    return local, "stream"

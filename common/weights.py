@@ -8,9 +8,11 @@ and travels in `WeightsReady`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -60,6 +62,20 @@ def fault_window() -> None:
         time.sleep(float(delay))
 
 
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def _write_error(exc: Exception) -> OSError | None:
+    """The OSError behind a failed write, or None if `exc` is not one. safetensors reports I/O
+    errors as `SafetensorError("... I/O error: No space left on device (os error 28)")`."""
+    if isinstance(exc, OSError):
+        return exc
+    if type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc):
+        m = _OS_ERROR.search(str(exc))
+        return OSError(int(m.group(1)) if m else errno.EIO, str(exc))
+    return None
+
+
 def retry_write(
     write: Callable[[], T],
     what: str,
@@ -77,12 +93,17 @@ def retry_write(
     for attempt in range(retries + 1):
         try:
             return write()
-        except OSError as e:
+        except Exception as exc:
+            e = _write_error(exc)
+            if e is None:
+                raise
             if on_failure is not None:
                 on_failure(e)
             if attempt == retries:
                 log.error("writing %s failed %d times; giving up: %s", what, attempt + 1, e)
-                raise
+                if e is exc:
+                    raise
+                raise e from exc
             delay = backoff_s * 2**attempt
             log.warning("writing %s failed (%s); retrying in %.1f s", what, e, delay)
             time.sleep(delay)

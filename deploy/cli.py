@@ -81,7 +81,9 @@ def _keys(cfg: RunConfig, args: argparse.Namespace) -> int:
 
     out = args.out or cfg.transport.curve_keys_dir
     if out is None:
-        print("popo keys: name a directory with --out or --transport.curve_keys_dir", file=sys.stderr)
+        print(
+            "popo keys: name a directory with --out or --transport.curve_keys_dir", file=sys.stderr
+        )
         return 2
     try:
         written = create_keys(out, force=args.force)
@@ -201,6 +203,23 @@ def _report(cfg: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from popo.deploy.bench import add_args
+
+    add_args(p)
+
+
+@command(
+    "bench",
+    "throughput benchmarks: generate | verify | learn | sync | e2e (tables + JSON, --quick)",
+    _bench_args,
+)
+def _bench(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from popo.deploy.bench import run
+
+    return run(cfg, args, args.argv)
+
+
 # --- entry ------------------------------------------------------------------------------------------
 
 
@@ -231,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = _parser().parse_known_args(argv)
     # `--help` after a command lists every config field (pydantic-settings renders it).
     args.overrides = rest
+    args.argv = argv
     if getattr(args, "resume", None) is not None and args.config is None:
         # A resumed run keeps its own config; flags still override it (e.g. more steps).
         args.config = args.resume / "config.toml"

@@ -211,7 +211,9 @@ class RayRun:
                 max_restarts=restarts,
                 max_task_retries=restarts,
                 max_concurrency=2,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, bundle_index=i),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=i
+                ),
             ).remote(p.name, p.role, p.index, str(self.run_dir))
         nodes = dict(zip(self.hosts, ray.get([h.node.remote() for h in self.hosts.values()])))
         for name, n in nodes.items():

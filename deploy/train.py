@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,8 +18,19 @@ log = logging.getLogger("popo.train")
 
 def prepare_run_dir(cfg: RunConfig, resume: Path | None) -> tuple[RunConfig, Path]:
     """Create (or reopen, with `resume`) the run directory and write the config snapshot that every
-    role reads. The demo model is built here, once, so roles never race to build it."""
+    role reads. The demo model is built here, once, so roles never race to build it.
+
+    The data is read first: a bad row stops the command (`file:line: reason`, non-zero exit)
+    before anything is written, and a run directory this call created is removed again if
+    anything after it fails."""
+    from popo.common.data import DataError, load_prompts
     from popo.common.demo_model import resolve_model_dir
+
+    for split in ("train", "test"):
+        try:
+            load_prompts(cfg.data, split)  # type: ignore[arg-type]
+        except DataError as e:
+            raise SystemExit(f"popo train: data error: {e}") from None
 
     if resume is not None:
         run_dir = resume
@@ -33,13 +45,19 @@ def prepare_run_dir(cfg: RunConfig, resume: Path | None) -> tuple[RunConfig, Pat
                 f"popo train: {run_dir} already holds a run; use --resume {run_dir} or another "
                 "--deploy.run_dir"
             )
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = cfg.model_copy(deep=True)
-    cfg.model.path = str(resolve_model_dir(cfg).resolve())
-    cfg.deploy.run_dir = str(run_dir)
-    tmp = run_dir / "config.toml.tmp"
-    tmp.write_text(cfg.to_toml())
-    tmp.replace(run_dir / "config.toml")
+    try:
+        cfg = cfg.model_copy(deep=True)
+        cfg.model.path = str(resolve_model_dir(cfg).resolve())
+        cfg.deploy.run_dir = str(run_dir)
+        tmp = run_dir / "config.toml.tmp"
+        tmp.write_text(cfg.to_toml())
+        tmp.replace(run_dir / "config.toml")
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return cfg, run_dir
 
 

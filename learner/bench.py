@@ -110,9 +110,11 @@ def base_model(hidden: int, layers: int) -> tuple[torch.nn.Module, int]:
     from popo.common.demo_model import build_tokenizer, make_model
 
     tok = build_tokenizer()
+    heads = max(1, hidden // 64)  # head size 64 (32 below hidden 64): one vLLM supports
     model = make_model(
-        tok, seed=0, hidden_size=hidden, num_layers=layers, intermediate_size=4 * hidden
-    )
+        tok, seed=0, hidden_size=hidden, num_layers=layers, num_heads=heads,
+        num_kv_heads=max(1, heads // 2), intermediate_size=4 * hidden,
+    )  # fmt: skip
     return model, len(tok)
 
 

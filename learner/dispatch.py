@@ -79,6 +79,7 @@ class Dispatcher(threading.Thread):
         ingest_addr: str,
         on_group: Callable[[ScoredGroup], None] | None = None,
         on_duplicate: Callable[[], None] | None = None,
+        on_drop: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(name="dispatch", daemon=True)
         self.cfg = cfg
@@ -89,6 +90,7 @@ class Dispatcher(threading.Thread):
         self.state = state
         self.on_group = on_group
         self.on_duplicate = on_duplicate
+        self.on_drop = on_drop
         self.stop_event = threading.Event()
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -125,7 +127,8 @@ class Dispatcher(threading.Thread):
                 if router.sock in events:
                     got = router.recv(0)
                     if got is not None and isinstance(got[1], LeaseRequest):
-                        router.send(self._answer(got[1]), identity=got[0])
+                        # Never block on one peer (gone, or not reading): its leases expire.
+                        router.send(self._answer(got[1]), identity=got[0], timeout_ms=0)
                 if ingest.sock in events:
                     got = ingest.recv(0)
                     if got is not None and isinstance(got[1], ScoredGroup):
@@ -142,6 +145,8 @@ class Dispatcher(threading.Thread):
 
     def _count_drop(self, why: str) -> None:
         self.dropped += 1
+        if self.on_drop is not None:
+            self.on_drop(why)
 
     # --- leases -------------------------------------------------------------------------------------
 
@@ -214,7 +219,9 @@ class Dispatcher(threading.Thread):
         st.positives_total += g.n_positive
         if g.lease_id < 0:
             ev = st.eval
-            if ev is not None and g.lease_id in ev.outstanding:
+            # Eval lease ids restart at -1 with each learner process: a late group from a killed
+            # learner's round may reuse an id of this round, but was sampled by an older policy.
+            if ev is not None and g.lease_id in ev.outstanding and g.version_min >= ev.version:
                 idx, _ = ev.outstanding.pop(g.lease_id)
                 ev.n_total += g.n_total
                 ev.n_positive += g.n_positive

@@ -170,6 +170,7 @@ class Learner:
             transport.address(t, "ingest", run_dir=self.run_dir),
             on_group=self._on_group,
             on_duplicate=self.c_dup.inc,
+            on_drop=lambda _why: self.c_dropped.inc(),
         )  # fmt: skip
         self.dispatcher.start()
         self.dispatcher.ready.wait()
@@ -179,6 +180,15 @@ class Learner:
             zmq.Context.instance(), "weights",
             transport.address(t, "weights", run_dir=self.run_dir), t,
         )  # fmt: skip
+        self.weight_server = None
+        if t.weights_mode != "shared":  # actors without our weights/ stream them from here
+            from popo.common.weight_stream import WeightServer
+
+            self.weight_server = WeightServer(
+                self.run_dir / "weights", transport.address(t, "weightstream", run_dir=self.run_dir),
+                t, on_drop=lambda _why: self.c_dropped.inc(),
+            )  # fmt: skip
+            self.weight_server.start()
         self._write_endpoints()
 
         weights = self.run_dir / "weights"
@@ -250,6 +260,10 @@ class Learner:
             "learner_eval_pass_at_k", "Held-out unbiased pass@G at the last eval"
         )
         self.c_dup = m.counter("learner_duplicates_total", "Late or duplicate completions ignored")
+        self.c_dropped = m.counter(
+            "learner_dropped_messages_total",
+            "Malformed, unexpected or invalid frames dropped on dispatch, ingest and weightstream",
+        )
         # The bound and the last step's worst lag as gauges, so an alert can compare the two.
         self.g_stale_bound = m.gauge(
             "learner_staleness_bound_versions", "Configured max_staleness (versions)"
@@ -272,6 +286,8 @@ class Learner:
             "ingest": self.dispatcher.ingest_address,
             "weights": self.pub.address,
         }
+        if self.weight_server is not None:
+            eps["weightstream"] = self.weight_server.address
         (self.run_dir / "endpoints.json").write_text(json.dumps(eps, indent=1))
 
     def _on_group(self, g: ScoredGroup) -> None:
@@ -283,7 +299,7 @@ class Learner:
 
     def run(self) -> None:
         lc = self.cfg.learner
-        if self.trainer.step == 0:
+        if self.trainer.step == 0 and not self._evaluated_at_start():
             self.evaluate()
         while self.trainer.step < lc.total_steps and not self.stop_event.is_set():
             batch = self.next_batch()
@@ -326,6 +342,15 @@ class Learner:
         if self.link is not None:
             self.link.send(RankCommand(op="train", groups=[encode(g) for g in groups]))
         return self.trainer.train_step(groups)
+
+    def _evaluated_at_start(self) -> bool:
+        """A learner restarted before its first checkpoint has evaluated step 0 already: doing it
+        again costs a whole eval round per restart and adds duplicate step-0 records."""
+        try:
+            lines = (self.run_dir / "eval.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return False
+        return any(json.loads(x)["step"] == 0 for x in lines if x.strip())
 
     def next_batch(self) -> list[Received] | None:
         """Block until `prompts_per_step` fresh groups are buffered; skip the too-stale ones."""
@@ -400,6 +425,8 @@ class Learner:
     # --- weights, checkpoints, eval ----------------------------------------------------------------
 
     def publish(self) -> None:
+        if self.weight_server is not None and self.weight_server.error is not None:
+            raise LearnerError("weight server thread failed") from self.weight_server.error
         t0 = time.perf_counter()
         version = self.state.version + 1
         protect = set(self.state.actor_versions.values())
@@ -479,8 +506,23 @@ class Learner:
         self.dispatcher.join(timeout=5)
         if hasattr(self, "pub"):
             self.pub.close()
+        if getattr(self, "weight_server", None) is not None:
+            self.weight_server.stop()
         self.metrics.close()
         self.ledger.close()
+
+
+def _follower_main(cfg: RunConfig, run_dir: Path, device: str | None, rank: int) -> int:
+    # rank 0 stops the group (a `stop` command after its current step); a signal here would
+    # only kill this rank mid-collective
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        follow(cfg, run_dir, resolve_model_dir(cfg), device or "cpu")
+        return 0
+    except Exception:
+        log.exception("learner rank %d failed", rank)
+        return 1
 
 
 def main(cfg: RunConfig, run_dir: str | Path) -> int:
@@ -492,17 +534,12 @@ def main(cfg: RunConfig, run_dir: str | Path) -> int:
 
     if cfg.learner.devices > 1 and not ranks.in_group():
         return ranks.launch(ranks.main_argv(), cfg.learner.devices)
-    device = None
+    rank, device = 0, None
     if ranks.in_group():
         rank, world, device = ranks.init_group(cfg.learner.device)
         log.info("learner rank %d of %d on %s", rank, world, device)
-        if rank > 0:
-            try:
-                follow(cfg, Path(run_dir), resolve_model_dir(cfg), device)
-                return 0
-            except Exception:
-                log.exception("learner rank %d failed", rank)
-                return 1
+    if rank > 0:
+        return _follower_main(cfg, Path(run_dir), device, rank)
     learner: Learner | None = None
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -22,7 +22,7 @@ from popo.common.messages import (
     unpack_f32,
     unpack_ids,
 )
-from popo.common.weights import WEIGHTS_FILE, write_version_dir
+from popo.common.weights import WEIGHTS_FILE, sha256_file, write_version_dir
 
 pytestmark = pytest.mark.vllm
 
@@ -224,7 +224,10 @@ def test_new_version_reloads_in_place_and_matches_learner(
     assert all(len(g.completions) == 4 for g in peers.received)
 
 
-@pytest.mark.parametrize("fault", ["bad_sha", "truncated", "wrong_shape", "missing_dir"])
+@pytest.mark.parametrize(
+    "fault",
+    ["bad_sha", "truncated", "wrong_shape", "missing_dir", "flipped", "truncated_announced"],
+)
 def test_corrupt_version_is_rejected_and_old_one_keeps_serving(
     fault, engine, model_dir, reference, peers, tmp_path
 ):
@@ -245,6 +248,15 @@ def test_corrupt_version_is_rejected_and_old_one_keeps_serving(
         f.write_bytes(f.read_bytes()[: nbytes // 2])
     elif fault == "missing_dir":
         vdir = tmp_path / "does-not-exist"
+    elif fault == "flipped":  # bit rot after the checksum: same size, other bytes
+        f = vdir / WEIGHTS_FILE
+        data = bytearray(f.read_bytes())
+        data[-100] ^= 0xFF
+        f.write_bytes(bytes(data))
+    elif fault == "truncated_announced":  # cut short, announced with the short file's checksum
+        f = vdir / WEIGHTS_FILE
+        f.write_bytes(f.read_bytes()[: nbytes - 1000])
+        sha, nbytes = sha256_file(f), f.stat().st_size
     bad = WeightsReady(version=version, path=str(vdir), sha256=sha, nbytes=nbytes)
     with running(actor):
         announce_until(peers, bad, lambda: actor.stats.reload_failures >= 1)

@@ -92,7 +92,9 @@ def test_bad_toml_gives_one_line_naming_key_and_file(tmp_path: Path, body: str, 
         load_config(path)
     msg = str(err.value)
     assert "\n" not in msg
-    assert f"{path}: {key}: " in msg, msg
+    # file:line of the offending key (the line that names its last part)
+    line = next(i for i, t in enumerate(body.splitlines(), 1) if key.split(".")[-1] in t)
+    assert f"{path}:{line}: {key}: " in msg, msg
 
 
 @pytest.mark.parametrize(

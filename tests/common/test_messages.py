@@ -13,15 +13,21 @@ from hypothesis import strategies as st
 from popo.common import messages
 from popo.common.messages import (
     SCHEMA_VERSION,
+    Chunk,
     Completion,
+    FetchRequest,
     Lease,
     LeaseRequest,
     Leases,
+    Manifest,
+    ManifestRequest,
     Message,
     MessageError,
     RolloutGroup,
     ScoredCompletion,
     ScoredGroup,
+    StreamError,
+    StreamFile,
     WeightsReady,
     decode,
     encode,
@@ -99,6 +105,14 @@ def _samples() -> list[Message]:
             probe_prompt_len=2,
             probe_logprobs=pack_f32([-0.1, -0.2]),
         ),
+        ManifestRequest(version=5),
+        Manifest(
+            version=5,
+            files=[StreamFile(name="model.safetensors", size=3_200_000, sha256="cd" * 32)],
+        ),
+        FetchRequest(version=5, file="model.safetensors", offset=4 << 20, length=4 << 20),
+        Chunk(version=5, file="config.json", offset=0, nbytes=2, eof=True),
+        StreamError(version=1, reason="version 1 is not available", file="model.safetensors"),
     ]
 
 

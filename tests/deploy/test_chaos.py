@@ -128,7 +128,9 @@ def test_backoff_is_capped(tmp_path):
 class Kill:
     role: str
     window: str | None = None
-    """`publish` / `checkpoint`: kill the learner inside that write window."""
+    """Kill the learner inside a window: `publish` (a weight version being written), `checkpoint`
+    (a checkpoint being written while an older one exists), `train` (steps trained after the
+    latest checkpoint, so the resume must rewind them)."""
     t: float = 0.0
     pid: int = 0
     in_window: bool | None = None
@@ -194,16 +196,17 @@ def _age(pid: int) -> float:
 
 
 def plan(seed: int, n_learner: int, n_verifier: int, n_actor: int) -> list[Kill]:
-    """The seeded kill order: one learner kill inside a publish, one inside a checkpoint write, the
-    rest at random moments, shuffled across roles."""
+    """The seeded kill order: three learner kills inside the windows, the rest at random moments,
+    shuffled across roles."""
     rng = random.Random(seed)
-    kills = [Kill("learner") for _ in range(n_learner - 2)]
+    kills = [Kill("learner") for _ in range(n_learner - 3)]
     kills += [Kill("verifier-0") for _ in range(n_verifier)]
     kills += [Kill("actor-0") for _ in range(n_actor)]
     rng.shuffle(kills)
-    # the windows early enough that the run is certainly still writing
+    # the windows early enough that the run is certainly still writing and training
     kills.insert(rng.randrange(1, 4), Kill("learner", "publish"))
-    kills.insert(rng.randrange(4, 8), Kill("learner", "checkpoint"))
+    kills.insert(rng.randrange(5, 8), Kill("learner", "checkpoint"))
+    kills.insert(rng.randrange(9, 12), Kill("learner", "train"))
     return kills
 
 
@@ -252,11 +255,34 @@ def run_chaos(
 
 
 def _tmp_dirs(run_dir: Path, window: str, pid: int) -> list[Path]:
+    if window == "train":
+        return [run_dir] if _trained_after_checkpoint(run_dir) else []
     sub = "weights" if window == "publish" else "checkpoints"
     return list((run_dir / sub).glob(f".tmp-*-{pid}"))
 
 
+def _latest_checkpoint_step(run_dir: Path) -> int | None:
+    steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*")]
+    return max(steps) if steps else None
+
+
+def _trained_after_checkpoint(run_dir: Path) -> bool:
+    ckpt = _latest_checkpoint_step(run_dir)
+    if ckpt is None:
+        return False
+    db = sqlite3.connect(f"file:{run_dir / 'ledger.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        (n,) = db.execute(
+            "SELECT COUNT(*) FROM leases WHERE state='trained' AND step > ?", (ckpt,)
+        ).fetchone()
+    finally:
+        db.close()
+    return n > 0
+
+
 def _window_ready(run_dir: Path, k: Kill, pid: int, min_age: float) -> bool:
+    if k.window == "checkpoint" and _latest_checkpoint_step(run_dir) is None:
+        return False  # wait for a write that has an older checkpoint to fall back on
     if k.window is not None:
         return _tmp_dirs(run_dir, k.window, pid) != []
     return _age(pid) >= min_age
@@ -305,7 +331,7 @@ def check_run(res: ChaosResult, run_dir: Path, steps: int, n_kills: int) -> dict
     assert res.returncode == 0, res.output[-5000:]
     assert len(res.kills) == n_kills, f"run ended after {len(res.kills)} of {n_kills} kills"
     windows = {k.window: k.in_window for k in res.kills if k.window}
-    assert windows == {"publish": True, "checkpoint": True}, windows
+    assert windows == {"publish": True, "checkpoint": True, "train": True}, windows
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == steps and summary["ledger_problems"] == []
     figures = check_ledger(run_dir, steps, 4)
@@ -318,6 +344,12 @@ def check_run(res: ChaosResult, run_dir: Path, steps: int, n_kills: int) -> dict
         by_role[k.role] = by_role.get(k.role, 0) + 1
     assert {r: sum(1 for x in recs if x["role"] == r) for r in by_role} == by_role
     assert res.output.count("exited with -9; restarting") == n_kills
+    # the learner resumed from a checkpoint (the one before the write it was killed in) and
+    # retrained the steps after it
+    log = (run_dir / "logs" / "learner.log").read_text()
+    assert "resumed from" in log and "go back to the buffer" in log
+    evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, steps]  # restarts do not repeat the first eval
     # no half-written version or checkpoint is left where a reader would take it
     from popo.actors.actor import latest_published
     from popo.common.weights import verify_weights
@@ -337,7 +369,7 @@ def _report(figures: dict) -> None:
 
 @pytest.mark.vllm
 def test_chaos_short(tmp_path, demo_model_dir):
-    """CI version: 22 kills (7 learner incl. one per write window, 11 verifier, 4 actor)."""
+    """CI version: 22 kills (7 learner, 3 of them in the windows; 11 verifier, 4 actor)."""
     steps = 12
     kills = plan(SEED, n_learner=7, n_verifier=11, n_actor=4)
     res = run_chaos(tmp_path / "run", demo_model_dir, steps, kills, SEED)

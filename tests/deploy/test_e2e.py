@@ -31,14 +31,14 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _args(run_dir: Path, model_dir: Path, steps: int) -> list[str]:
-    d, i, w, r, m = _free_ports(5)
+    d, i, w, r, m, ws = _free_ports(6)
     return [
         f"--deploy.run_dir={run_dir}", f"--model.path={model_dir}",
         f"--learner.total_steps={steps}", "--learner.prompts_per_step=4",
         "--learner.checkpoint_every=2", "--data.eval_size=16", "--actor.group_size=4",
         f"--transport.dispatch_port={d}", f"--transport.ingest_port={i}",
         f"--transport.weights_port={w}", f"--transport.rollouts_port={r}",
-        f"--metrics.base_port={m}", "--metrics.jsonl_every_s=1",
+        f"--transport.weightstream_port={ws}", f"--metrics.base_port={m}", "--metrics.jsonl_every_s=1",
     ]  # fmt: skip
 
 

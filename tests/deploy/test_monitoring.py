@@ -329,14 +329,14 @@ def test_live_run_answers_every_dashboard_query_and_alert(tmp_path, demo_model_d
     base = _metrics_base_port()
     prom = Prometheus(_local_config(tmp_path, base), tmp_path)
     run_dir = tmp_path / "run"
-    d, i, w, r = (_free_port() for _ in range(4))
+    d, i, w, r, ws = (_free_port() for _ in range(5))
     args = [
         f"--deploy.run_dir={run_dir}", f"--model.path={demo_model_dir}",
         "--learner.total_steps=4", "--learner.prompts_per_step=4", "--learner.checkpoint_every=4",
         "--data.eval_size=16", "--actor.group_size=4",
         f"--transport.dispatch_port={d}", f"--transport.ingest_port={i}",
         f"--transport.weights_port={w}", f"--transport.rollouts_port={r}",
-        f"--metrics.base_port={base}",
+        f"--transport.weightstream_port={ws}", f"--metrics.base_port={base}",
     ]  # fmt: skip
     start = time.time()
     train = subprocess.Popen(

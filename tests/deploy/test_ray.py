@@ -1,0 +1,234 @@
+"""`popo ray` on a real two-node Ray cluster, inside network namespaces this test creates.
+
+Two namespaces joined by a veth pair play two hosts (10.231.0.1 head, 10.231.0.2 worker): outside
+one, Ray binds the machine's external interface and probes a public address (DESIGN §7), so every
+Ray process here lives in a namespace and all traffic stays on the veth. The run is the embedded
+default, shortened: the learner and the verifier on the head, the actor pinned to the worker by a
+custom resource, weights streamed over ZeroMQ (`transport.weights_mode = stream`). The test kills
+the actor's process mid-run, Ray restarts it, training finishes, and every lease ended exactly once.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from popo.deploy.cli import OFFLINE_ENV
+
+pytestmark = pytest.mark.vllm
+
+HEAD_IP, WORKER_IP = "10.231.0.1", "10.231.0.2"
+RAY = str(Path(sys.executable).with_name("ray"))
+STEPS = 16
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def _netns_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "iproute2 (`ip`) is not installed"
+    probe = f"popo-probe{os.getpid()}"
+    r = _ip("netns", "add", probe, check=False)
+    if r.returncode != 0:
+        return f"`ip netns add` fails here: {r.stderr.strip()}"
+    _ip("netns", "del", probe, check=False)
+    return None
+
+
+def _kill_namespace(ns: str) -> None:
+    """SIGKILL every process in namespace `ns` (only this test's Ray and popo processes live
+    there), then delete it, which also removes its end of the veth pair."""
+    for _ in range(3):
+        pids = [int(p) for p in _ip("netns", "pids", ns, check=False).stdout.split()]
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+    _ip("netns", "del", ns, check=False)
+
+
+class Cluster:
+    def __init__(self, head_ns: str, worker_ns: str, temp_dir: str) -> None:
+        self.head_ns, self.worker_ns, self.temp_dir = head_ns, worker_ns, temp_dir
+        self.env = dict(os.environ, **OFFLINE_ENV)
+
+    def exec(self, ns: str, argv: list[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", ns, *argv], env=self.env, **kw)
+
+    def ray_start(self, ns: str, args: list[str]) -> None:
+        r = subprocess.run(
+            ["ip", "netns", "exec", ns, RAY, "start", "--disable-usage-stats", *args],
+            env=self.env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.fixture
+def ray_cluster() -> Iterator[Cluster]:
+    reason = _netns_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    tag = str(os.getpid())[-6:]
+    head_ns, worker_ns = f"popo-h{tag}", f"popo-w{tag}"
+    veth_h, veth_w = f"vph{tag}", f"vpw{tag}"
+    # Ray's unix sockets live under its temp dir: keep the path short (108-byte socket limit).
+    temp_dir = tempfile.mkdtemp(prefix="popo-ray-", dir="/tmp")
+    try:
+        _ip("netns", "add", head_ns)
+        _ip("netns", "add", worker_ns)
+        _ip("link", "add", veth_h, "type", "veth", "peer", "name", veth_w)
+        _ip("link", "set", veth_h, "netns", head_ns)
+        _ip("link", "set", veth_w, "netns", worker_ns)
+        for ns, dev, addr in ((head_ns, veth_h, HEAD_IP), (worker_ns, veth_w, WORKER_IP)):
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        c = Cluster(head_ns, worker_ns, temp_dir)
+        c.ray_start(head_ns, [
+            "--head", f"--node-ip-address={HEAD_IP}", "--port=6379", "--num-cpus=4",
+            "--include-dashboard=false", f"--temp-dir={temp_dir}", '--resources={"head_node": 4}',
+        ])  # fmt: skip
+        c.ray_start(worker_ns, [
+            f"--address={HEAD_IP}:6379", f"--node-ip-address={WORKER_IP}", "--num-cpus=2",
+            '--resources={"worker_node": 1}',
+        ])  # fmt: skip
+        yield c
+    finally:
+        _kill_namespace(worker_ns)
+        _kill_namespace(head_ns)
+        _ip("link", "del", veth_h, check=False)  # left in the root namespace if setup failed early
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _ledger_now(run_dir: Path) -> tuple[int, int]:
+    """(last trained step, leases outstanding) of the live run."""
+    if not (run_dir / "ledger.db").exists():
+        return 0, 0
+    db = sqlite3.connect(run_dir / "ledger.db", timeout=10)
+    try:
+        (step,) = db.execute("SELECT MAX(step) FROM leases WHERE state='trained'").fetchone()
+        (out,) = db.execute("SELECT COUNT(*) FROM leases WHERE state='outstanding'").fetchone()
+    except sqlite3.OperationalError:  # schema not created yet
+        return 0, 0
+    finally:
+        db.close()
+    return step or 0, out
+
+
+def _actor_mid_work(run_dir: Path) -> bool:
+    """The actor serves a trained version and holds leases: killing it now loses work."""
+    try:
+        log = (run_dir / "logs" / "actor-0.log").read_text()
+    except OSError:
+        return False
+    step, outstanding = _ledger_now(run_dir)
+    return step >= 1 and outstanding > 0 and re.search(r"serving version [1-9]", log) is not None
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait(what: str, cond, proc: subprocess.Popen, out: Path, timeout: float):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (got := cond()) is not None and got is not False:
+            return got
+        assert proc.poll() is None, f"popo ray exited ({proc.returncode}) before {what}:\n" + (
+            out.read_text()[-5000:]
+        )
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}:\n{out.read_text()[-5000:]}")
+
+
+def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
+    run_dir = tmp_path / "run"
+    out = tmp_path / "popo-ray.out"
+    argv = [
+        sys.executable, "-m", "popo.deploy.cli", "ray", f"--address={HEAD_IP}:6379",
+        f"--deploy.run_dir={run_dir}", f"--model.path={demo_model_dir}",
+        f"--learner.total_steps={STEPS}", "--learner.prompts_per_step=4",
+        "--learner.checkpoint_every=8", "--learner.lease_timeout_s=10",
+        "--data.eval_size=16", "--actor.group_size=4", "--actor.kv_cache_gib=0.25",
+        "--actor.drain_timeout_s=2", "--metrics.jsonl_every_s=1",
+        "--transport.weights_mode=stream",
+        '--deploy.ray.learner_resources={"head_node": 1}',
+        '--deploy.ray.verifier_resources={"head_node": 1}',
+        '--deploy.ray.actor_resources={"worker_node": 1}', "--deploy.ray.stop_grace_s=20",
+    ]  # fmt: skip
+    with open(out, "w") as f:
+        proc = ray_cluster.exec(
+            ray_cluster.head_ns, argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        pid_file = run_dir / "pids" / "actor-0.pid"
+        # Kill the actor once it serves a trained version and holds leases; more steps need it.
+        _wait("the actor to work on a trained version", lambda: _actor_mid_work(run_dir),
+              proc, out, 420)  # fmt: skip
+        first = _read_pid(pid_file)
+        assert first is not None
+        assert _ip("netns", "identify", str(first)).stdout.strip() == ray_cluster.worker_ns
+        os.kill(first, signal.SIGKILL)
+        second = _wait(
+            "Ray to restart the actor",
+            lambda: (p := _read_pid(pid_file)) is not None and p != first and p,
+            proc, out, 120,
+        )  # fmt: skip
+        assert _ip("netns", "identify", str(second)).stdout.strip() == ray_cluster.worker_ns
+        proc.wait(timeout=420)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = out.read_text()
+    assert proc.returncode == 0, text[-5000:]
+    assert f"actor-0@{WORKER_IP}" in text and f"learner@{HEAD_IP}" in text, text[-3000:]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == STEPS
+    assert summary["ledger_problems"] == []
+    db = sqlite3.connect(run_dir / "ledger.db")
+    states = dict(db.execute("SELECT state, COUNT(*) FROM leases GROUP BY state").fetchall())
+    (max_step,) = db.execute("SELECT MAX(step) FROM leases WHERE state='trained'").fetchone()
+    (unended,) = db.execute(
+        "SELECT COUNT(*) FROM leases WHERE state IN ('trained','skipped','expired')"
+        " AND ended_at IS NULL"
+    ).fetchone()
+    (dups,) = db.execute(
+        "SELECT COUNT(*) FROM (SELECT lease_id FROM leases WHERE state='trained'"
+        " GROUP BY lease_id HAVING COUNT(*) > 1)"
+    ).fetchone()
+    db.close()
+    assert max_step == STEPS and unended == 0 and dups == 0, states
+    # the killed actor's leases ran out and were re-dispatched (to the restarted actor)
+    assert states.get("expired", 0) >= 1, states
+
+    # the role log shows two starts of the actor; both incarnations loaded new versions, streamed
+    # from the learner's node into the actor's own cache (never read from the learner's weights/)
+    log = (run_dir / "logs" / "actor-0.log").read_text()
+    runs = log.split("=== start")[1:]
+    assert len(runs) == 2, log[-3000:]
+    for part in runs:
+        assert re.search(r"serving version [1-9][0-9]* \(", part), part[-3000:]
+        assert "weights mode stream" in part and "weights mode shared" not in part, part[-3000:]
+    assert list((run_dir / "weights-cache" / "actor-0").glob("v*")), "nothing was streamed"

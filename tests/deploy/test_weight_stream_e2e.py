@@ -1,0 +1,36 @@
+"""End to end without a shared weight directory: `popo train` with `transport.weights_mode=stream`,
+so the actor never reads the learner's weights/ and loads every version from its own cache."""
+
+import json
+
+import pytest
+from test_e2e import _args, _assert_exactly_once, _popo
+
+# ~80 s on 2 cores: opt-in; tests/actors/test_actor_stream.py covers fetch -> reload in the default suite
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+def test_train_with_streamed_weights(tmp_path, demo_model_dir):
+    run_dir = tmp_path / "run"
+    args = [*_args(run_dir, demo_model_dir, steps=2), "--transport.weights_mode=stream",
+            "--transport.stream_chunk_bytes=262144"]  # fmt: skip
+    proc = _popo(args)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    _assert_exactly_once(run_dir, 2)
+
+    log = (run_dir / "logs" / "actor-0.log").read_text()
+    streamed = [line for line in log.splitlines() if "streamed version" in line]
+    assert len(streamed) >= 2, log[-3000:]
+    assert "weights mode stream" in log
+    cache = run_dir / "weights-cache" / "actor-0"
+    published = sorted(p.name for p in (run_dir / "weights").glob("v*"))
+    newest = published[-1]
+    assert (cache / newest / "model.safetensors").read_bytes() == (
+        run_dir / "weights" / newest / "model.safetensors"
+    ).read_bytes()
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    actor = [r for r in recs if r["role"] == "actor"]
+    assert max(r.get("popo_actor_policy_version", 0) for r in actor) >= 2
+    assert any(r.get('popo_actor_weights_mode{mode="stream"}') == 1.0 for r in actor)
+    assert max(r.get("popo_actor_weights_streamed_bytes_total", 0) for r in actor) > 0
