@@ -398,6 +398,10 @@ class RayConfig(_Section):
     env_vars: dict[str, str] = {}
     """Extra environment for every role (added to the offline environment passed through Ray's
     `runtime_env`)."""
+    prometheus_targets: str | None = None
+    """Also write the run's Prometheus file-SD targets (role, node IP, metrics port) to this path,
+    e.g. `deploy/prometheus/targets/<run>.json` next to `prometheus-cluster.yml`; the list is
+    always written to `<run_dir>/prometheus-targets.json`."""
 
 
 class DeployConfig(_Section):

@@ -280,48 +280,59 @@ class _Retry(Exception):
 
 
 class _Sink:
-    """Writes and hashes a file's chunks on a helper thread, so disk and sha256 overlap the network
-    (both release the GIL). `finish()` fsyncs and returns the hex digest, raising a write error."""
+    """Writes a file's chunks and hashes them on two helper threads, so the disk, sha256 and the
+    network overlap (all three release the GIL). `finish()` fsyncs and returns the hex digest,
+    raising a write error."""
 
     def __init__(self, path: Path, depth: int) -> None:
-        self._out = open(path, "wb")  # noqa: SIM115 - closed by the writer thread / __exit__
+        self._out = open(path, "wb")  # noqa: SIM115 - closed in __exit__
         self._hash = hashlib.sha256()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=max(1, depth))
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._write, name="weight-sink", daemon=True)
-        self._thread.start()
+        self._queues: list[queue.Queue[bytes | memoryview | None]] = []
+        self._threads: list[threading.Thread] = []
+        for name, fn in (("write", self._write_one), ("hash", self._hash.update)):
+            q: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=max(1, depth))
+            th = threading.Thread(target=self._drain, args=(q, fn), name=f"weight-{name}")
+            th.daemon = True
+            th.start()
+            self._queues.append(q)
+            self._threads.append(th)
 
-    def _write(self) -> None:
-        ended = False
-        try:
-            while (data := self._queue.get()) is not None:
-                self._out.write(data)
-                self._hash.update(data)
-            ended = True
-            self._out.flush()
-            os.fsync(self._out.fileno())
-        except BaseException as e:
-            self._error = e
-            while not ended and self._queue.get() is not None:  # so put() never blocks for good
-                pass
+    def _write_one(self, data: bytes | memoryview) -> None:
+        self._out.write(data)
 
-    def put(self, data: bytes) -> None:
-        self._queue.put(data)
+    def _drain(self, q: queue.Queue[bytes | memoryview | None], fn: Callable[..., object]) -> None:
+        while (data := q.get()) is not None:
+            if self._error is None:  # after an error keep taking chunks, so put() never blocks
+                try:
+                    fn(data)
+                except BaseException as e:
+                    self._error = e
+
+    def put(self, data: bytes | memoryview) -> None:
+        for q in self._queues:
+            q.put(data)
+
+    def _stop(self) -> None:
+        for q in self._queues:
+            q.put(None)
+        for th in self._threads:
+            th.join()
 
     def finish(self) -> str:
-        self._queue.put(None)
-        self._thread.join()
+        self._stop()
         if self._error is not None:
             raise self._error
+        self._out.flush()
+        os.fsync(self._out.fileno())
         return self._hash.hexdigest()
 
     def __enter__(self) -> _Sink:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._thread.is_alive():  # left early (a failed transfer): stop the writer
-            self._queue.put(None)
-            self._thread.join()
+        if any(th.is_alive() for th in self._threads):  # left early (a failed transfer)
+            self._stop()
         self._out.close()
 
 
@@ -375,6 +386,8 @@ class WeightFetcher:
         for attempt in range(1, attempts + 1):
             try:
                 d = self._attempt(msg)
+            except OSError as e:  # the local cache (disk full, permissions): not the transfer
+                raise WeightsError(f"weight cache {self.cache}: {e}") from e
             except _Retry as e:
                 if attempt == attempts:
                     raise WeightsError(

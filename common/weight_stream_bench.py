@@ -5,10 +5,11 @@
 One safetensors file of `--mib` MiB is published as the learner does (`weights/v1/`). Each
 repetition, round-robin so a busy phase of a shared machine hits every side alike:
 - `raw`: the file's bytes, already in memory, pushed in chunks of the same size over a PUSH/PULL
-  pair on loopback and received in another thread (the link's ceiling: no disk, no checksum);
-- `raw->disk`, `raw->tmpfs`: the same, with the receiver writing the bytes to a file on disk (the
-  work directory) or on tmpfs (/dev/shm), fsyncing it and hashing it with sha256: the floor of
-  any transfer that lands verified in a file there;
+  pair on loopback and received in another thread, zero-copy on both ends (the link's ceiling: no
+  disk, no checksum);
+- `raw->disk`, `raw->tmpfs`: the same, with the receiving thread also writing each chunk to a
+  file on disk (the work directory) or on tmpfs (/dev/shm), hashing it with sha256 and fsyncing
+  the file at the end: the naive single-threaded way to land verified bytes in a file there;
 - `stream->disk`, `stream->tmpfs`: `WeightFetcher.fetch` from a `WeightServer` thread (manifest,
   credit-based chunk requests, reads of the learner's file, write + fsync + sha256 of every file,
   atomic rename) into a fresh cache directory on disk / on tmpfs.
@@ -66,7 +67,7 @@ def _raw(data: bytes, chunk: int, sink: Path | None) -> float:
         h = hashlib.sha256()
         out = open(sink, "wb") if sink is not None else None  # noqa: SIM115
         while got < n:
-            frame = pull.recv()
+            frame = pull.recv(copy=False).buffer  # zero-copy both ways: the link's best case
             got += len(frame)
             if out is not None:
                 out.write(frame)
@@ -83,7 +84,7 @@ def _raw(data: bytes, chunk: int, sink: Path | None) -> float:
     t0 = time.perf_counter()
     th.start()
     for off in range(0, n, chunk):
-        push.send(view[off : off + chunk])
+        push.send(view[off : off + chunk], copy=False)
     done.wait()
     seconds = time.perf_counter() - t0
     th.join()
@@ -102,6 +103,7 @@ def bench_stream(
     tmpfs_dir: str | Path = "/dev/shm",
 ) -> dict[str, Any]:
     """Throughput (bytes/s) of weight streaming vs raw ZeroMQ on loopback; see the module doc."""
+    load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="popo-stream-bench-", dir=work_dir))
     shm = Path(tempfile.mkdtemp(prefix="popo-stream-bench-", dir=tmpfs_dir))
     try:
@@ -152,6 +154,8 @@ def bench_stream(
         "reps": reps,
         "chunk_bytes": chunk_bytes,
         "window": window,
+        "cpus": os.cpu_count(),
+        "load_average_1m": [load_before, os.getloadavg()[0]],
         "bytes_per_s": {k: Summary.of(v).to_json() for k, v in runs.items()},
         "ratios": {
             "stream->tmpfs / raw": paired_ratio(runs["stream->tmpfs"], runs["raw"]).to_json(),
@@ -187,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     res = bench_stream(a.mib << 20, a.reps, int(a.chunk_mib * (1 << 20)), a.window)
     print(table(res))
+    print(f"{res['cpus']} CPUs, 1-minute load average {res['load_average_1m'][0]:.1f} before, "
+          f"{res['load_average_1m'][1]:.1f} after")  # fmt: skip
     if a.json is not None:
         a.json.write_text(json.dumps(res, indent=1))
     return 0

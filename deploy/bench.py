@@ -66,7 +66,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     v.add_argument("--workers", help="comma-separated worker counts")
     v.add_argument("--groups", type=int, help="prompts per repetition (verify), groups (learn)")
     lg = p.add_argument_group("learn")
-    lg.add_argument("--threads", type=int, default=1, help="torch threads of the learner side (learn, sync)")
+    lg.add_argument(
+        "--threads", type=int, default=1, help="torch threads of the learner side (learn, sync)"
+    )
     lg.add_argument("--pass-rates", help="comma-separated pass rates for the POPO saving curve")
     lg.add_argument("--micro-batch-tokens", type=int, default=4096)
     e = p.add_argument_group("e2e")

@@ -91,6 +91,29 @@ def peer_flags(cfg: RunConfig, ips: dict[str, str], name: str) -> list[str]:
     ]
 
 
+def prometheus_targets(cfg: RunConfig, ips: dict[str, str], run: str) -> list[dict[str, Any]]:
+    """File-SD target groups for `deploy/prometheus/prometheus-cluster.yml`: one per role, at the
+    node IP Ray reported and the role's metrics port, labelled with its role (-> job name)."""
+    from popo.common.metrics import role_port
+
+    if not cfg.metrics.enabled or cfg.metrics.base_port == 0:
+        return []  # OS-assigned ports cannot be known here
+    groups = []
+    for p in placements(cfg):
+        host = ips[p.name] if cfg.deploy.ray.bind_node_ip else cfg.metrics.host
+        labels = {"role": p.role, "replica": str(p.index), "run": run, "node": ips[p.name]}
+        groups.append({"targets": [f"{host}:{role_port(cfg.metrics, p.role, p.index)}"],
+                       "labels": labels})  # fmt: skip
+    return groups
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)  # Prometheus re-reads the file: never let it see half of one
+
+
 def worker_env(cfg: RunConfig) -> dict[str, str]:
     """The environment every Ray worker of the run gets: offline, unbuffered, plus `env_vars`."""
     from popo.deploy.cli import OFFLINE_ENV
@@ -215,7 +238,8 @@ class RayRun:
                     self.pg, placement_group_bundle_index=i
                 ),
             ).remote(p.name, p.role, p.index, str(self.run_dir))
-        nodes = dict(zip(self.hosts, ray.get([h.node.remote() for h in self.hosts.values()])))
+        found = ray.get([h.node.remote() for h in self.hosts.values()])
+        nodes = dict(zip(self.hosts, found, strict=True))
         for name, n in nodes.items():
             log.info("ray: %s on node %s (%s)", name, n["ip"], n["node_id"][:12])
         return {name: n["ip"] for name, n in nodes.items()}
@@ -290,6 +314,10 @@ def ray_train(cfg: RunConfig, resume: Path | None) -> int:
         run.connect()
         ips = run.place()
         run.start(ips)
+        targets = prometheus_targets(cfg, ips, run_dir.name)
+        for path in filter(None, [run_dir / "prometheus-targets.json",
+                                  cfg.deploy.ray.prometheus_targets]):  # fmt: skip
+            _write_json(Path(path), targets)
         print("ray: " + ", ".join(f"{n}@{ip}" for n, ip in ips.items()), flush=True)
         code = run.wait()
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ from popo.common.messages import (
     ManifestRequest,
     Message,
     MessageError,
+    RankCommand,
     RolloutGroup,
     ScoredCompletion,
     ScoredGroup,
@@ -113,6 +114,7 @@ def _samples() -> list[Message]:
         FetchRequest(version=5, file="model.safetensors", offset=4 << 20, length=4 << 20),
         Chunk(version=5, file="config.json", offset=0, nbytes=2, eof=True),
         StreamError(version=1, reason="version 1 is not available", file="model.safetensors"),
+        RankCommand(op="publish", version=3, protect=[1, 2], probe=[[1, 2], [3]]),
     ]
 
 

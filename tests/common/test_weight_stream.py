@@ -4,6 +4,7 @@ directories written as the learner writes them, WeightFetchers pulling them into
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -250,6 +251,18 @@ def test_auto_uses_the_shared_path_when_it_holds_the_version(weights, server, fe
         local_weights(moved, "shared", fetcher)
     with pytest.raises(WeightsError, match="no weight stream endpoint"):
         local_weights(moved, "auto", None)
+    # visible with the right size and sidecar, but its bytes differ on this node (a stale or damaged
+    # copy): the full checksum fails and `auto` streams the learner's own bytes instead
+    stale = Path(msg.path).parent.parent / "node-copy" / "v1"
+    shutil.copytree(msg.path, stale)
+    raw = bytearray((stale / WEIGHTS_FILE).read_bytes())
+    raw[-1] ^= 0xFF
+    (stale / WEIGHTS_FILE).write_bytes(raw)
+    copy = WeightsReady(version=1, path=str(stale), sha256=msg.sha256, nbytes=msg.nbytes)
+    assert shared_visible(copy)
+    assert local_weights(copy, "auto", fetcher) == (local, "stream")  # the verified cached copy
+    with pytest.raises(WeightsError, match="sha256"):
+        local_weights(copy, "shared", fetcher)
     # forced streaming ignores a visible path
     assert local_weights(publish(weights, 2, seed=2), "stream", fetcher)[1] == "stream"
 
@@ -283,3 +296,27 @@ def test_auto_streams_when_the_weights_dir_is_hidden_on_this_node(weights, serve
     mode, local = out.stdout.split()
     assert mode == "stream" and Path(local) == tmp_path / "node-cache" / "v1"
     assert_same_dir(Path(msg.path), Path(local))  # the parent sees the real weights and the copy
+
+
+def test_bench_stream_measures_every_side(tmp_path):
+    from popo.common.weight_stream_bench import bench_stream, table
+
+    res = bench_stream(8 << 20, reps=1, chunk_bytes=1 << 20, window=4, work_dir=tmp_path)
+    assert set(res["bytes_per_s"]) == {"raw", "raw->tmpfs", "raw->disk", "stream->tmpfs",
+                                       "stream->disk"}  # fmt: skip
+    assert all(v["median"] > 0 for v in res["bytes_per_s"].values())
+    r = res["ratios"]["stream->tmpfs / raw"]
+    assert r["median"] == pytest.approx(
+        res["bytes_per_s"]["stream->tmpfs"]["median"] / res["bytes_per_s"]["raw"]["median"]
+    )
+    assert "stream->disk / raw->disk" in table(res)
+    assert list(tmp_path.iterdir()) == []  # cleaned up
+
+
+def test_a_broken_local_cache_fails_the_version_not_the_actor(weights, server, fetcher, tmp_path):
+    msg = publish(weights, 1)
+    shutil.rmtree(tmp_path / "cache")
+    (tmp_path / "cache").write_text("not a directory")  # e.g. a full or unusable cache disk
+    with pytest.raises(WeightsError, match="weight cache"):
+        fetcher.fetch(msg)
+    assert fetcher.retries == 0

@@ -91,7 +91,10 @@ def test_killed_learner_is_restarted_until_it_succeeds(tmp_path):
     ]
     assert [r["delay_s"] for r in recs] == [0.05, 0.1]
     pids = json.loads((tmp_path / "pids.json").read_text())
-    assert set(pids["roles"]) == {"learner", "verifier-0", "actor-0"} and pids["supervisor"] == os.getpid()
+    assert (
+        set(pids["roles"]) == {"learner", "verifier-0", "actor-0"}
+        and pids["supervisor"] == os.getpid()
+    )
 
 
 def test_learner_failing_at_start_is_not_restarted(tmp_path):
@@ -380,8 +383,8 @@ def test_chaos_short(tmp_path, demo_model_dir):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_chaos_long(tmp_path, demo_model_dir):
-    """60 kills over a 40-step run, plus a baseline run of the same config without kills."""
-    steps = 40
+    """60 kills over a 60-step run, plus a baseline run of the same config without kills."""
+    steps = 60
     t0 = time.time()
     base = run_chaos(tmp_path / "base", demo_model_dir, steps, [], SEED)
     assert base.returncode == 0, base.output[-5000:]

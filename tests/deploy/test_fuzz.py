@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import zmq
 from fuzzing import (
+    BASES,
     FUZZ,
     HUGE_HEADERS,
     SEMANTIC_BAD,
@@ -58,6 +59,8 @@ def test_the_frame_strategies_hit_every_class() -> None:
     assert not is_valid([encode(LeaseRequest(actor_id="a", n=1))[:-1]], ok)
     assert not is_valid([HUGE_HEADERS[2] + b"\x00"], ok)
     assert all(not is_valid([encode(m)], (type(m),)) for m in SEMANTIC_BAD)
+    # and no real message is rejected: every base message passes as its own type
+    assert all(is_valid([encode(m)], (type(m),)) for m in BASES)
 
 
 # --- learner -----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ custom resource, weights streamed over ZeroMQ (`transport.weights_mode = stream`
 the actor's process mid-run, Ray restarts it, training finishes, and every lease ended exactly once.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -57,10 +58,8 @@ def _kill_namespace(ns: str) -> None:
         if not pids:
             break
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.5)
     _ip("netns", "del", ns, check=False)
 
@@ -155,8 +154,8 @@ def _wait(what: str, cond, proc: subprocess.Popen, out: Path, timeout: float):
     while time.time() < deadline:
         if (got := cond()) is not None and got is not False:
             return got
-        assert proc.poll() is None, f"popo ray exited ({proc.returncode}) before {what}:\n" + (
-            out.read_text()[-5000:]
+        assert proc.poll() is None, (
+            f"popo ray exited ({proc.returncode}) before {what}:\n" + (out.read_text()[-5000:])
         )
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}:\n{out.read_text()[-5000:]}")
@@ -203,6 +202,10 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
     text = out.read_text()
     assert proc.returncode == 0, text[-5000:]
     assert f"actor-0@{WORKER_IP}" in text and f"learner@{HEAD_IP}" in text, text[-3000:]
+
+    targets = json.loads((run_dir / "prometheus-targets.json").read_text())
+    by_role = {t["labels"]["role"]: t["targets"][0] for t in targets}
+    assert by_role["actor"].startswith(f"{WORKER_IP}:") and by_role["learner"].startswith(HEAD_IP)
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == STEPS
