@@ -13,6 +13,7 @@ repetition, round-robin so a busy phase of a shared machine hits every side alik
 - `stream->disk`, `stream->tmpfs`: `WeightFetcher.fetch` from a `WeightServer` thread (manifest,
   credit-based chunk requests, reads of the learner's file, write + fsync + sha256 of every file,
   atomic rename) into a fresh cache directory on disk / on tmpfs.
+- `sha256 (in memory)`: hashing the bytes on one core, which every verified copy must pay.
 Figures are bytes/s (median [min, max]) and paired ratios: stream->tmpfs / raw (the whole cost of
 streaming over the bare link, when the cache's fsync is free) and stream->disk / raw->disk (its
 cost over the disk's own floor). `bench_stream` returns them as a dict, for `popo bench`.
@@ -132,7 +133,13 @@ def bench_stream(
                 sink.unlink()
             return rate
 
+        def sha() -> float:
+            t0 = time.perf_counter()
+            hashlib.sha256(data).hexdigest()
+            return len(data) / (time.perf_counter() - t0)
+
         sides = {
+            "sha256 (in memory)": sha,
             "raw": lambda: raw(None),
             "raw->tmpfs": lambda: raw(shm),
             "raw->disk": lambda: raw(tmp),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -200,12 +201,23 @@ class RayRun:
         import ray
 
         r = self.cfg.deploy.ray
+        local: dict[str, Any] = {}
+        if r.address is None:
+            # A local cluster declares what the bundles need (logical CPUs, custom resources), as
+            # `popo train` runs every role however few cores there are.
+            custom: dict[str, float] = {}
+            for p in self.places:
+                for k, v in p.resources.items():
+                    custom[k] = custom.get(k, 0.0) + v
+            cpus = sum(p.cpus for p in self.places)
+            local = {"num_cpus": max(os.cpu_count() or 1, math.ceil(cpus)), "resources": custom,
+                     "include_dashboard": False}  # fmt: skip
         ray.init(
             address=r.address,
             namespace=r.namespace,
             runtime_env={"env_vars": worker_env(self.cfg)},
-            include_dashboard=False if r.address is None else None,
             log_to_driver=True,
+            **local,
         )
         log.info("ray: %d node(s), resources %s", len(ray.nodes()), ray.cluster_resources())
 
@@ -217,7 +229,12 @@ class RayRun:
 
         r, d = self.cfg.deploy.ray, self.cfg.deploy
         self.pg = placement_group([p.bundle for p in self.places], strategy=r.placement_strategy)
-        if not self.pg.wait(timeout_seconds=r.ready_timeout_s):
+        deadline = time.monotonic() + r.ready_timeout_s
+        # Short waits: Ctrl-C must reach the driver while the cluster has no room yet.
+        ready = False
+        while not ready and time.monotonic() < deadline:
+            ready = self.pg.wait(timeout_seconds=1)
+        if not ready:
             raise RuntimeError(
                 f"ray: the cluster cannot place {[p.bundle for p in self.places]} "
                 f"({r.placement_strategy}) within {r.ready_timeout_s:.0f} s; free resources: "
@@ -328,6 +345,12 @@ def ray_train(cfg: RunConfig, resume: Path | None) -> int:
         t0 = time.monotonic()
         run.stop()
         log.info("ray: stopped every role in %.1f s", time.monotonic() - t0)
+    learner_log = run_dir / "logs" / "learner.log"  # here if the learner ran on this node
     if code == 0:
-        _print_summary(run_dir)  # on the learner's node, or a shared filesystem
+        _print_summary(run_dir)
+    elif code != 130 and learner_log.exists():
+        tail = learner_log.read_text(errors="replace").splitlines()[-30:]
+        print(
+            f"popo ray: exit {code}; last lines of {learner_log}:\n" + "\n".join(tail), flush=True
+        )
     return code

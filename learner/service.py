@@ -335,6 +335,10 @@ class Learner:
                 self.evaluate()
         if self.trainer.step >= lc.total_steps:
             self.evaluate()
+            # Stop dispatching first: finish() frees admission room, and a lease issued after it
+            # would stay outstanding forever (found by the chaos test).
+            self.dispatcher.stop_event.set()
+            self.dispatcher.join(timeout=10)
             self.ledger.finish()
             self._write_summary()
 

@@ -302,7 +302,7 @@ def test_bench_stream_measures_every_side(tmp_path):
     from popo.common.weight_stream_bench import bench_stream, table
 
     res = bench_stream(8 << 20, reps=1, chunk_bytes=1 << 20, window=4, work_dir=tmp_path)
-    assert set(res["bytes_per_s"]) == {"raw", "raw->tmpfs", "raw->disk", "stream->tmpfs",
+    assert set(res["bytes_per_s"]) == {"sha256 (in memory)", "raw", "raw->tmpfs", "raw->disk", "stream->tmpfs",
                                        "stream->disk"}  # fmt: skip
     assert all(v["median"] > 0 for v in res["bytes_per_s"].values())
     r = res["ratios"]["stream->tmpfs / raw"]

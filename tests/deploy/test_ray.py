@@ -26,8 +26,6 @@ import pytest
 
 from popo.deploy.cli import OFFLINE_ENV
 
-pytestmark = pytest.mark.vllm
-
 HEAD_IP, WORKER_IP = "10.231.0.1", "10.231.0.2"
 RAY = str(Path(sys.executable).with_name("ray"))
 STEPS = 16
@@ -161,6 +159,7 @@ def _wait(what: str, cond, proc: subprocess.Popen, out: Path, timeout: float):
     raise AssertionError(f"timed out waiting for {what}:\n{out.read_text()[-5000:]}")
 
 
+@pytest.mark.vllm
 def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
     run_dir = tmp_path / "run"
     out = tmp_path / "popo-ray.out"
@@ -235,3 +234,93 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
         assert re.search(r"serving version [1-9][0-9]* \(", part), part[-3000:]
         assert "weights mode stream" in part and "weights mode shared" not in part, part[-3000:]
     assert list((run_dir / "weights-cache" / "actor-0").glob("v*")), "nothing was streamed"
+
+
+# --- placement, discovery and the example cluster configs (no Ray needed) --------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "deploy" / "configs").glob("*.toml"))
+
+
+def test_placement_and_peer_flags():
+    from popo.common.config import load_config
+    from popo.deploy.ray_launch import peer_flags, placements, prometheus_targets
+
+    cfg = load_config(None, [
+        "--actor.num_actors=2", "--verifier.replicas=2", "--deploy.ray.use_gpus=true",
+        "--learner.devices=4", "--actor.tensor_parallel_size=2",
+        '--deploy.ray.actor_resources={"gpu_node": 1}',
+    ])  # fmt: skip
+    ps = placements(cfg)
+    assert [p.name for p in ps] == ["learner", "verifier-0", "verifier-1", "actor-0", "actor-1"]
+    assert ps[0].bundle == {"CPU": 1.0, "GPU": 4.0}
+    assert ps[1].bundle == {"CPU": 1.0}  # verifiers never take GPUs
+    assert ps[3].bundle == {"CPU": 1.0, "gpu_node": 1.0, "GPU": 2.0}
+
+    ips = {"learner": "10.0.0.1", "verifier-0": "10.0.0.1", "verifier-1": "10.0.0.2",
+           "actor-0": "10.0.0.3", "actor-1": "10.0.0.4"}  # fmt: skip
+    # the flags parse back into a config whose connect addresses are the reported node IPs
+    actor = load_config(None, peer_flags(cfg, ips, "actor-1"))
+    from popo.common import transport
+
+    t = actor.transport
+    assert t.host == "10.0.0.4" and actor.metrics.host == "10.0.0.4"
+    assert transport.learner_address(t, "dispatch") == "tcp://10.0.0.1:5550"
+    assert transport.learner_address(t, "weightstream") == "tcp://10.0.0.1:5553"
+    assert transport.verifier_address(t, 1) == "tcp://10.0.0.2:5561"
+    assert transport.address(t, "dispatch") == "tcp://10.0.0.4:5550"  # binding stays local
+
+    targets = {g["labels"]["role"] + g["labels"]["replica"]: g["targets"] for g in
+               prometheus_targets(cfg, ips, "run")}  # fmt: skip
+    assert targets == {"learner0": ["10.0.0.1:9400"], "verifier0": ["10.0.0.1:9401"],
+                       "verifier1": ["10.0.0.2:9402"], "actor0": ["10.0.0.3:9420"],
+                       "actor1": ["10.0.0.4:9421"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_cluster_configs_load(path):
+    """Each example config loads through `popo config` and fits the GPUs it was written for."""
+    import tomllib
+
+    from popo.common.config import load_config
+    from popo.deploy.ray_launch import placements
+
+    r = subprocess.run([sys.executable, "-m", "popo.deploy.cli", "config", "--config", str(path)],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert tomllib.loads(r.stdout)["deploy"]["ray"]["use_gpus"] is True
+    cfg = load_config(path)
+    gpus = sum(p.gpus for p in placements(cfg))
+    assert gpus == (8 if "1node" in path.name else 16), gpus
+
+
+def test_k8s_manifests_match_the_2node_config():
+    """The custom resources the RayCluster gives its nodes cover what the config's roles ask for,
+    and the RayJob runs a config that exists in the image."""
+    yaml = pytest.importorskip("yaml")
+    from popo.common.config import load_config
+    from popo.deploy.ray_launch import placements
+
+    cluster = yaml.safe_load((REPO / "deploy/k8s/raycluster.yaml").read_text())
+    job = yaml.safe_load((REPO / "deploy/k8s/rayjob.yaml").read_text())
+    assert cluster["kind"] == "RayCluster" and job["kind"] == "RayJob"
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    entry = job["spec"]["entrypoint"].split()
+    config = entry[entry.index("--config") + 1]
+    assert config.startswith("/app/")
+    cfg = load_config(REPO / config.removeprefix("/app/"))
+
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    nodes = []
+    for g in groups:
+        res = json.loads(json.loads(g["rayStartParams"]["resources"]))
+        gpus = g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        nodes += [{**res, "GPU": gpus}] * g.get("replicas", 1)
+    # first-fit of every bundle onto the nodes that carry its custom resources
+    free = [dict(n) for n in nodes]
+    for p in placements(cfg):
+        need = {**p.resources, "GPU": p.gpus}
+        node = next((n for n in free if all(n.get(k, 0) >= v for k, v in need.items())), None)
+        assert node is not None, f"no node of the RayCluster fits {p.name}: {need}"
+        for k, v in need.items():
+            node[k] -= v
