@@ -388,6 +388,13 @@ class RayConfig(_Section):
     """Custom Ray resources each verifier replica's bundle needs (node pinning)."""
     actor_resources: dict[str, float] = {}
     """Custom Ray resources each actor's bundle needs (node pinning), e.g. `{worker_node = 1}`."""
+    learner_labels: dict[str, str] = {}
+    """Node labels the learner's node must carry (Ray label selector), e.g. `{popo-node = "learner"}`
+    for a node started with `ray start --labels='{"popo-node": "learner"}'`."""
+    verifier_labels: dict[str, str] = {}
+    """Node labels each verifier replica's node must carry (label selector)."""
+    actor_labels: dict[str, str] = {}
+    """Node labels each actor's node must carry (label selector), e.g. `{accelerator = "H100"}`."""
     bind_node_ip: bool = True
     """Bind each role's ZeroMQ endpoints and metrics server on the node IP Ray reports, and point
     peers at those IPs (no hand-edited addresses); false keeps `transport.host`/`metrics.host`."""

@@ -75,6 +75,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--steps", type=int, help="optimizer steps per run")
     e.add_argument("--warmup-steps", type=int, help="steps left out of the throughput window")
     e.add_argument("--prompts-per-step", type=int)
+    e.add_argument("--async-staleness", type=int, default=1,
+                   help="learner.max_staleness of the async pipeline (sync is 0)")  # fmt: skip
     e.add_argument("--pin", default="learner=0;actor=1;verifier=1",
                    help="role=cores;... (deploy.cpu_affinity); `none` pins nothing")  # fmt: skip
 
@@ -546,7 +548,7 @@ def bench_e2e(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
     cores = sorted(os.sched_getaffinity(0))
     if any(c not in cores for cs in pin.values() for c in cs):
         raise SystemExit(f"popo bench e2e: --pin {a.pin} names cores outside {cores}")
-    modes = {"sync": 0, "async": 1}
+    modes = {"sync": 0, "async": a.async_staleness}
     tput: dict[str, list[float]] = {m: [] for m in modes}
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     for rep in range(a.reps):
@@ -571,7 +573,8 @@ def bench_e2e(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
     pin_txt = ", ".join(f"{k} {v}" for k, v in pin.items()) or "none"
     res = BenchResult(
         "e2e",
-        f"trained positive samples/s, `popo train` async (max_staleness 1) vs synchronous "
+        f"trained positive samples/s, `popo train` async (max_staleness {a.async_staleness}) vs "
+        "synchronous "
         f"(max_staleness 0); {a.steps} steps x {a.prompts_per_step} prompts x G={a.group_size}, "
         f"first {a.warmup_steps} steps excluded, pinned cores: {pin_txt}, {a.reps} alternating "
         f"repetitions",
@@ -587,7 +590,8 @@ def bench_e2e(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
             vals = [v for v in vals if v is not None]
             idle[role] = f"{statistics.median(vals):.0%}" if vals else "n/a"
         res.rows.append([
-            "synchronous (max_staleness 0)" if mode == "sync" else "async (max_staleness 1)",
+            "synchronous (max_staleness 0)" if mode == "sync"
+            else f"async (max_staleness {a.async_staleness})",
             Summary.of(tput[mode]).fmt(".1f"),
             f"{statistics.median(x['step_seconds'] for x in runs[mode]):.2f}",
             f"{statistics.median(x['overlap_fraction'] for x in runs[mode]):.0%}",

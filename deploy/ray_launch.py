@@ -51,6 +51,8 @@ class Placement:
     cpus: float
     gpus: int
     resources: dict[str, float]
+    labels: dict[str, str]
+    """Ray label selector of the bundle's node (empty: any node)."""
 
     @property
     def bundle(self) -> dict[str, float]:
@@ -66,15 +68,20 @@ def placements(cfg: RunConfig) -> list[Placement]:
     # `learner.devices` (FSDP ranks) is the learner's GPU count; absent means one device.
     learner_gpus = int(getattr(cfg.learner, "devices", 1)) if r.use_gpus else 0
     actor_gpus = cfg.actor.tensor_parallel_size if r.use_gpus else 0
-    out = [Placement("learner", "learner", 0, r.learner_cpus, learner_gpus, r.learner_resources)]
+    out = [
+        Placement("learner", "learner", 0, r.learner_cpus, learner_gpus, r.learner_resources,
+                  r.learner_labels)
+    ]  # fmt: skip
     out += [
-        Placement(f"verifier-{i}", "verifier", i, r.verifier_cpus, 0, r.verifier_resources)
+        Placement(f"verifier-{i}", "verifier", i, r.verifier_cpus, 0, r.verifier_resources,
+                  r.verifier_labels)
         for i in range(cfg.verifier.replicas)
-    ]
+    ]  # fmt: skip
     out += [
-        Placement(f"actor-{i}", "actor", i, r.actor_cpus, actor_gpus, r.actor_resources)
+        Placement(f"actor-{i}", "actor", i, r.actor_cpus, actor_gpus, r.actor_resources,
+                  r.actor_labels)
         for i in range(cfg.actor.num_actors)
-    ]
+    ]  # fmt: skip
     return out
 
 
@@ -228,7 +235,12 @@ class RayRun:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         r, d = self.cfg.deploy.ray, self.cfg.deploy
-        self.pg = placement_group([p.bundle for p in self.places], strategy=r.placement_strategy)
+        labels = [p.labels for p in self.places]
+        self.pg = placement_group(
+            [p.bundle for p in self.places],
+            strategy=r.placement_strategy,
+            bundle_label_selector=labels if any(labels) else None,
+        )
         deadline = time.monotonic() + r.ready_timeout_s
         # Short waits: Ctrl-C must reach the driver while the cluster has no room yet.
         ready = False

@@ -179,7 +179,8 @@ def plot(samples: list[dict], out: Path, summary: dict) -> None:
     ax3.plot(mids, toks, color="tab:orange", alpha=0.6, label="actor tokens / s")
     ax3.set_ylabel("actor tokens / s")
     ax2.set_xlabel("minutes")
-    fig.legend(loc="lower right", fontsize=8)
+    handles = ax2.get_legend_handles_labels()[0] + ax3.get_legend_handles_labels()[0]
+    ax2.legend(handles=handles, loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
