@@ -65,8 +65,7 @@ class Placement:
 def placements(cfg: RunConfig) -> list[Placement]:
     """One bundle per role: the learner first, then the verifier replicas, then the actors."""
     r = cfg.deploy.ray
-    # `learner.devices` (FSDP ranks) is the learner's GPU count; absent means one device.
-    learner_gpus = int(getattr(cfg.learner, "devices", 1)) if r.use_gpus else 0
+    learner_gpus = cfg.learner.devices if r.use_gpus else 0  # one GPU per FSDP rank
     actor_gpus = cfg.actor.tensor_parallel_size if r.use_gpus else 0
     out = [
         Placement("learner", "learner", 0, r.learner_cpus, learner_gpus, r.learner_resources,

@@ -22,7 +22,6 @@ Extra `popo train` flags go after `--`.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import signal
@@ -164,9 +163,11 @@ def plot(samples: list[dict], out: Path, summary: dict) -> None:
     ax1.set_ylabel("RSS of the role's process group (MiB)")
     ax1.legend(loc="upper left", fontsize=8)
     ax1.set_title("soak: memory (shaded: warm-up and final windows) and throughput")
-    # throughput: learner steps/min and actor tokens/s between consecutive samples
+    # throughput over a sliding minute: metrics.jsonl snapshots are seconds apart, so rates
+    # between consecutive samples alias
+    k = max(1, round(60 / max(1e-9, samples[1]["elapsed_s"] - samples[0]["elapsed_s"])))
     steps, toks, mids = [], [], []
-    for a, b in itertools.pairwise(samples):
+    for a, b in zip(samples, samples[k:], strict=False):
         dt = b["elapsed_s"] - a["elapsed_s"]
         if dt <= 0 or a.get("learner_step") is None or b.get("learner_step") is None:
             continue
