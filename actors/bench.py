@@ -15,18 +15,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from popo.common.process import free_ports
+
 if TYPE_CHECKING:
     from popo.actors.engine import RolloutEngine
     from popo.common.config import RunConfig
     from popo.common.messages import WeightsReady
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def arith_prompts(n: int) -> list[str]:
@@ -51,7 +45,7 @@ def bench_actor(engine, cfg, model_dir: Path, prompts: list[str]) -> tuple[int, 
     from popo.common import transport
     from popo.common.messages import Lease, LeaseRequest, Leases, RolloutGroup, unpack_ids
 
-    addrs = [f"tcp://127.0.0.1:{_free_port()}" for _ in range(3)]
+    addrs = [f"tcp://127.0.0.1:{p}" for p in free_ports(3)]
     ctx = zmq.Context()
     learner = transport.bind(ctx, "dispatch", addrs[0], cfg.transport)
     verifier = transport.bind(ctx, "rollouts", addrs[1], cfg.transport)

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from popo.common.benchstats import (
     timed,
 )
 from popo.common.config import RunConfig
+from popo.common.process import free_port_flags
 
 SUBS = ("generate", "verify", "learn", "sync", "e2e")
 
@@ -422,16 +422,6 @@ def bench_sync(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
 # --- e2e --------------------------------------------------------------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def parse_pin(spec: str) -> dict[str, list[int]]:
     """`learner=0;actor=1;verifier=1` -> {"learner": [0], ...}; `none` -> {}."""
     if spec.strip().lower() in ("", "none"):
@@ -514,19 +504,13 @@ def run_train(
     model_dir: Path, run_dir: Path, staleness: int, a: argparse.Namespace, pin: dict
 ) -> Path:
     """One short `popo train` (a real run: every role its own process) on free loopback ports."""
-    from popo.common.config import TransportConfig
-
-    # Every endpoint on a free port (whatever endpoints the transport has), metrics too.
-    names = [k for k in TransportConfig.model_fields if k.endswith("_port")]
-    *ports, metrics_port = _free_ports(len(names) + 1)
     args = [
         f"--deploy.run_dir={run_dir}", f"--model.path={model_dir}",
         f"--learner.max_staleness={staleness}", f"--learner.total_steps={a.steps}",
         f"--learner.prompts_per_step={a.prompts_per_step}", f"--actor.group_size={a.group_size}",
         f"--learner.checkpoint_every={a.steps}", "--learner.eval_every=0", "--data.eval_size=16",
         f"--deploy.cpu_affinity={json.dumps(pin)}",
-        *(f"--transport.{k}={port}" for k, port in zip(names, ports, strict=True)),
-        f"--metrics.base_port={metrics_port}", "--metrics.jsonl_every_s=0.5",
+        *free_port_flags(), "--metrics.jsonl_every_s=0.5",
     ]  # fmt: skip
     cmd = [sys.executable, "-m", "popo.deploy.cli", "train", *args]
     log_path = run_dir.parent / f"{run_dir.name}.log"

@@ -15,7 +15,6 @@ kernel to SIGTERM it if the supervisor dies: no orphans.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import json
 import logging
@@ -28,23 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from popo.common.config import RunConfig
+from popo.common.process import die_with_parent
 
 log = logging.getLogger("popo.launch")
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: if the supervisor is SIGKILLed, the kernel
-    # sends SIGTERM to the role so it shuts down instead of lingering.
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _child_setup(cpus: list[int] | None) -> None:
     # Between fork and exec: the affinity set here is inherited by everything the role spawns
     # (vLLM's engine core and its OpenMP threads, verifier workers).
-    _die_with_parent()
+    die_with_parent()  # a SIGKILLed supervisor's roles get SIGTERM and shut down
     if cpus is not None:
         os.sched_setaffinity(0, cpus)
 

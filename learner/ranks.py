@@ -14,7 +14,6 @@ import datetime
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from popo.common.messages import RankCommand, decode, encode
+from popo.common.process import die_with_parent, free_ports
 
 if TYPE_CHECKING:
     import torch
@@ -38,32 +38,18 @@ def in_group() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def launch(argv: Sequence[str], world: int) -> int:
     """Run `argv` as `world` ranks on this machine and wait for them. A rank that fails stops the
     others; SIGTERM/SIGINT are forwarded to rank 0, which stops the group after its current step.
     Returns the first non-zero exit code, else 0."""
     env = {**os.environ, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}  # fmt: skip
+           "MASTER_PORT": str(free_ports(1)[0])}  # fmt: skip
     procs = [
         subprocess.Popen(
             list(argv),
             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-            preexec_fn=_die_with_parent,
+            # followers ignore SIGTERM (rank 0 stops them): only SIGKILL ends an orphan
+            preexec_fn=lambda: die_with_parent(signal.SIGKILL),
         )
         for r in range(world)
     ]

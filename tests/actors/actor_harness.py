@@ -4,7 +4,6 @@ transformers float32 reference for log-probs."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import zmq
 from popo.common import transport
 from popo.common.config import RunConfig
 from popo.common.messages import Lease, LeaseRequest, Leases, RolloutGroup
+from popo.common.process import free_ports
 
 # Log-probs of vLLM's CPU float32 kernels vs a transformers float32 forward on the same tokens.
 # Measured max |diff| on this model is ~1e-6; the bound leaves room for other CPUs' kernels.
@@ -26,9 +26,7 @@ LOGPROB_ATOL = 1e-4
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def actor_test_config() -> RunConfig:

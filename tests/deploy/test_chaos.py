@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from popo.common.config import RunConfig
+from popo.common.process import free_port_flags
 from popo.deploy.launch import Supervisor
 
 SEED = int(os.environ.get("POPO_CHAOS_SEED", "0"))
@@ -147,20 +148,7 @@ class ChaosResult:
     kills: list[Kill] = field(default_factory=list)
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def chaos_args(run_dir: Path, model_dir: Path, steps: int) -> list[str]:
-    d, i, w, r, m = _free_ports(5)
     return [
         f"--deploy.run_dir={run_dir}", f"--model.path={model_dir}",
         f"--learner.total_steps={steps}", "--learner.prompts_per_step=4",
@@ -168,9 +156,7 @@ def chaos_args(run_dir: Path, model_dir: Path, steps: int) -> list[str]:
         "--actor.group_size=4", "--learner.lease_timeout_s=10",
         "--deploy.max_restarts=100", "--deploy.learner_max_restarts=100",
         "--deploy.restart_backoff_s=0.2", "--deploy.restart_backoff_max_s=1",
-        f"--transport.dispatch_port={d}", f"--transport.ingest_port={i}",
-        f"--transport.weights_port={w}", f"--transport.rollouts_port={r}",
-        f"--metrics.base_port={m}", "--metrics.jsonl_every_s=2",
+        *free_port_flags(), "--metrics.jsonl_every_s=2",
     ]  # fmt: skip
 
 

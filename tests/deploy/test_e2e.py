@@ -7,7 +7,6 @@ embedded demo model, shortened to a few steps, on free loopback ports.
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,28 +16,17 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from popo.common.process import free_port_flags
+
 pytestmark = pytest.mark.vllm
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _args(run_dir: Path, model_dir: Path, steps: int) -> list[str]:
-    d, i, w, r, m, ws = _free_ports(6)
     return [
         f"--deploy.run_dir={run_dir}", f"--model.path={model_dir}",
         f"--learner.total_steps={steps}", "--learner.prompts_per_step=4",
         "--learner.checkpoint_every=2", "--data.eval_size=16", "--actor.group_size=4",
-        f"--transport.dispatch_port={d}", f"--transport.ingest_port={i}",
-        f"--transport.weights_port={w}", f"--transport.rollouts_port={r}",
-        f"--transport.weightstream_port={ws}", f"--metrics.base_port={m}", "--metrics.jsonl_every_s=1",
+        *free_port_flags(), "--metrics.jsonl_every_s=1",
     ]  # fmt: skip
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from popo.common.process import free_ports
+
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
 GRAFANA_DIR = ROOT / "deploy" / "grafana"
@@ -201,9 +203,7 @@ def test_promtool_alert_unit_tests():
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _port_free(port: int) -> bool:
