@@ -31,7 +31,7 @@ def _args(run_dir: Path, model_dir: Path, steps: int) -> list[str]:
 
 
 def _popo(args: list[str], **kw) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = kw.pop("env", dict(os.environ, PYTHONUNBUFFERED="1"))
     return subprocess.Popen(
         [sys.executable, "-m", "popo.deploy.cli", "train", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kw,
@@ -91,8 +91,14 @@ def test_train_end_to_end(tmp_path, demo_model_dir):
 
 def test_stop_and_resume(tmp_path, demo_model_dir):
     run_dir = tmp_path / "run"
-    args = _args(run_dir, demo_model_dir, steps=4)
-    proc = _popo(args, start_new_session=True)
+    args = _args(run_dir, demo_model_dir, steps=8)
+    # Every weight/checkpoint write then lasts >= 0.5 s (the chaos tests' hook), so the 6 steps
+    # after the first checkpoint outlast the interrupt's arrival even on a loaded machine.
+    proc = _popo(
+        args,
+        start_new_session=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", POPO_FAULT_WRITE_DELAY_S="0.5"),
+    )
     # stop the run once a checkpoint exists and a step after it is being trained
     deadline = time.time() + 400
     while time.time() < deadline:
@@ -110,11 +116,12 @@ def test_stop_and_resume(tmp_path, demo_model_dir):
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
+    assert not (run_dir / "summary.json").exists(), "the run finished before the interrupt"
 
     resumed = _popo(["--resume", str(run_dir), *args[1:]])
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
-    _assert_exactly_once(run_dir, 4)
+    _assert_exactly_once(run_dir, 8)
 
 
 def test_train_with_two_learner_ranks(tmp_path, demo_model_dir):
