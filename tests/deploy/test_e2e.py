@@ -113,7 +113,9 @@ def test_stop_and_resume(tmp_path, demo_model_dir):
     else:
         proc.kill()
         pytest.fail("no checkpoint within the time limit")
-    os.killpg(proc.pid, signal.SIGINT)
+    # SIGTERM takes the same path as Ctrl-C; SIGINT itself is ignored by processes started in
+    # the background of a non-interactive shell (e.g. `make test &`), which this test may be.
+    os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
     assert not (run_dir / "summary.json").exists(), "the run finished before the interrupt"
