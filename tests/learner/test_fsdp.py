@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -96,8 +97,12 @@ def _ckpt_worker(rank: int, world: int, tmp: str, mode: str) -> None:
         if rank == 0:
             save_file(policy, f"{tmp}/{mode}.safetensors")
             (__import__("pathlib").Path(tmp) / f"{mode}.json").write_text(json.dumps(m))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Rank 1 has aborted in interpreter teardown after a clean run ("terminate called without an
+    # active exception", ~1 in 4 runs here, only in this test); the results are already written.
+    os._exit(0)
 
 
 @pytest.mark.timeout(300)
