@@ -244,6 +244,10 @@ class LearnerConfig(_Section):
     """First back-off between write retries (doubles each time)."""
     eval_every: int = Field(50, ge=0)
     """Evaluate on the held-out split every N steps (0: only before and after the run)."""
+    release_memory: bool = True
+    """Hand the C heap's free pages back to the OS after every step (glibc malloc_trim, ~10 ms on
+    the embedded default): without it the learner's RSS climbs to the high-water mark of every batch
+    shape it has seen, which reads as a leak on a long run (RELIABILITY.md)."""
 
 
 class AlgorithmConfig(_Section):

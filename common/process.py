@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import signal
 import socket
+import time
 
 _PR_SET_PDEATHSIG = 1
 
@@ -15,6 +16,19 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     between fork and exec (`preexec_fn`), so nothing outlives a SIGKILLed launcher."""
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
+
+
+def release_free_memory() -> float:
+    """Return the C heap's free pages to the kernel (glibc `malloc_trim(0)`); seconds it took.
+
+    glibc keeps pages freed in the middle of its heaps and arenas; a learner whose step allocates
+    differently sized tensors every time (batch shapes vary with the positives) then grows its RSS
+    step by step to the high-water mark of every size mix seen (measured: +150 MiB in 200 steps of
+    the embedded default without it, flat with it). No-op where libc has no malloc_trim."""
+    t0 = time.perf_counter()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return time.perf_counter() - t0
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:

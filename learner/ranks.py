@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from popo.common.messages import RankCommand, decode, encode
 from popo.common.process import die_with_parent, free_ports
@@ -92,6 +92,20 @@ def init_group(device: str) -> tuple[int, int, str]:
         device = f"cuda:{local}"
     dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return dist.get_rank(), dist.get_world_size(), device if cuda else "cpu"
+
+
+def leave_group(code: int) -> NoReturn:
+    """End this rank's process with `code` once its work is done. Leaving the process group and
+    skipping interpreter teardown: gloo's destructors at teardown were seen to abort a rank that had
+    finished cleanly (SIGABRT, "terminate called without an active exception", ~1 run in 4)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class RankLink:

@@ -37,6 +37,7 @@ from popo.common.metrics import (
     pass_at_k,
     role_port,
 )
+from popo.common.process import release_free_memory
 from popo.learner.dispatch import Dispatcher, EvalRound, SharedState
 from popo.learner.ledger import Ledger, Received
 from popo.learner.ranks import RankLink
@@ -111,6 +112,8 @@ def follow(cfg: RunConfig, run_dir: Path, model_dir: Path, device: str) -> None:
             write_weights(trainer, cfg, run_dir, model_dir, cmd.version, set(cmd.protect), probe)
         elif cmd.op == "checkpoint":
             write_checkpoint(trainer, cfg, run_dir)
+        if cfg.learner.release_memory:
+            release_free_memory()
 
 
 class Learner:
@@ -333,6 +336,8 @@ class Learner:
                 and self.trainer.step < lc.total_steps
             ):
                 self.evaluate()
+            if lc.release_memory:
+                release_free_memory()
         if self.trainer.step >= lc.total_steps:
             self.evaluate()
             # Stop dispatching first: finish() frees admission room, and a lease issued after it
@@ -538,12 +543,16 @@ def main(cfg: RunConfig, run_dir: str | Path) -> int:
 
     if cfg.learner.devices > 1 and not ranks.in_group():
         return ranks.launch(ranks.main_argv(), cfg.learner.devices)
-    rank, device = 0, None
-    if ranks.in_group():
-        rank, world, device = ranks.init_group(cfg.learner.device)
-        log.info("learner rank %d of %d on %s", rank, world, device)
+    if not ranks.in_group():
+        return _leader_main(cfg, run_dir, None)
+    rank, world, device = ranks.init_group(cfg.learner.device)
+    log.info("learner rank %d of %d on %s", rank, world, device)
     if rank > 0:
-        return _follower_main(cfg, Path(run_dir), device, rank)
+        ranks.leave_group(_follower_main(cfg, Path(run_dir), device, rank))
+    ranks.leave_group(_leader_main(cfg, run_dir, device))
+
+
+def _leader_main(cfg: RunConfig, run_dir: str | Path, device: str | None) -> int:
     learner: Learner | None = None
 
     def on_signal(signum: int, _frame: object) -> None:
