@@ -19,11 +19,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import zmq
 
 from popo.common.config import RunConfig
 from popo.common.data import Problem
-from popo.common.messages import Lease, LeaseRequest, Leases, ScoredGroup, encode
+from popo.common.messages import (
+    Lease,
+    LeaseRequest,
+    Leases,
+    ScoredGroup,
+    encode,
+    unpack_f32,
+    unpack_ids,
+)
 from popo.common.transport import bind
 from popo.learner.ledger import Ledger
 
@@ -80,8 +89,10 @@ class Dispatcher(threading.Thread):
         on_group: Callable[[ScoredGroup], None] | None = None,
         on_duplicate: Callable[[], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         super().__init__(name="dispatch", daemon=True)
+        self.vocab_size = vocab_size
         self.cfg = cfg
         self.ledger = ledger
         self.train = train
@@ -213,7 +224,40 @@ class Dispatcher(threading.Thread):
 
     # --- ingest -------------------------------------------------------------------------------------
 
+    def unusable(self, g: ScoredGroup) -> str | None:
+        """Why a well-formed group still cannot be trained on, or None. `messages.check` saw the
+        shapes; these limits are the learner's: a token id outside the model's vocabulary would
+        crash the embedding lookup mid-step (and again after every restart, the group being in
+        the ledger), a positive or non-finite behaviour log-prob would poison the IS ratio."""
+        max_tokens = self.cfg.actor.max_tokens
+        for i, c in enumerate(g.completions):
+            ids, logp = unpack_ids(c.token_ids), unpack_f32(c.logprobs)
+            if len(ids) > max_tokens:
+                return f"completion {i}: {len(ids)} tokens > actor.max_tokens {max_tokens}"
+            if (
+                self.vocab_size is not None
+                and len(ids)
+                and not 0 <= ids.min() <= ids.max() < self.vocab_size
+            ):
+                return f"completion {i}: a token id outside [0, {self.vocab_size})"
+            # vLLM reports log-probs <= 0; allow float rounding just above it
+            if not np.all(np.isfinite(logp)) or np.any(logp > 1e-3):
+                return f"completion {i}: a behaviour log-prob that is not finite and <= 0"
+        ids = unpack_ids(g.prompt_token_ids)
+        if (
+            self.vocab_size is not None
+            and len(ids)
+            and not 0 <= ids.min() <= ids.max() < self.vocab_size
+        ):
+            return f"prompt: a token id outside [0, {self.vocab_size})"
+        return None
+
     def _ingest(self, g: ScoredGroup) -> None:
+        if (why := self.unusable(g)) is not None:
+            # dropped, not failed: its lease stays open, expires, and the prompt is re-dispatched
+            log.warning("dropped group of lease %d from %s: %s", g.lease_id, g.actor_id, why)
+            self._count_drop("unusable")
+            return
         st = self.state
         st.completions_total += g.n_total
         st.positives_total += g.n_positive

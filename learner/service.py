@@ -174,6 +174,7 @@ class Learner:
             on_group=self._on_group,
             on_duplicate=self.c_dup.inc,
             on_drop=lambda _why: self.c_dropped.inc(),
+            vocab_size=self.trainer.policy.config.vocab_size,
         )  # fmt: skip
         self.dispatcher.start()
         self.dispatcher.ready.wait()
@@ -265,7 +266,8 @@ class Learner:
         self.c_dup = m.counter("learner_duplicates_total", "Late or duplicate completions ignored")
         self.c_dropped = m.counter(
             "learner_dropped_messages_total",
-            "Malformed, unexpected or invalid frames dropped on dispatch, ingest and weightstream",
+            "Malformed, unexpected or invalid frames dropped on dispatch, ingest and weightstream,"
+            " and scored groups the model cannot train on (token ids outside its vocabulary...)",
         )
         # The bound and the last step's worst lag as gauges, so an alert can compare the two.
         self.g_stale_bound = m.gauge(
