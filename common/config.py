@@ -176,6 +176,16 @@ class ActorConfig(_Section):
     `<run_dir>/weights-cache/actor-<i>`, or a temporary directory without a run directory."""
     weights_cache_keep: int = Field(2, ge=1)
     """Streamed versions kept in the cache (the served one is never deleted)."""
+    reload_keeps_kv: bool = False
+    """Keep the KV cache across an in-place reload (vLLM `pause_generation(clear_cache=False)`).
+    Off, a reload preempts every running sequence and recomputes its prompt and completion so far
+    with the new weights on resume; on, they continue on the KV their earlier tokens produced under
+    the old weights. The behaviour log-probs mu are recorded per token at sampling, so POPO's
+    bounded importance sampling corrects the (slightly different) behaviour policy either way.
+    Requests are then salted with the weight version at submission, so a new request never reuses
+    an older version's prefix-cache blocks; a request that waits in the engine's queue across a
+    reload can still reuse its submission version's, so a group's `version_min` may understate the
+    oldest weights behind its context by those reloads."""
 
 
 class VerifierConfig(_Section):
@@ -422,12 +432,16 @@ class DeployConfig(_Section):
     restart_backoff_s: float = Field(2.0, gt=0.0)
     """Initial back-off before a crashed actor or verifier is restarted (doubles each time)."""
     max_restarts: int = Field(5, ge=0)
-    """Restarts per role before the run is stopped."""
+    """Restarts per actor or verifier within `restart_window_s` before the run is stopped."""
+    restart_window_s: float = Field(3600.0, gt=0.0)
+    """Restart limits count the restarts of the last this many seconds (and the back-off starts
+    over after a role stayed up this long), so a long run is not stopped by rare, spread-out
+    failures."""
     restart_backoff_max_s: float = Field(30.0, gt=0.0)
     """Cap of the doubling restart back-off."""
     learner_max_restarts: int = Field(5, ge=0)
-    """Restarts of a killed or crashed learner (it resumes from the run directory) before the run
-    is stopped."""
+    """Restarts of a killed or crashed learner (it resumes from the run directory) within
+    `restart_window_s` before the run is stopped."""
     learner_min_uptime_s: float = Field(60.0, ge=0.0)
     """A learner that exits non-zero without a signal sooner than this after its start failed to
     start (config, data, code error): the run stops with its error instead of restarting it."""

@@ -2,8 +2,9 @@
 
 The learner is the run: when it exits 0 the run is done and the others are stopped. A crashed actor
 or verifier is restarted with exponential back-off (the learner's leases cover its lost work) up to
-`deploy.max_restarts` times. A learner killed by a signal, or failing after it ran at least
-`deploy.learner_min_uptime_s`, is restarted the same way up to `deploy.learner_max_restarts` times:
+`deploy.max_restarts` times within `deploy.restart_window_s`. A learner killed by a signal, or failing
+after it ran at least `deploy.learner_min_uptime_s`, is restarted the same way up to
+`deploy.learner_max_restarts` times within the window:
 it resumes from its run directory (latest checkpoint + ledger), losing and retraining nothing. A
 learner that fails sooner failed to start (config, data, code): the run stops with its error rather
 than loop. Every restart (and every give-up) is a line in the log and a record in
@@ -54,6 +55,9 @@ class Role:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    """Restarts over the whole run (reported); the limit counts only `recent_restarts`."""
+    recent_restarts: list[float] = field(default_factory=list)
+    """Times of the restarts inside the last `deploy.restart_window_s`."""
     next_start: float = 0.0
     started_at: float = 0.0
     history: list[tuple[float, int]] = field(default_factory=list)
@@ -183,14 +187,19 @@ class Supervisor:
                 if self._stopping:
                     continue
                 limit = d.max_restarts if role.restartable else 0
-            if role.restarts >= limit:
-                self._record(role, code, uptime, None, f"{role.restarts} restarts: giving up")
+            # A week-long run survives a kill a day: only restarts inside the window count, and
+            # the back-off starts over once a role has stayed up that long.
+            role.recent_restarts = [t for t in role.recent_restarts if now - t < d.restart_window_s]
+            recent = len(role.recent_restarts)
+            if recent >= limit:
+                self._record(role, code, uptime, None, f"{recent} restarts: giving up")
                 log.error(
                     "%s exited with %d and will not be restarted; stopping the run", role.name, code
                 )
                 return code if role is self.learner else 1
-            delay = min(d.restart_backoff_s * 2**role.restarts, d.restart_backoff_max_s)
+            delay = min(d.restart_backoff_s * 2**recent, d.restart_backoff_max_s)
             role.restarts += 1
+            role.recent_restarts.append(now)
             role.next_start = now + delay
             self._record(role, code, uptime, delay, "restart")
             log.warning(

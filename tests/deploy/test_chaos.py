@@ -125,6 +125,30 @@ def test_backoff_is_capped(tmp_path):
     assert delays == [0.05, 0.1, 0.2, 0.2, 0.2]
 
 
+def test_restart_limit_counts_only_the_window(tmp_path):
+    # The verifier crashes 6 times, each restart >= 0.3 s (the back-off) after the last; with
+    # max_restarts 2 it would be given up on at its third crash, but in a 0.5 s window at most one
+    # earlier restart is ever recent, so the run goes on; the learner exits 0 once the verifier
+    # has lived through its crashes.
+    starts = tmp_path / "verifier-starts"
+    sup = _supervisor(
+        tmp_path,
+        f"import pathlib, time\nwhile not pathlib.Path({str(starts)!r}).exists() or "
+        f"int(pathlib.Path({str(starts)!r}).read_text()) < 7: time.sleep(0.05)",
+        max_restarts=2, restart_window_s=0.5, restart_backoff_s=0.3, restart_backoff_max_s=0.3,
+    )  # fmt: skip
+    sup.roles[1].argv = [sys.executable, "-c", (
+        f"import pathlib, time; p = pathlib.Path({str(starts)!r});"
+        " n = int(p.read_text()) if p.exists() else 0; p.write_text(str(n + 1));"
+        " n < 6 and exit(3); time.sleep(60)"
+    )]  # fmt: skip
+    assert _run(sup) == 0
+    recs = _records(tmp_path)
+    assert [r["action"] for r in recs] == ["restart"] * 6
+    assert [r["restart"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    assert sup.roles[1].restarts == 6
+
+
 # --- chaos on a real run ---------------------------------------------------------------------------
 
 
