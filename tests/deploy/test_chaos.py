@@ -130,20 +130,19 @@ def test_restart_limit_counts_only_the_window(tmp_path):
     # max_restarts 2 it would be given up on at its third crash, but in a 0.5 s window at most one
     # earlier restart is ever recent, so the run goes on; the learner exits 0 once the verifier
     # has lived through its crashes.
-    starts = tmp_path / "verifier-starts"
+    starts, up = tmp_path / "verifier-starts", tmp_path / "verifier-up"
     sup = _supervisor(
-        tmp_path,
-        f"import pathlib, time\nwhile not pathlib.Path({str(starts)!r}).exists() or "
-        f"int(pathlib.Path({str(starts)!r}).read_text()) < 7: time.sleep(0.05)",
+        tmp_path, f"import pathlib, time\nwhile not pathlib.Path({str(up)!r}).exists(): time.sleep(0.05)",
         max_restarts=2, restart_window_s=0.5, restart_backoff_s=0.3, restart_backoff_max_s=0.3,
     )  # fmt: skip
     sup.roles[1].argv = [sys.executable, "-c", (
         f"import pathlib, time; p = pathlib.Path({str(starts)!r});"
         " n = int(p.read_text()) if p.exists() else 0; p.write_text(str(n + 1));"
-        " n < 6 and exit(3); time.sleep(60)"
+        f" n < 6 and exit(3); pathlib.Path({str(up)!r}).touch(); time.sleep(60)"
     )]  # fmt: skip
-    assert _run(sup) == 0
+    code = _run(sup)
     recs = _records(tmp_path)
+    assert code == 0, recs
     assert [r["action"] for r in recs] == ["restart"] * 6
     assert [r["restart"] for r in recs] == [1, 2, 3, 4, 5, 6]
     assert sup.roles[1].restarts == 6
