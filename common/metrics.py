@@ -25,7 +25,10 @@ from prometheus_client import (
     disable_created_metrics,
     make_wsgi_app,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
+from popo.common import transport
 from popo.common.config import MetricsConfig
 
 PREFIX = "popo_"
@@ -39,6 +42,22 @@ class _QuietHandler(WSGIRequestHandler):
         self, format: str, *args: Any
     ) -> None:  # scrapes every few seconds: no log spam
         pass
+
+
+class _AuthRejections(Collector):
+    """`popo_auth_rejections_total{endpoint}` in every role: Curve handshakes this process refused
+    (a client key not on the endpoint's allow-list: a probe, a stale or a foreign key). The count
+    lives in `transport` and is read at scrape time; an endpoint appears, at 0, once it is bound
+    with Curve keys."""
+
+    def collect(self) -> Any:
+        fam = CounterMetricFamily(
+            PREFIX + "auth_rejections", "Curve handshakes refused (unknown client key)",
+            labels=["endpoint"],
+        )  # fmt: skip
+        for endpoint, n in sorted(transport.auth_rejections_by_endpoint().items()):
+            fam.add_metric([endpoint], n)
+        yield fam
 
 
 class RoleMetrics:
@@ -60,6 +79,7 @@ class RoleMetrics:
         self.instance = instance or role
         self.cfg = cfg
         self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_AuthRejections())
         self.jsonl_path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None

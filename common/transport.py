@@ -374,6 +374,7 @@ def _zap_allow(ctx: zmq.Context, domain: str, key: bytes) -> Callable[[], None]:
         if zap is None:
             zap = _zaps[id(ctx)] = _Zap(ctx)
             zap.allowed.rejected = _zap_rejected
+        _zap_rejected.setdefault(domain, 0)  # the metric's series exists from the bind on
         if domain not in zap.allowed.keys:
             zap.auth.configure_curve_callback(domain, zap.allowed)
         zap.allowed.keys.setdefault(domain, set()).add(key)
@@ -394,3 +395,9 @@ def auth_rejections(name: str | None = None) -> int:
     A client with no Curve at all fails the handshake before ZAP and is not counted here."""
     with _zap_lock:
         return _zap_rejected.get(name, 0) if name else sum(_zap_rejected.values())
+
+
+def auth_rejections_by_endpoint() -> dict[str, int]:
+    """Endpoint -> Curve handshakes refused there (every endpoint bound with keys, 0 included)."""
+    with _zap_lock:
+        return dict(_zap_rejected)

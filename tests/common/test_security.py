@@ -226,6 +226,11 @@ def test_dispatch_router_dealer(ctx: zmq.Context, keys: Path, other_keys: Path, 
     assert peer.poll(100, zmq.POLLIN) == 0
     if how in ("own", "role"):  # the handshake got as far as the authenticator, which said no
         assert transport.auth_rejections("dispatch") > rejected0
+    # ... and every role's Prometheus registry serves the count
+    snap = RoleMetrics("learner", MetricsConfig()).snapshot()
+    assert snap['popo_auth_rejections_total{endpoint="dispatch"}'] == transport.auth_rejections(
+        "dispatch"
+    )
     for ch in (learner, actor):
         ch.close()
 

@@ -85,6 +85,10 @@ def defined_metrics() -> dict[str, str]:
     for src in METRIC_SOURCES:
         for kind, name in pat.findall(src.read_text()):
             found["popo_" + name] = kind
+    # collectors every role registers (read at scrape time)
+    families = re.compile(r"CounterMetricFamily\(\s*PREFIX \+ \"(\w+)\"")
+    for name in families.findall((ROOT / "common" / "metrics.py").read_text()):
+        found["popo_" + name + "_total"] = "counter"
     return found
 
 
