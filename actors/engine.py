@@ -11,6 +11,12 @@ scheduler with in-flight requests frozen (`pause_generation(mode="keep")`, nothi
 loads the new file in place (`collective_rpc("reload_weights")`), relabels the version and
 resumes — so each group's oldest and newest producing version come from the engine itself, exact to
 the token, not from guessing around the reload.
+
+What the frozen requests' KV becomes is `actor.reload_keeps_kv`: off (the default), vLLM preempts
+every running request when the pause clears its caches and re-prefills prompt + completion so far
+with the new weights on resume; on, they continue on the KV they had, computed by the old weights.
+Either way mu is the probability the engine actually sampled with, which is what the learner's
+bounded importance weights need.
 """
 
 from __future__ import annotations
@@ -170,8 +176,8 @@ class RolloutEngine:
             seed=self.seed,
             max_num_seqs=self.cfg.max_num_seqs,
             logprobs_mode=self.cfg.logprobs_mode,  # type: ignore[arg-type]
-            # A reload clears the KV and prefix caches (in-flight requests recompute their prefix
-            # with the new weights), so cached prefixes never outlive the weights that made them.
+            # Cached prefixes never serve a newer version: a reload either clears the cache or
+            # (`reload_keeps_kv`) requests are salted with the version they were submitted under.
             enable_prefix_caching=True,
             disable_log_stats=True,
         )
@@ -222,6 +228,14 @@ class RolloutEngine:
         """Prompt text -> token ids, exactly as vLLM would tokenize a text prompt."""
         return list(self.llm.get_tokenizer().encode(text))
 
+    def _prompt(self, prompt_ids: list[int]) -> Any:
+        from vllm.inputs import TokensPrompt
+
+        if not self.cfg.reload_keeps_kv:
+            return TokensPrompt(prompt_token_ids=prompt_ids)
+        # Prefix-cache blocks outlive reloads here; the salt keys them by weight version.
+        return TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=f"v{self.version}")
+
     def sampling_params(self, n: int | None = None, seed: int | None = None) -> SamplingParams:
         """The behaviour policy's sampling: G samples, with the sampled tokens' log-probs."""
         from vllm import SamplingParams
@@ -243,13 +257,9 @@ class RolloutEngine:
         return self.call(self._sample(_ints(prompt_ids), params or self.sampling_params()))
 
     async def _sample(self, prompt_ids: list[int], params: SamplingParams) -> SampledGroup:
-        from vllm.inputs import TokensPrompt
-
         t0 = time.time()
         final = None
-        async for out in self.llm.generate(
-            TokensPrompt(prompt_token_ids=prompt_ids), params, f"g{next(self._ids)}"
-        ):
+        async for out in self.llm.generate(self._prompt(prompt_ids), params, f"g{next(self._ids)}"):
             final = out
         if final is None:
             raise RuntimeError("vLLM finished a request without any output")
@@ -276,12 +286,10 @@ class RolloutEngine:
         """
 
         async def run_all() -> list:
-            from vllm.inputs import TokensPrompt
-
             async def one(ids: Sequence[int]) -> Any:
                 final = None
                 async for out in self.llm.generate(
-                    TokensPrompt(prompt_token_ids=_ints(ids)), params, f"r{next(self._ids)}"
+                    self._prompt(_ints(ids)), params, f"r{next(self._ids)}"
                 ):
                     final = out
                 return final
@@ -299,13 +307,10 @@ class RolloutEngine:
 
     async def _prompt_logprobs(self, token_ids: list[int]) -> np.ndarray:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
         final = None
-        async for out in self.llm.generate(
-            TokensPrompt(prompt_token_ids=token_ids), params, f"p{next(self._ids)}"
-        ):
+        async for out in self.llm.generate(self._prompt(token_ids), params, f"p{next(self._ids)}"):
             final = out
         assert final is not None and final.prompt_logprobs is not None
         # position 0 has no prefix (None); the rest hold the actual token's log-prob.
@@ -315,8 +320,9 @@ class RolloutEngine:
 
     def reload(self, weights_dir: str | Path, version: int) -> Future:
         """Load `weights_dir/*.safetensors` in place and label it `version`; resolves to
-        `ReloadTiming`. In-flight requests are frozen, not dropped: their KV is recomputed with
-        the new weights and their later tokens carry the new version."""
+        `ReloadTiming`. In-flight requests are frozen, not dropped, and their later tokens carry
+        the new version; their KV is recomputed with the new weights, or kept with
+        `actor.reload_keeps_kv`."""
         return self.call(self.reload_async(str(weights_dir), version))
 
     async def reload_async(self, weights_dir: str, version: int) -> ReloadTiming:
@@ -324,7 +330,7 @@ class RolloutEngine:
         llm = self.llm
         async with self._reload_lock:
             t0 = time.perf_counter()
-            await llm.pause_generation(mode="keep", clear_cache=True)
+            await llm.pause_generation(mode="keep", clear_cache=not self.cfg.reload_keeps_kv)
             t1 = time.perf_counter()
             try:
                 await llm.collective_rpc("reload_weights", kwargs={"weights_path": weights_dir})

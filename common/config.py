@@ -183,9 +183,11 @@ class ActorConfig(_Section):
     the old weights. The behaviour log-probs mu are recorded per token at sampling, so POPO's
     bounded importance sampling corrects the (slightly different) behaviour policy either way.
     Requests are then salted with the weight version at submission, so a new request never reuses
-    an older version's prefix-cache blocks; a request that waits in the engine's queue across a
-    reload can still reuse its submission version's, so a group's `version_min` may understate the
-    oldest weights behind its context by those reloads."""
+    an older version's prefix-cache blocks. Version labels stay per sampled token; a group's
+    `version_min` can understate the oldest weights behind its context only for a request whose
+    prompt KV was computed (or prefix-matched under its submission salt) before a reload but whose
+    first token was sampled after it. Off by default until a quiet-machine `popo bench e2e` shows
+    it is no slower (`--train-flags="--actor.reload_keeps_kv=true"`)."""
 
 
 class VerifierConfig(_Section):

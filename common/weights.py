@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
+import struct
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -37,10 +41,93 @@ class WeightsError(RuntimeError):
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    # One reused buffer: a new 1 MiB `bytes` per read is a new mapping, zero-filled page by page.
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
+
+
+# safetensors' dtype names, keyed by torch's (`str(torch.float32)` without `torch.`), in the order
+# of safetensors' dtype enum: its writer lays tensors out by that rank, highest first, then name.
+_SAFETENSORS_DTYPES = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fn": "F8_E4M3", "int16": "I16", "uint16": "U16", "float16": "F16",
+    "bfloat16": "BF16", "int32": "I32", "uint32": "U32", "float32": "F32", "float64": "F64",
+    "int64": "I64", "uint64": "U64",
+}  # fmt: skip
+_RANK = {k: i for i, k in enumerate(_SAFETENSORS_DTYPES)}
+
+
+def write_safetensors(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    chunk: int = 1 << 20,
+) -> tuple[str, int]:
+    """Write `tensors` as a safetensors file, fsync it, and return (sha256 hex, size in bytes).
+
+    The bytes are hashed as they are written, block by block: one pass over the data, where
+    safetensors' `save_file` followed by hashing the file reads every byte back, and its in-memory
+    `save` copies every byte first. The format is safetensors': a little-endian u64 header length
+    N; N bytes of JSON (per tensor its dtype, shape and [begin, end) data offsets, and
+    `__metadata__`), padded with spaces so the data starts 8-byte aligned; then the raw
+    little-endian tensor bytes back to back, in safetensors' own order (dtype rank, widest first,
+    then name) so each tensor starts aligned to its item size. A file of contiguous, unshared
+    tensors is byte for byte what `save_file` writes. Each tensor is written straight from its
+    storage (a zero-copy view of a contiguous CPU tensor); only a non-contiguous or non-CPU tensor
+    is copied, one at a time. Tensors sharing storage are each written whole, as independent ones.
+    """
+    import torch
+
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors stores little-endian bytes; this host is big-endian")
+    dtypes = {k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items()}
+    unknown = {k: d for k, d in dtypes.items() if d not in _SAFETENSORS_DTYPES}
+    if unknown:
+        raise ValueError(f"no safetensors dtype for {unknown}")
+    order = sorted(tensors, key=lambda k: (-_RANK[dtypes[k]], k))
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    end = 0
+    for k in order:
+        t = tensors[k]
+        begin, end = end, end + t.numel() * t.element_size()
+        dtype = _SAFETENSORS_DTYPES[dtypes[k]]
+        header[k] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [begin, end]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+
+    def blocks() -> Iterator[bytes | memoryview]:
+        yield struct.pack("<Q", len(raw))
+        yield raw
+        for k in order:
+            t = tensors[k].detach().cpu().contiguous()  # no copy unless it has to be
+            data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            for i in range(0, len(data), chunk):
+                yield data[i : i + chunk]
+
+    h = hashlib.sha256()
+    # sha256 costs more CPU than writing the bytes (~170 vs ~70 ms for 242 MiB), so with a spare
+    # core it runs on a second thread (hashlib releases the GIL on large blocks), fed each block in
+    # order as it is written and finishing while the file is fsynced. Pinned to one core, the
+    # thread only adds cache misses (+20 % CPU measured): hash each block right after writing it.
+    spare_core = len(os.sched_getaffinity(0)) > 1
+    with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher, open(path, "wb") as f:
+        hashed = []
+        for block in blocks():
+            if spare_core:
+                hashed.append(hasher.submit(h.update, block))
+            f.write(block)
+            if not spare_core:
+                h.update(block)
+        f.flush()
+        os.fsync(f.fileno())
+        size = f.tell()
+    for done in hashed:
+        done.result()
+    return h.hexdigest(), size
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -127,8 +214,6 @@ def write_version_dir(
 
     Returns (path of model.safetensors, sha256 hex, size in bytes). Fails if `out_dir` exists.
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} already exists; versions are immutable")
@@ -137,14 +222,7 @@ def write_version_dir(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        weights = tmp / WEIGHTS_FILE
-        # safetensors refuses non-contiguous or shared-storage tensors; clone what needs it.
-        flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        # Hashing the file read back from the page cache measured 2x faster than serialising
-        # with safetensors' in-memory `save` and hashing that (an extra copy of every byte).
-        save_file(flat, str(weights), metadata={"format": "pt"})
-        _fsync_file(weights)
-        digest = sha256_file(weights)
+        digest, nbytes = write_safetensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
         (tmp / f"{WEIGHTS_FILE}.sha256").write_text(digest + "\n")
         _fsync_file(tmp / f"{WEIGHTS_FILE}.sha256")  # actors that start late read it
         for name, data in (extra_files or {}).items():
@@ -162,7 +240,7 @@ def write_version_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out / WEIGHTS_FILE, digest, (out / WEIGHTS_FILE).stat().st_size
+    return out / WEIGHTS_FILE, digest, nbytes
 
 
 def verify_weights(path: str | Path, sha256: str, nbytes: int | None = None) -> None:

@@ -79,6 +79,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="learner.max_staleness of the async pipeline (sync is 0)")  # fmt: skip
     e.add_argument("--pin", default="learner=0;actor=1;verifier=1",
                    help="role=cores;... (deploy.cpu_affinity); `none` pins nothing")  # fmt: skip
+    e.add_argument("--train-flags", default="",
+                   help='extra `popo train` flags for both runs, one string: '
+                        '--train-flags="--actor.reload_keeps_kv=true --learner.publish_every=2"')  # fmt: skip
 
 
 # --- defaults per subcommand ------------------------------------------------------------------------
@@ -500,6 +503,82 @@ def idle_fractions(
     return out
 
 
+# Set by the e2e harness itself: the comparison is only sync vs async if both runs share them.
+E2E_OWN_KEYS = (
+    "deploy.run_dir", "model.path", "learner.max_staleness", "learner.total_steps",
+    "learner.prompts_per_step", "actor.group_size", "deploy.cpu_affinity",
+)  # fmt: skip
+
+
+def train_flags(spec: str) -> list[str]:
+    """`--train-flags` -> extra `popo train` arguments; refuses the keys the harness sets."""
+    flags = shlex.split(spec)
+    for f in flags:
+        key = f.removeprefix("--").split("=", 1)[0]
+        if f.startswith("--") and key in E2E_OWN_KEYS:
+            raise SystemExit(f"popo bench e2e: --train-flags may not set {key} (a bench option "
+                             "or the harness sets it)")  # fmt: skip
+    return flags
+
+
+def learner_split(run_dir: Path, t0: float, t1: float) -> dict[str, float]:
+    """Seconds per trained step over [t0, t1] of the learner's loop, from metrics.jsonl: `wait`
+    (blocked on a batch), `train` (optimizer step), `publish` (write + announce, amortised over
+    steps when `publish_every` > 1); means over the steps the first and last records span."""
+    pts = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["role"] == "learner" and t0 - 0.5 <= rec["t"] <= t1 + 0.5:
+            pts.append(rec)
+    pts.sort(key=lambda r: r["t"])
+    if len(pts) < 2:
+        raise ValueError(f"{run_dir}: fewer than 2 learner metric records in the window")
+    first, last = pts[0], pts[-1]
+
+    def delta(key: str) -> float:
+        return float(last.get(key, 0.0)) - float(first.get(key, 0.0))
+
+    steps = delta("popo_learner_step_seconds_count")
+    if steps <= 0:
+        raise ValueError(f"{run_dir}: no learner step recorded in the window")
+    return {
+        "wait": delta("popo_learner_wait_seconds_total") / steps,
+        "train": delta("popo_learner_step_seconds_sum") / steps,
+        "publish": delta("popo_learner_publish_seconds_sum") / steps,
+    }
+
+
+def overlap_ceiling(step_s: float, busy_s: dict[str, float]) -> dict[str, Any]:
+    """The best async/sync throughput ratio a synchronous run's timings allow when the parts in
+    `busy_s` (seconds each is busy per synchronous step of `step_s`) run side by side: a step
+    then takes as long as the busiest part, so async/sync <= step_s / max(busy_s). It assumes no
+    part gets slower when overlapped, which is what the measured async row is compared against."""
+    bottleneck = max(busy_s, key=busy_s.__getitem__)
+    period = busy_s[bottleneck]
+    return {"busy_s": dict(busy_s), "bottleneck": bottleneck, "period_s": period,
+            "ratio": step_s / period}  # fmt: skip
+
+
+def sync_ceilings(
+    step_s: float, wait_s: float, idle: dict[str, float | None]
+) -> dict[str, dict[str, Any]]:
+    """Two ceilings from one synchronous run (strictly serial: the learner waits `wait_s` for
+    the batch, then trains and publishes for `step_s - wait_s`).
+
+    `halves`: the generation side (everything the learner waits for: leases, generation,
+    reload, verification, ingest) overlapped with the learner's work; the issue's
+    `sync_step / max(gen, train + publish)` with bookkeeping counted on the learner's side.
+    `stages`: every role overlapped with every other, each busy per step as long as it was in the
+    synchronous run (actor and verifier from their idle fractions): the pipeline's limit once
+    lease round trips and verification hide behind generation too."""
+    learner = step_s - wait_s
+    stages = {r: step_s * (1.0 - f) for r, f in idle.items() if r != "learner" and f is not None}
+    return {
+        "halves": overlap_ceiling(step_s, {"generation side": wait_s, "learner": learner}),
+        "stages": overlap_ceiling(step_s, {**stages, "learner": learner}),
+    }
+
+
 def run_train(
     model_dir: Path, run_dir: Path, staleness: int, a: argparse.Namespace, pin: dict
 ) -> Path:
@@ -510,7 +589,7 @@ def run_train(
         f"--learner.prompts_per_step={a.prompts_per_step}", f"--actor.group_size={a.group_size}",
         f"--learner.checkpoint_every={a.steps}", "--learner.eval_every=0", "--data.eval_size=16",
         f"--deploy.cpu_affinity={json.dumps(pin)}",
-        *free_port_flags(), "--metrics.jsonl_every_s=0.5",
+        *free_port_flags(), "--metrics.jsonl_every_s=0.5", *train_flags(a.train_flags),
     ]  # fmt: skip
     cmd = [sys.executable, "-m", "popo.deploy.cli", "train", *args]
     log_path = run_dir.parent / f"{run_dir.name}.log"
@@ -532,6 +611,7 @@ def bench_e2e(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
     cores = sorted(os.sched_getaffinity(0))
     if any(c not in cores for cs in pin.values() for c in cs):
         raise SystemExit(f"popo bench e2e: --pin {a.pin} names cores outside {cores}")
+    train_flags(a.train_flags)  # refuse bad flags before the first run, not after it
     modes = {"sync": 0, "async": a.async_staleness}
     tput: dict[str, list[float]] = {m: [] for m in modes}
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
@@ -547,7 +627,11 @@ def bench_e2e(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
                 "seconds": secs, "steps": len(ks), "overlap_fraction": overlap_fraction(steps),
                 "idle": idle_fractions(run_dir, t0, t1, cfg.verifier.num_workers),
                 "step_seconds": secs / (len(ks) - a.warmup_steps),
+                "learner_split": learner_split(run_dir, t0, t1),
             }  # fmt: skip
+            if mode == "sync":
+                info["ceilings"] = sync_ceilings(info["step_seconds"],
+                                                 info["learner_split"]["wait"], info["idle"])  # fmt: skip
             # The synchronous baseline must really alternate, or the comparison means nothing.
             if mode == "sync" and info["overlap_fraction"] > 0:
                 raise RuntimeError(f"{run_dir}: max_staleness 0 overlapped generation and training")
@@ -561,7 +645,7 @@ def bench_e2e(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
         "synchronous "
         f"(max_staleness 0); {a.steps} steps x {a.prompts_per_step} prompts x G={a.group_size}, "
         f"first {a.warmup_steps} steps excluded, pinned cores: {pin_txt}, {a.reps} alternating "
-        f"repetitions",
+        f"repetitions" + (f", train flags `{a.train_flags}`" if a.train_flags.strip() else ""),
         ["pipeline", "positives/s median [min, max]", "s per step", "overlap of gen. and training",
          "idle: actor / verifier / learner", "ratio to sync (target >= 1.6)"],
     )  # fmt: skip
@@ -581,8 +665,38 @@ def bench_e2e(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
             f"{statistics.median(x['overlap_fraction'] for x in runs[mode]):.0%}",
             " / ".join(idle.values()), "1.00" if mode == "sync" else r.fmt(),
         ])  # fmt: skip
+    # What ideal overlap would give, from each synchronous run's own timings.
+    ceil: dict[str, Summary] = {}
+    for kind, label in (("halves", "ceiling: generation side overlapped with the learner"),
+                        ("stages", "ceiling: every role overlapped")):  # fmt: skip
+        cs = [x["ceilings"][kind] for x in runs["sync"]]
+        ceil[kind] = Summary.of([c["ratio"] for c in cs])
+        res.rows.append([
+            label,
+            Summary.of([t * c["ratio"] for t, c in zip(tput["sync"], cs, strict=True)]).fmt(".1f"),
+            f"{statistics.median(c['period_s'] for c in cs):.2f}", "100%", "n/a",
+            f"{ceil[kind].fmt('.2f')} (bound: {cs[0]['bottleneck']})",
+        ])  # fmt: skip
+
+    step = statistics.median(x["step_seconds"] for x in runs["sync"])
+    split = {k: statistics.median(x["learner_split"][k] for x in runs["sync"])
+             for k in ("wait", "train", "publish")}  # fmt: skip
+    busy_runs = [x["ceilings"]["stages"]["busy_s"] for x in runs["sync"]]
+    busy = {k: statistics.median(b[k] for b in busy_runs)
+            for k in busy_runs[0] if all(k in b for b in busy_runs)}  # fmt: skip
+    res.notes.append(
+        "Ceilings = sync s per step / the longest part once the parts overlap. Sync runs, median "
+        f"s per step: step {step:.3f} = learner wait {split['wait']:.3f} + learner work "
+        f"{step - split['wait']:.3f} (train {split['train']:.3f}, publish {split['publish']:.3f}, "
+        "rest bookkeeping); busy per step: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in busy.items())
+        + f". Measured async / ceiling: {r.median / ceil['halves'].median:.0%} (generation side "
+        f"vs learner), {r.median / ceil['stages'].median:.0%} (every role)."
+    )
     res.ratios["async_over_sync"] = r
-    res.figures = {"runs": runs, "pin": pin, "model": str(model_dir)}
+    res.figures = {"runs": runs, "pin": pin, "model": str(model_dir),
+                   "ceilings": {k: v.to_json() for k, v in ceil.items()},
+                   "train_flags": a.train_flags}  # fmt: skip
     return res
 
 

@@ -16,7 +16,16 @@ from popo.common.config import RunConfig
 from popo.common.data import Problem
 from popo.common.messages import LeaseRequest, Leases
 from popo.common.transport import connect
-from popo.deploy.bench import overlap_fraction, parse_pin, step_times, window_throughput
+from popo.deploy.bench import (
+    learner_split,
+    overlap_ceiling,
+    overlap_fraction,
+    parse_pin,
+    step_times,
+    sync_ceilings,
+    train_flags,
+    window_throughput,
+)
 from popo.deploy.launch import Role, role_cpus
 from popo.learner.dispatch import Dispatcher, SharedState
 from popo.learner.ledger import Ledger
@@ -74,6 +83,58 @@ def test_parse_pin():
         "learner": [0], "actor": [1], "verifier": [1, 2]
     }  # fmt: skip
     assert parse_pin("none") == {}
+
+
+def test_ceilings_by_hand():
+    # the quiet-machine sync run (BENCHMARKS.md): a 0.52 s step = 0.38 s waiting for the batch +
+    # 0.14 s learner work; the actor was busy 0.25 s (52 % idle), the verifier 0.05 s (~90 % idle)
+    c = sync_ceilings(0.52, 0.38, {"actor-0": 0.52, "verifier-0": 0.9, "learner": 0.73})
+    halves, stages = c["halves"], c["stages"]
+    # generation side overlapped with the learner: a step takes the 0.38 s wait -> 0.52 / 0.38
+    assert halves["bottleneck"] == "generation side" and halves["period_s"] == 0.38
+    assert halves["ratio"] == pytest.approx(1.3684, abs=1e-4)
+    # every role overlapped: the actor's 0.52 * 0.48 = 0.2496 s bounds it -> 0.52 / 0.2496
+    assert stages["bottleneck"] == "actor-0"
+    assert stages["busy_s"] == pytest.approx({"actor-0": 0.2496, "verifier-0": 0.052,
+                                              "learner": 0.14})  # fmt: skip
+    assert stages["ratio"] == pytest.approx(2.0833, abs=1e-4)
+    # training-bound: 1.0 s = 0.4 s wait + 0.6 s learner -> 1.0 / 0.6; equal halves: 2x
+    bound = overlap_ceiling(1.0, {"gen": 0.4, "learner": 0.6})
+    assert bound["bottleneck"] == "learner" and bound["ratio"] == pytest.approx(1.6667, abs=1e-4)
+    assert sync_ceilings(0.8, 0.4, {})["halves"]["ratio"] == pytest.approx(2.0)
+    # a role without an idle figure is left out of the stages, not counted as never idle
+    assert set(sync_ceilings(0.8, 0.4, {"actor-0": None})["stages"]["busy_s"]) == {"learner"}
+
+
+def test_learner_split_from_metrics(tmp_path):
+    """Per-step wait / train / publish are counter deltas over the window divided by the steps
+    the learner's step histogram counted in it; other roles' and out-of-window records ignored."""
+    recs = [
+        {"role": "learner", "instance": "learner", "t": 90.0, "popo_learner_step_seconds_count": 1},
+        {"role": "learner", "instance": "learner", "t": 100.0,
+         "popo_learner_step_seconds_count": 5, "popo_learner_step_seconds_sum": 1.0,
+         "popo_learner_wait_seconds_total": 2.0, "popo_learner_publish_seconds_sum": 0.5},
+        {"role": "actor", "instance": "actor-0", "t": 101.0, "popo_actor_idle_seconds_total": 9.0},
+        {"role": "learner", "instance": "learner", "t": 104.0,
+         "popo_learner_step_seconds_count": 9, "popo_learner_step_seconds_sum": 1.8,
+         "popo_learner_wait_seconds_total": 3.2, "popo_learner_publish_seconds_sum": 0.7},
+        {"role": "learner", "instance": "learner", "t": 120.0, "popo_learner_step_seconds_count": 20},
+    ]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    split = learner_split(tmp_path, 100.2, 104.0)
+    # 4 steps: wait 1.2 s, train 0.8 s, publish 0.2 s
+    assert split == pytest.approx({"wait": 0.3, "train": 0.2, "publish": 0.05})
+    with pytest.raises(ValueError):
+        learner_split(tmp_path, 110.0, 115.0)
+
+
+def test_train_flags_passes_extras_and_refuses_harness_keys():
+    assert train_flags("--actor.reload_keeps_kv=true  --learner.publish_every 2") == [
+        "--actor.reload_keeps_kv=true", "--learner.publish_every", "2"
+    ]  # fmt: skip
+    assert train_flags("") == []
+    with pytest.raises(SystemExit, match=r"learner\.max_staleness"):
+        train_flags("--learner.max_staleness=3")
 
 
 # --- role pinning (deploy.cpu_affinity) ---------------------------------------------------------------

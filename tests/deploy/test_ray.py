@@ -4,8 +4,10 @@ Two namespaces joined by a veth pair play two hosts (10.231.0.1 head, 10.231.0.2
 one, Ray binds the machine's external interface and probes a public address (DESIGN §7), so every
 Ray process here lives in a namespace and all traffic stays on the veth. The run is the embedded
 default, shortened: the learner and the verifier on the head, the actor pinned to the worker by a
-custom resource, weights streamed over ZeroMQ (`transport.weights_mode = stream`). The test kills
-the actor's process mid-run, Ray restarts it, training finishes, and every lease ended exactly once.
+custom resource, weights streamed over ZeroMQ (`transport.weights_mode = stream`). The run is a
+Ray job: `ray job submit` to the head's job server (its dashboard bound to the head's namespace
+address) with the entrypoint `popo ray --address auto ...`. The test kills the actor's process
+mid-run, Ray restarts it, training finishes, the job SUCCEEDED, and every lease ended exactly once.
 """
 
 import contextlib
@@ -29,6 +31,7 @@ from popo.deploy.cli import OFFLINE_ENV
 
 HEAD_IP, WORKER_IP = "10.231.0.1", "10.231.0.2"
 RAY = str(Path(sys.executable).with_name("ray"))
+DASHBOARD = f"http://{HEAD_IP}:8265"  # the job server (`ray[default]`)
 STEPS = 16
 
 
@@ -66,11 +69,15 @@ def _kill_namespace(ns: str) -> None:
 class Cluster:
     def __init__(self, head_ns: str, worker_ns: str, temp_dir: str) -> None:
         self.head_ns, self.worker_ns, self.temp_dir = head_ns, worker_ns, temp_dir
+        self.job_server_up = False
         # Ray's token authentication, hermetic: one fresh token for this cluster's nodes and
         # driver, never the user's ~/.ray/auth_token.
         self.env = dict(os.environ, **OFFLINE_ENV, RAY_AUTH_MODE="token",
                         RAY_AUTH_TOKEN=secrets.token_hex(32))  # fmt: skip
         self.env.pop("RAY_AUTH_TOKEN_PATH", None)
+        # A job's entrypoint is a shell command run with the raylet's environment: `popo` must
+        # resolve to this venv's script even when pytest was started without the venv on PATH.
+        self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
 
     def exec(self, ns: str, argv: list[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", ns, *argv], env=self.env, **kw)
@@ -81,6 +88,40 @@ class Cluster:
             env=self.env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert r.returncode == 0, r.stdout + r.stderr
+
+    def ray_cli(self, args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+        """`ray ARGS` from the head's namespace (the only place the job server is reachable)."""
+        return subprocess.run(["ip", "netns", "exec", self.head_ns, RAY, *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+    def processes(self) -> dict[int, tuple[str, str]]:
+        """Every live process started for this cluster (they all inherit its auth token): pid ->
+        (network namespace name, "" outside the test's namespaces; command line)."""
+        mark = f"RAY_AUTH_TOKEN={self.env['RAY_AUTH_TOKEN']}".encode()
+        out = {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                if mark not in (d / "environ").read_bytes().split(b"\0"):
+                    continue
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:  # exited meanwhile, or a kernel thread
+                continue
+            ns = _ip("netns", "identify", d.name, check=False).stdout.strip()
+            out[int(d.name)] = (ns, cmd)
+        return out
+
+    def wait_job_server(self, timeout: float = 90) -> None:
+        """Until the head's job server answers (it comes up after `ray start` returns)."""
+        deadline = time.time() + timeout
+        while not self.job_server_up:
+            r = self.ray_cli(["job", "list", f"--address={DASHBOARD}"])
+            if r.returncode == 0:
+                self.job_server_up = True
+                return
+            assert time.time() < deadline, f"job server not up:\n{r.stdout}{r.stderr}"
+            time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +145,11 @@ def ray_cluster() -> Iterator[Cluster]:
             _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
         c = Cluster(head_ns, worker_ns, temp_dir)
+        # The dashboard (job server) binds the head's namespace address, never 0.0.0.0 outside.
         c.ray_start(head_ns, [
             "--head", f"--node-ip-address={HEAD_IP}", "--port=6379", "--num-cpus=4",
-            "--include-dashboard=false", f"--temp-dir={temp_dir}", '--resources={"head_node": 4}',
+            "--include-dashboard=true", f"--dashboard-host={HEAD_IP}", "--dashboard-port=8265",
+            f"--temp-dir={temp_dir}", '--resources={"head_node": 4}',
         ])  # fmt: skip
         c.ray_start(worker_ns, [
             f"--address={HEAD_IP}:6379", f"--node-ip-address={WORKER_IP}", "--num-cpus=2",
@@ -166,7 +209,7 @@ def _wait(what: str, cond, proc: subprocess.Popen, out: Path, timeout: float):
         if (got := cond()) is not None and got is not False:
             return got
         assert proc.poll() is None, (
-            f"popo ray exited ({proc.returncode}) before {what}:\n" + (out.read_text()[-5000:])
+            f"the job exited ({proc.returncode}) before {what}:\n" + (out.read_text()[-5000:])
         )
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}:\n{out.read_text()[-5000:]}")
@@ -174,10 +217,17 @@ def _wait(what: str, cond, proc: subprocess.Popen, out: Path, timeout: float):
 
 @pytest.mark.vllm
 def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
+    """The run as a Ray job: `ray job submit` (waiting, it streams the job's logs and exits with
+    the job's outcome) of the entrypoint `popo ray --address auto`, which joins the cluster the job
+    runs on. (`popo ray --address HEAD:6379` from outside the cluster connects the same way;
+    `test_ray_placement_by_node_labels` drives that path.)"""
     run_dir = tmp_path / "run"
     out = tmp_path / "popo-ray.out"
+    job = f"popo-{secrets.token_hex(4)}"
+    ray_cluster.wait_job_server()
     argv = [
-        sys.executable, "-m", "popo.deploy.cli", "ray", f"--address={HEAD_IP}:6379",
+        RAY, "job", "submit", f"--address={DASHBOARD}", f"--submission-id={job}", "--",
+        "popo", "ray", "--address", "auto",
         f"--deploy.run_dir={run_dir}", f"--model.path={demo_model_dir}",
         f"--learner.total_steps={STEPS}", "--learner.prompts_per_step=4",
         "--learner.checkpoint_every=8", "--learner.lease_timeout_s=10",
@@ -208,12 +258,24 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
             proc, out, 120,
         )  # fmt: skip
         assert _ip("netns", "identify", str(second)).stdout.strip() == ray_cluster.worker_ns
+        # every process of the cluster (Ray, its dashboard and agents, the job's driver, the
+        # roles) lives in one of the two namespaces; the job's driver on the head
+        procs = ray_cluster.processes()
+        inside = {ray_cluster.head_ns, ray_cluster.worker_ns}
+        assert {ns for ns, _ in procs.values()} == inside, procs
+        assert any(ns == ray_cluster.head_ns and "/popo ray --address auto" in cmd
+                   for ns, cmd in procs.values()), procs  # fmt: skip
         proc.wait(timeout=420)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     text = out.read_text()
     assert proc.returncode == 0, text[-5000:]
+    status = ray_cluster.ray_cli(["job", "status", f"--address={DASHBOARD}", job])
+    assert f"Job '{job}' succeeded" in status.stdout, status.stdout + status.stderr  # SUCCEEDED
+    # the driver's output reached the job's logs (streamed above; kept by the job server)
+    logs = ray_cluster.ray_cli(["job", "logs", f"--address={DASHBOARD}", job]).stdout
+    assert f"run directory: {run_dir}" in logs and "leases: " in logs, logs[-3000:]
     assert f"actor-0@{WORKER_IP}" in text and f"learner@{HEAD_IP}" in text, text[-3000:]
 
     targets = json.loads((run_dir / "prometheus-targets.json").read_text())
@@ -255,6 +317,21 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
         assert re.search(r"serving version [1-9][0-9]* \(", part), part[-3000:]
         assert "weights mode stream" in part and "weights mode shared" not in part, part[-3000:]
     assert list((run_dir / "weights-cache" / "actor-0").glob("v*")), "nothing was streamed"
+
+
+def test_ray_job_exit_code_is_the_job_status(ray_cluster, tmp_path):
+    """A failing entrypoint fails the job: `popo ray`'s exit code (2, a config error) becomes the
+    job's FAILED status, `ray job submit` exits 1, and the error line reaches the streamed logs."""
+    job = f"popo-bad-{secrets.token_hex(4)}"
+    ray_cluster.wait_job_server()
+    r = ray_cluster.ray_cli(["job", "submit", f"--address={DASHBOARD}", f"--submission-id={job}",
+                             "--", "popo", "ray", "--address", "auto",
+                             f"--deploy.run_dir={tmp_path / 'run'}", "--learner.no_such_field=1"],
+                            timeout=120)  # fmt: skip
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "popo ray: config error" in r.stdout and "no_such_field" in r.stdout, r.stdout
+    status = ray_cluster.ray_cli(["job", "status", f"--address={DASHBOARD}", job]).stdout
+    assert f"Job '{job}' failed" in status and "exit code 2" in status, status
 
 
 _PLACE = """

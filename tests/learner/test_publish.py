@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from learner_helpers import make_groups
+from learner_helpers import make_groups, tiny_qwen2
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -14,7 +14,7 @@ from popo.common.demo_model import save_random_model
 from popo.common.messages import WeightsReady, decode, encode, unpack_f32, unpack_ids
 from popo.common.weights import verify_weights
 from popo.learner.model import sequence_logprobs
-from popo.learner.publish import list_versions, publish_weights
+from popo.learner.publish import hf_state_dict, list_versions, publish_weights
 from popo.learner.trainer import Trainer
 
 
@@ -64,6 +64,21 @@ def test_publish_names_checksum_retention_probe(tmp_path):
         publish_weights(tr.policy, root, 4)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_publish_writes_shared_tensors_and_casts(tmp_path, dtype):
+    model = tiny_qwen2()
+    # tied by hand while the config says untied: both names stay in the state dict, one storage
+    model.lm_head.weight = model.model.embed_tokens.weight
+    msg = publish_weights(model, tmp_path / "weights", 1, dtype=dtype)
+    assert msg is not None
+    verify_weights(f"{msg.path}/model.safetensors", msg.sha256, msg.nbytes)
+    got = load_file(f"{msg.path}/model.safetensors")
+    want = hf_state_dict(model, dtype)
+    assert set(got) == set(want) and "lm_head.weight" in got
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
 def _vllm_logprobs(llm, prompt, cont):
     from vllm import SamplingParams, TokensPrompt
 
@@ -100,3 +115,29 @@ def test_vllm_reload_matches_learner_logprobs(tmp_path, monkeypatch):
     after = _vllm_logprobs(llm, prompt, cont)
     print(f"parity after reload: max |Δ log p| = {np.abs(after - learner_lp).max():.2e}")
     np.testing.assert_allclose(after, learner_lp, atol=2e-4)
+
+
+@pytest.mark.vllm
+def test_vllm_reloads_a_bf16_publish_exactly(tmp_path, monkeypatch):
+    """A bf16 engine reloading bf16 files: the trained policy moves its log-probs, and the base
+    model published in bf16 brings back exactly the log-probs of the engine's own initial load
+    (which cast the same float32 weights to bf16), so every tensor arrived bit for bit."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from transformers import AutoModelForCausalLM
+    from vllm import LLM
+
+    src = save_random_model(tmp_path / "model", seed=0)
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tr = _trained(src, steps=3)
+    prompt, cont = np.array([1, 40, 41, 23, 12]), np.array([50, 51, 14, 15, 77, 2])
+    llm = LLM(model=str(src), dtype="bfloat16", enforce_eager=True, seed=0,
+              enable_prefix_caching=False, max_model_len=256)  # fmt: skip
+    before = _vllm_logprobs(llm, prompt, cont)
+    root = tmp_path / "weights"
+    trained = publish_weights(tr.policy, root, 1, source_dir=src, dtype=torch.bfloat16)
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": trained.path})
+    assert np.abs(_vllm_logprobs(llm, prompt, cont) - before).max() > 1e-2
+    again = publish_weights(base, root, 2, source_dir=src, dtype=torch.bfloat16)
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": again.path})
+    np.testing.assert_array_equal(_vllm_logprobs(llm, prompt, cont), before)
