@@ -47,8 +47,8 @@ class _QuietHandler(WSGIRequestHandler):
 class _AuthRejections(Collector):
     """`popo_auth_rejections_total{endpoint}` in every role: Curve handshakes this process refused
     (a client key not on the endpoint's allow-list: a probe, a stale or a foreign key). The count
-    lives in `transport` and is read at scrape time; an endpoint appears, at 0, once it is bound
-    with Curve keys."""
+    lives in `transport` and is read at scrape time; an endpoint appears, at 0, once this process
+    binds it (without Curve keys it stays 0)."""
 
     def collect(self) -> Any:
         fam = CounterMetricFamily(

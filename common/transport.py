@@ -263,6 +263,8 @@ def bind(
         if release is not None:
             release()
         raise
+    with _zap_lock:  # the rejection counter's series exists, at 0, for every bound endpoint
+        _zap_rejected.setdefault(name, 0)
     return Channel(sock, f"{name}@bind", on_drop, _ACCEPTS.get(name, (None, None))[0], release)
 
 
@@ -374,7 +376,6 @@ def _zap_allow(ctx: zmq.Context, domain: str, key: bytes) -> Callable[[], None]:
         if zap is None:
             zap = _zaps[id(ctx)] = _Zap(ctx)
             zap.allowed.rejected = _zap_rejected
-        _zap_rejected.setdefault(domain, 0)  # the metric's series exists from the bind on
         if domain not in zap.allowed.keys:
             zap.auth.configure_curve_callback(domain, zap.allowed)
         zap.allowed.keys.setdefault(domain, set()).add(key)
@@ -398,6 +399,7 @@ def auth_rejections(name: str | None = None) -> int:
 
 
 def auth_rejections_by_endpoint() -> dict[str, int]:
-    """Endpoint -> Curve handshakes refused there (every endpoint bound with keys, 0 included)."""
+    """Endpoint -> Curve handshakes refused there (every endpoint this process bound, 0 included:
+    without keys nothing is ever refused)."""
     with _zap_lock:
         return dict(_zap_rejected)

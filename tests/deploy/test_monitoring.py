@@ -308,9 +308,12 @@ def test_cluster_config_maps_file_sd_roles_to_jobs(tmp_path):
 
 
 def _local_config(tmp: Path, base: int) -> Path:
-    """The shipped local scrape config, with only the role ports (default base 9400) moved to
-    `base` and the rule file path made absolute."""
+    """The shipped local scrape config, with the role ports (default base 9400) moved to `base`,
+    the rule file path made absolute, and a 1 s scrape interval: the test run trains for ~5 s, and
+    at the shipped 5 s a learner that finishes between two scrapes leaves no step samples (rate()
+    needs two), which made this test flaky on a fast machine."""
     cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    cfg["global"].update(scrape_interval="1s", scrape_timeout="1s")
     cfg["rule_files"] = [str(ALERTS)]
     for job in cfg["scrape_configs"]:
         for sc in job["static_configs"]:
@@ -365,7 +368,13 @@ def test_live_run_answers_every_dashboard_query_and_alert(tmp_path, demo_model_d
 
         def query_range(expr: str) -> list[dict]:
             return prom.api(
-                "/api/v1/query_range", query=expr, start=str(start), end=str(end), step="5"
+                # a 1 s step: a learner's series live only ~5 s here (Prometheus marks them stale
+                # at the first failed scrape after it exits), and 5 s steps could miss them all
+                "/api/v1/query_range",
+                query=expr,
+                start=str(start),
+                end=str(end),
+                step="1",
             )["result"]
 
         # every dashboard query, exactly as shipped (Grafana's interval macro substituted)
