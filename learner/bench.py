@@ -27,9 +27,10 @@ PASS_RATES = (0.125, 0.25, 0.5, 0.75, 1.0)
 
 
 def make_batch(
-    n_groups: int, g: int, vocab: int, seed: int, pass_rate: float | None = None
-) -> list[ScoredGroup]:
-    """Synthetic groups: prompts 16–32 tokens, completions 24–64 tokens.
+    n_groups: int, g: int, vocab: int, seed: int, pass_rate: float | None = None,
+    completion_len: tuple[int, int] = (24, 64),
+) -> list[ScoredGroup]:  # fmt: skip
+    """Synthetic groups: prompts 16–32 tokens, completions `completion_len` (inclusive) tokens.
 
     pass_rate None: random rewards with at least one positive and one negative per group;
     otherwise exactly max(1, round(pass_rate * g)) positives per group. The token ids and lengths
@@ -45,7 +46,7 @@ def make_batch(
             rewards[: max(1, round(pass_rate * g))] = 1.0
         comps = []
         for r in rewards:
-            n = int(rng.integers(24, 65))
+            n = int(rng.integers(completion_len[0], completion_len[1] + 1))
             comps.append(
                 ScoredCompletion(
                     token_ids=pack_ids(rng.integers(4, vocab, n)),

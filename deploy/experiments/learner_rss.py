@@ -3,9 +3,9 @@
     .venv/bin/python deploy/experiments/learner_rss.py {keep,release} STEPS OUT.json
 
 Runs the real learner work of the embedded default in one process — `build_trainer`, a
-`train_step` on a batch of positives whose size and lengths vary like the live run's (0-G
-positives per prompt, 1-max_tokens tokens each), `write_weights` every step and `write_checkpoint`
-every `checkpoint_every` — with no other role, and records VmRSS after each step. `release` calls
+`train_step` on a fresh batch each step whose size and lengths vary like the live run's (random
+rewards, so 1 to G-1 positives per prompt, which POPO keeps; 1-max_tokens tokens per completion),
+`write_weights` every step and `write_checkpoint` every `checkpoint_every` — with no other role, and records VmRSS after each step. `release` calls
 `release_free_memory()` (glibc malloc_trim) after each step, as the learner does by default, and
 times it. Run both modes side by side to see the allocator's retention apart from any leak.
 """
@@ -18,13 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from popo.common.config import RunConfig
 from popo.common.demo_model import resolve_model_dir
-from popo.common.messages import ScoredCompletion, ScoredGroup, pack_f32, pack_ids
 from popo.common.process import release_free_memory
+from popo.learner.bench import make_batch
 from popo.learner.service import build_trainer, write_checkpoint, write_weights
 
 
@@ -35,39 +34,6 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS")
 
 
-def batch(cfg: RunConfig, vocab: int, rng: np.random.Generator) -> list[ScoredGroup]:
-    out = []
-    for gi in range(cfg.learner.prompts_per_step):
-        n_pos = int(rng.integers(1, cfg.actor.group_size + 1))
-        lengths = rng.integers(1, cfg.actor.max_tokens + 1, n_pos)
-        comps = [
-            ScoredCompletion(token_ids=pack_ids(rng.integers(4, vocab, n)),
-                             logprobs=pack_f32(rng.uniform(-5, -1, n)), reward=1.0,
-                             verdict="positive")
-            for n in lengths
-        ]  # fmt: skip
-        out.append(
-            ScoredGroup(
-                lease_id=gi,
-                prompt_id=str(gi),
-                prompt_token_ids=pack_ids(rng.integers(4, vocab, int(rng.integers(8, 41)))),
-                completions=comps,
-                forwarded="positives",
-                n_total=cfg.actor.group_size,
-                n_positive=n_pos,
-                verdicts={},
-                version_min=0,
-                version_max=0,
-                actor_id="x",
-                t_leased=0.0,
-                t_generated=0.0,
-                t_verified=0.0,
-                verify_seconds=0.0,
-            )
-        )
-    return out
-
-
 def main(mode: str, steps: int, out: str) -> None:
     if mode not in ("keep", "release"):
         raise SystemExit("mode must be keep or release")
@@ -76,10 +42,11 @@ def main(mode: str, steps: int, out: str) -> None:
     run_dir = Path(tempfile.mkdtemp(prefix=f"learner-rss-{mode}-"))
     model_dir = resolve_model_dir(cfg)
     trainer, tokenizer = build_trainer(cfg, run_dir, model_dir, "cpu")
-    rng = np.random.default_rng(0)
     rows, release_s, t0 = [], 0.0, time.time()
     for s in range(1, steps + 1):
-        trainer.train_step(batch(cfg, len(tokenizer), rng))
+        groups = make_batch(cfg.learner.prompts_per_step, cfg.actor.group_size, len(tokenizer),
+                            seed=s, completion_len=(1, cfg.actor.max_tokens))  # fmt: skip
+        trainer.train_step(groups)
         write_weights(trainer, cfg, run_dir, model_dir, s, set(), None)
         if s % cfg.learner.checkpoint_every == 0:
             write_checkpoint(trainer, cfg, run_dir)
