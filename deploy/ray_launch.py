@@ -27,8 +27,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -128,6 +130,10 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     return {**OFFLINE_ENV, "PYTHONUNBUFFERED": "1", **cfg.deploy.ray.env_vars}
 
 
+class RunStateError(RuntimeError):
+    """The run directory on the learner's node does not fit the command (new run or resume)."""
+
+
 class RoleHost:
     """A Ray actor that runs one role as its child process and lives and dies with it.
 
@@ -177,6 +183,22 @@ class RoleHost:
             logging.getLogger("popo.ray").error("%s exited with %d; host exits", self.name, code)
             os._exit(1)
         return code
+
+    def holds_run(self) -> bool:
+        """Whether this node's copy of the run directory holds a run's state (its ledger)."""
+        return (self.run_dir / "ledger.db").exists()
+
+    def read_text(self, name: str, tail_lines: int | None = None) -> str | None:
+        """A file of the run directory as this node sees it (None if absent), for a driver on
+        another node: the learner's `summary.json` and log live where the learner ran."""
+        path = (self.run_dir / name).resolve()
+        if not path.is_relative_to(self.run_dir.resolve()):
+            raise ValueError(f"{name} is outside the run directory")
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            return None
+        return text if tail_lines is None else "\n".join(text.splitlines()[-tail_lines:])
 
     def stop(self, grace_s: float) -> int | None:
         """SIGTERM the role (it drains), SIGKILL its process group after `grace_s`."""
@@ -272,6 +294,35 @@ class RayRun:
             log.info("ray: %s on node %s (%s)", name, n["ip"], n["node_id"][:12])
         return {name: n["ip"] for name, n in nodes.items()}
 
+    def check_state(self, resume: bool, learner_ip: str) -> None:
+        """A resumed run must find its state on the learner's node and a new one must find none
+        there. The ledger, buffer and checkpoints live where the learner ran, which need not be
+        the driver's node: checked here, before any role starts, because Ray's restarts of the
+        learner (which resume by design) cannot tell a stale run from their own."""
+        import ray
+
+        held = ray.get(self.hosts["learner"].holds_run.remote())
+        where = f"{self.run_dir} on the learner's node ({learner_ip})"
+        if resume and not held:
+            raise RunStateError(
+                f"{where} holds no ledger.db: a run's state stays on the node its learner ran "
+                "on; place the learner there (deploy.ray.learner_resources or learner_labels)"
+            )
+        if not resume and held:
+            raise RunStateError(
+                f"{where} already holds a run; use `popo ray --resume {self.run_dir}` "
+                "or another --deploy.run_dir"
+            )
+
+    def learner_file(self, name: str, tail_lines: int | None = None) -> str | None:
+        """A file of the learner's run directory, read on the learner's node (None if gone)."""
+        import ray
+
+        try:
+            return ray.get(self.hosts["learner"].read_text.remote(name, tail_lines), timeout=30)
+        except (ray.exceptions.RayError, TimeoutError, KeyError):
+            return None
+
     def start(self, ips: dict[str, str]) -> None:
         toml = self.cfg.to_toml()
         for name, host in self.hosts.items():
@@ -318,13 +369,14 @@ class RayRun:
 
 def ray_train(cfg: RunConfig, resume: Path | None) -> int:
     """`popo ray`: prepare the run directory here, run every role on the cluster, stop cleanly."""
-    from popo.deploy.train import _print_summary, prepare_run_dir
+    from popo.deploy.train import prepare_run_dir, print_summary
 
     # Ray workers start in other directories (and on other nodes): every path absolute.
     if cfg.deploy.run_dir and resume is None:
         cfg = cfg.model_copy(deep=True)
         cfg.deploy.run_dir = str(Path(cfg.deploy.run_dir).resolve())
-    cfg, run_dir = prepare_run_dir(cfg, resume.resolve() if resume else None)
+    fresh = resume is None and not (cfg.deploy.run_dir and Path(cfg.deploy.run_dir).exists())
+    cfg, run_dir = prepare_run_dir(cfg, resume.resolve() if resume else None, state_here=False)
     run_dir = run_dir.resolve()
     cfg.deploy.run_dir = str(run_dir)
     if cfg.transport.scheme != "tcp":
@@ -338,9 +390,11 @@ def ray_train(cfg: RunConfig, resume: Path | None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     code = 1
+    summary = tail = None
     try:
         run.connect()
         ips = run.place()
+        run.check_state(resume is not None, ips["learner"])
         run.start(ips)
         targets = prometheus_targets(cfg, ips, run_dir.name)
         for path in filter(None, [run_dir / "prometheus-targets.json",
@@ -348,6 +402,15 @@ def ray_train(cfg: RunConfig, resume: Path | None) -> int:
             _write_json(Path(path), targets)
         print("ray: " + ", ".join(f"{n}@{ip}" for n, ip in ips.items()), flush=True)
         code = run.wait()
+        if code == 0:
+            summary = run.learner_file("summary.json")
+        elif code != 130:
+            tail = run.learner_file("logs/learner.log", tail_lines=30)
+    except RunStateError as e:
+        print(f"popo ray: {e}", file=sys.stderr, flush=True)
+        if fresh:  # the config snapshot written here belongs to no run
+            shutil.rmtree(run_dir, ignore_errors=True)
+        code = 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: stopping every role (resume with `popo ray --resume {run_dir}`)",
               flush=True)  # fmt: skip
@@ -356,12 +419,9 @@ def ray_train(cfg: RunConfig, resume: Path | None) -> int:
         t0 = time.monotonic()
         run.stop()
         log.info("ray: stopped every role in %.1f s", time.monotonic() - t0)
-    learner_log = run_dir / "logs" / "learner.log"  # here if the learner ran on this node
-    if code == 0:
-        _print_summary(run_dir)
-    elif code != 130 and learner_log.exists():
-        tail = learner_log.read_text(errors="replace").splitlines()[-30:]
-        print(
-            f"popo ray: exit {code}; last lines of {learner_log}:\n" + "\n".join(tail), flush=True
-        )
+    if summary is not None:
+        print_summary(json.loads(summary))
+    elif tail is not None:
+        print(f"popo ray: exit {code}; last lines of the learner's log ({ips['learner']}:"
+              f"{run_dir / 'logs' / 'learner.log'}):\n{tail}", flush=True)  # fmt: skip
     return code

@@ -16,13 +16,17 @@ from popo.deploy.progress import RunView
 log = logging.getLogger("popo.train")
 
 
-def prepare_run_dir(cfg: RunConfig, resume: Path | None) -> tuple[RunConfig, Path]:
+def prepare_run_dir(
+    cfg: RunConfig, resume: Path | None, state_here: bool = True
+) -> tuple[RunConfig, Path]:
     """Create (or reopen, with `resume`) the run directory and write the config snapshot that every
     role reads. The demo model is built here, once, so roles never race to build it.
 
     The data is read first: a bad row stops the command (`file:line: reason`, non-zero exit)
     before anything is written, and a run directory this call created is removed again if
-    anything after it fails."""
+    anything after it fails. state_here=False: the run's state (ledger.db, checkpoints) lives
+    where its learner runs, maybe another node (`popo ray`, which checks it there), so a resume
+    needs only the config snapshot here."""
     from popo.common.data import DataError, load_prompts
     from popo.common.demo_model import resolve_model_dir
 
@@ -34,7 +38,7 @@ def prepare_run_dir(cfg: RunConfig, resume: Path | None) -> tuple[RunConfig, Pat
 
     if resume is not None:
         run_dir = resume
-        if not (run_dir / "ledger.db").exists():
+        if state_here and not (run_dir / "ledger.db").exists():
             raise SystemExit(f"popo train: {run_dir} is not a run directory (no ledger.db)")
     else:
         run_dir = Path(
@@ -128,9 +132,13 @@ def _print_metrics_endpoints(cfg: RunConfig) -> None:
 
 def _print_summary(run_dir: Path) -> None:
     try:
-        s = json.loads((run_dir / "summary.json").read_text())
+        print_summary(json.loads((run_dir / "summary.json").read_text()))
     except (OSError, json.JSONDecodeError):
         return
+
+
+def print_summary(s: dict) -> None:
+    """The end-of-run lines of a run's `summary.json`."""
     before, after = s.get("accuracy_before"), s.get("accuracy_after")
     if before is not None and after is not None:
         print(

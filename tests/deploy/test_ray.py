@@ -67,8 +67,11 @@ def _kill_namespace(ns: str) -> None:
 
 
 class Cluster:
-    def __init__(self, head_ns: str, worker_ns: str, temp_dir: str) -> None:
+    def __init__(self, head_ns: str, worker_ns: str, temp_dir: str, local: Path) -> None:
         self.head_ns, self.worker_ns, self.temp_dir = head_ns, worker_ns, temp_dir
+        self.local = local
+        """A directory each node sees on its own disk: the worker runs in a mount namespace with a
+        tmpfs over it, as a second host's local disk would be."""
         self.job_server_up = False
         # Ray's token authentication, hermetic: one fresh token for this cluster's nodes and
         # driver, never the user's ~/.ray/auth_token.
@@ -82,11 +85,14 @@ class Cluster:
     def exec(self, ns: str, argv: list[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", ns, *argv], env=self.env, **kw)
 
-    def ray_start(self, ns: str, args: list[str]) -> None:
-        r = subprocess.run(
-            ["ip", "netns", "exec", ns, RAY, "start", "--disable-usage-stats", *args],
-            env=self.env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+    def ray_start(self, ns: str, args: list[str], local_disk: bool = False) -> None:
+        argv = [RAY, "start", "--disable-usage-stats", *args]
+        if local_disk:  # the node's daemons (and so its roles) live in the private mount namespace
+            argv = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                    'mount -t tmpfs -o size=2g popo-local "$0" && exec "$@"', str(self.local),
+                    *argv]  # fmt: skip
+        r = subprocess.run(["ip", "netns", "exec", ns, *argv], env=self.env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
         assert r.returncode == 0, r.stdout + r.stderr
 
     def ray_cli(self, args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -112,6 +118,12 @@ class Cluster:
             out[int(d.name)] = (ns, cmd)
         return out
 
+    def worker_path(self, path: Path) -> Path:
+        """`path` as the worker node sees it (through the root of a process in its namespaces)."""
+        # the oldest: a Ray daemon, alive as long as the node
+        pid = min(p for p, (ns, _) in self.processes().items() if ns == self.worker_ns)
+        return Path(f"/proc/{pid}/root") / path.relative_to("/")
+
     def wait_job_server(self, timeout: float = 90) -> None:
         """Until the head's job server answers (it comes up after `ray start` returns)."""
         deadline = time.time() + timeout
@@ -134,6 +146,7 @@ def ray_cluster() -> Iterator[Cluster]:
     veth_h, veth_w = f"vph{tag}", f"vpw{tag}"
     # Ray's unix sockets live under its temp dir: keep the path short (108-byte socket limit).
     temp_dir = tempfile.mkdtemp(prefix="popo-ray-", dir="/tmp")
+    local = Path(tempfile.mkdtemp(prefix="popo-local-", dir="/tmp"))
     try:
         _ip("netns", "add", head_ns)
         _ip("netns", "add", worker_ns)
@@ -144,7 +157,9 @@ def ray_cluster() -> Iterator[Cluster]:
             _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
-        c = Cluster(head_ns, worker_ns, temp_dir)
+        if subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+            pytest.skip("needs unshare -m (a node-local disk for the worker)")
+        c = Cluster(head_ns, worker_ns, temp_dir, local)
         # The dashboard (job server) binds the head's namespace address, never 0.0.0.0 outside.
         c.ray_start(head_ns, [
             "--head", f"--node-ip-address={HEAD_IP}", "--port=6379", "--num-cpus=4",
@@ -154,13 +169,14 @@ def ray_cluster() -> Iterator[Cluster]:
         c.ray_start(worker_ns, [
             f"--address={HEAD_IP}:6379", f"--node-ip-address={WORKER_IP}", "--num-cpus=2",
             '--resources={"worker_node": 1}', '--labels={"popo-node": "worker"}',
-        ])  # fmt: skip
+        ], local_disk=True)  # fmt: skip
         yield c
     finally:
         _kill_namespace(worker_ns)
         _kill_namespace(head_ns)
         _ip("link", "del", veth_h, check=False)  # left in the root namespace if setup failed early
         shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def _ledger_now(run_dir: Path) -> tuple[int, int]:
@@ -332,6 +348,74 @@ def test_ray_job_exit_code_is_the_job_status(ray_cluster, tmp_path):
     assert "popo ray: config error" in r.stdout and "no_such_field" in r.stdout, r.stdout
     status = ray_cluster.ray_cli(["job", "status", f"--address={DASHBOARD}", job]).stdout
     assert f"Job '{job}' failed" in status and "exit code 2" in status, status
+
+
+def _popo_ray(cluster: Cluster, args: list[str], timeout: float = 420) -> tuple[int, str]:
+    """`popo ray --address HEAD:6379 ARGS` as a driver on the head node: (exit code, output)."""
+    argv = [str(Path(sys.executable).with_name("popo")), "ray", f"--address={HEAD_IP}:6379", *args]
+    p = cluster.exec(cluster.head_ns, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                     text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    return p.returncode, out
+
+
+@pytest.mark.vllm
+def test_ray_resume_with_the_learner_on_another_node(ray_cluster, tmp_path, demo_model_dir):
+    """A run's state (ledger, buffer, checkpoints) stays on the node its learner ran on. With the
+    learner on the worker and the driver, verifier and actor on the head, and the run directory on
+    each node's own disk: the driver prints the summary it reads from the learner's node,
+    `popo ray --resume` continues the run there (the driver's copy holds only the config), a new
+    run in that directory is refused, and so is a resume of a directory the learner's node lacks."""
+    run_dir = ray_cluster.local / f"run-{secrets.token_hex(4)}"
+    flags = [
+        f"--model.path={demo_model_dir}", "--learner.prompts_per_step=4",
+        "--learner.checkpoint_every=1", "--learner.lease_timeout_s=10", "--data.eval_size=8",
+        "--actor.group_size=4", "--actor.kv_cache_gib=0.25", "--actor.drain_timeout_s=2",
+        '--deploy.ray.learner_resources={"worker_node": 1}',
+        '--deploy.ray.verifier_resources={"head_node": 1}',
+        '--deploy.ray.actor_resources={"head_node": 1}', "--deploy.ray.stop_grace_s=20",
+    ]  # fmt: skip
+    code, out = _popo_ray(ray_cluster, [f"--deploy.run_dir={run_dir}", "--learner.total_steps=2",
+                                        *flags])  # fmt: skip
+    assert code == 0, out[-5000:]
+    assert f"learner@{WORKER_IP}" in out and "leases: " in out, out[-3000:]  # summary fetched
+    assert not (run_dir / "ledger.db").exists(), "the head sees the learner's disk"
+    assert (run_dir / "config.toml").exists()
+    remote = ray_cluster.worker_path(run_dir)
+    assert json.loads((remote / "summary.json").read_text())["steps"] == 2
+
+    code, out = _popo_ray(ray_cluster, ["--resume", str(run_dir), "--learner.total_steps=4"])
+    assert code == 0, out[-5000:]
+    remote = ray_cluster.worker_path(run_dir)
+    summary = json.loads((remote / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["ledger_problems"] == [], summary
+    assert "resumed from" in (remote / "logs" / "learner.log").read_text()
+    # SQLite resolves the /proc/PID/root link to "/" (the head's view): read a copy
+    for f in remote.glob("ledger.db*"):
+        shutil.copy(f, tmp_path / f.name)
+    db = sqlite3.connect(tmp_path / "ledger.db")
+    steps = [s for (s,) in db.execute(
+        "SELECT DISTINCT step FROM leases WHERE state='trained' AND kind='train' ORDER BY step")]  # fmt: skip
+    (dups,) = db.execute(
+        "SELECT COUNT(*) FROM (SELECT prompt_idx FROM leases WHERE state='trained'"
+        " AND kind='train' GROUP BY prompt_idx HAVING COUNT(*) > 1)"
+    ).fetchone()
+    db.close()
+    assert steps == [1, 2, 3, 4] and dups == 0, (steps, dups)
+
+    # a new run in the same directory must not silently continue the learner node's run
+    code, out = _popo_ray(ray_cluster, [f"--deploy.run_dir={run_dir}", *flags], timeout=180)
+    assert code == 2 and "already holds a run" in out and WORKER_IP in out, out[-3000:]
+    # a resume of a directory only the driver's node has: refused, naming the learner's node
+    elsewhere = ray_cluster.local / f"run-{secrets.token_hex(4)}"
+    elsewhere.mkdir()
+    shutil.copy(run_dir / "config.toml", elsewhere / "config.toml")
+    code, out = _popo_ray(ray_cluster, ["--resume", str(elsewhere)], timeout=180)
+    assert code == 2 and "holds no ledger.db" in out and WORKER_IP in out, out[-3000:]
 
 
 _PLACE = """
