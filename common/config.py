@@ -186,8 +186,9 @@ class ActorConfig(_Section):
     an older version's prefix-cache blocks. Version labels stay per sampled token; a group's
     `version_min` can understate the oldest weights behind its context only for a request whose
     prompt KV was computed (or prefix-matched under its submission salt) before a reload but whose
-    first token was sampled after it. Off by default until a quiet-machine `popo bench e2e` shows
-    it is no slower (`--train-flags="--actor.reload_keeps_kv=true"`)."""
+    first token was sampled after it. Measured faster (`popo bench e2e`, async/sync 1.69 with
+    `learner.max_staleness 2`, 1.55 without it; BENCHMARKS.md); off by default so that a group's
+    version label stays exact unless a run asks for throughput."""
 
 
 class VerifierConfig(_Section):
