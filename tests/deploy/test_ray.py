@@ -72,6 +72,8 @@ class Cluster:
         self.local = local
         """A directory each node sees on its own disk: the worker runs in a mount namespace with a
         tmpfs over it, as a second host's local disk would be."""
+        self.local_disk = False
+        """Whether the worker got that mount namespace (`unshare -m` works here)."""
         self.job_server_up = False
         # Ray's token authentication, hermetic: one fresh token for this cluster's nodes and
         # driver, never the user's ~/.ray/auth_token.
@@ -157,9 +159,8 @@ def ray_cluster() -> Iterator[Cluster]:
             _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
-        if subprocess.run(["unshare", "-m", "true"]).returncode != 0:
-            pytest.skip("needs unshare -m (a node-local disk for the worker)")
         c = Cluster(head_ns, worker_ns, temp_dir, local)
+        c.local_disk = subprocess.run(["unshare", "-m", "true"]).returncode == 0
         # The dashboard (job server) binds the head's namespace address, never 0.0.0.0 outside.
         c.ray_start(head_ns, [
             "--head", f"--node-ip-address={HEAD_IP}", "--port=6379", "--num-cpus=4",
@@ -169,7 +170,7 @@ def ray_cluster() -> Iterator[Cluster]:
         c.ray_start(worker_ns, [
             f"--address={HEAD_IP}:6379", f"--node-ip-address={WORKER_IP}", "--num-cpus=2",
             '--resources={"worker_node": 1}', '--labels={"popo-node": "worker"}',
-        ], local_disk=True)  # fmt: skip
+        ], local_disk=c.local_disk)  # fmt: skip
         yield c
     finally:
         _kill_namespace(worker_ns)
@@ -370,6 +371,8 @@ def test_ray_resume_with_the_learner_on_another_node(ray_cluster, tmp_path, demo
     each node's own disk: the driver prints the summary it reads from the learner's node,
     `popo ray --resume` continues the run there (the driver's copy holds only the config), a new
     run in that directory is refused, and so is a resume of a directory the learner's node lacks."""
+    if not ray_cluster.local_disk:
+        pytest.skip("needs unshare -m: the worker's own disk")
     run_dir = ray_cluster.local / f"run-{secrets.token_hex(4)}"
     flags = [
         f"--model.path={demo_model_dir}", "--learner.prompts_per_step=4",
