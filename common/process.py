@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import random
 import signal
 import socket
 import time
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
@@ -44,12 +46,51 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for ports it assigns to outgoing connections and bind(0)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port_block(size: int, host: str = "127.0.0.1") -> int:
+    """First port of `size` consecutive TCP ports that are all free on `host` right now, chosen
+    below the kernel's ephemeral range. A run binds ports at fixed offsets from a base (verifier
+    replica r at rollouts_port + r, actor i's metrics at base + 20 + i) and binds them again when a
+    role restarts; a port inside the ephemeral range can be taken meanwhile as the local end of any
+    process's outgoing connection (seen: an actor restarting six times on EADDRINUSE), one below it
+    only by an explicit bind."""
+    lo = 10000
+    hi = min(_ephemeral_ports()[0], 65536) - size
+    if hi <= lo:
+        raise RuntimeError(f"no room for {size} ports below the ephemeral range")
+    rng = random.SystemRandom()
+    for _ in range(200):
+        base = rng.randrange(lo, hi)
+        socks = []
+        try:
+            for port in range(base, base + size):
+                socks.append(socket.socket())
+                socks[-1].bind((host, port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return base
+    raise RuntimeError(f"no {size} consecutive free ports on {host} in [{lo}, {hi + size})")
+
+
 def free_port_flags() -> list[str]:
     """Dotted config flags putting every ZeroMQ endpoint and the metrics servers on free loopback
-    ports, so runs can share a machine (tests, benchmarks)."""
+    ports, so runs can share a machine (tests, benchmarks): one checked block, 8 ports per
+    endpoint (room for replicas at port + r), the metrics ports above them (base, +1+r, +20+i)."""
     from popo.common.config import TransportConfig
 
     names = [k for k in TransportConfig.model_fields if k.endswith("_port")]
-    *ports, metrics = free_ports(len(names) + 1)
-    return [*(f"--transport.{k}={p}" for k, p in zip(names, ports, strict=True)),
-            f"--metrics.base_port={metrics}"]  # fmt: skip
+    metrics = 8 * len(names)
+    base = free_port_block(metrics + 40)
+    return [*(f"--transport.{k}={base + 8 * i}" for i, k in enumerate(names)),
+            f"--metrics.base_port={base + metrics}"]  # fmt: skip

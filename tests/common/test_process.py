@@ -1,4 +1,4 @@
-"""common/process.py: handing freed C-heap pages back to the kernel."""
+"""common/process.py: handing freed C-heap pages back to the kernel; free port blocks."""
 
 import ctypes
 import json
@@ -42,3 +42,31 @@ def test_release_free_memory_returns_fragmented_heap_pages():
     assert r["held"] > r["peak"] - 16, r  # glibc kept the freed pages
     assert r["after"] < r["held"] - 200, r  # ... until they were released
     assert r["s"] >= 0.0
+
+
+def test_free_port_block_is_free_and_below_the_ephemeral_range():
+    """Every port of the block binds, and none lies where the kernel hands out ports to outgoing
+    connections (a role re-binding its fixed port after a restart must not find it taken)."""
+    import socket
+
+    from popo.common.process import _ephemeral_ports, free_port_block, free_port_flags
+
+    base = free_port_block(64)
+    assert base >= 10000 and base + 64 <= _ephemeral_ports()[0]
+    socks = [socket.socket() for _ in range(64)]
+    try:
+        for i, s in enumerate(socks):
+            s.bind(("127.0.0.1", base + i))
+    finally:
+        for s in socks:
+            s.close()
+
+    from popo.common.config import load_config
+
+    cfg = load_config(None, free_port_flags())
+    t = cfg.transport
+    ports = [t.dispatch_port, t.ingest_port, t.weights_port, t.rollouts_port, t.weightstream_port]
+    assert len(set(ports)) == len(ports) and all(p < _ephemeral_ports()[0] for p in ports)
+    # replicas (rollouts_port + r) and metrics (base, +1+r, +20+i) never land on another endpoint
+    taken = {p + r for p in ports for r in range(8)}
+    assert not taken & {cfg.metrics.base_port + k for k in range(40)}

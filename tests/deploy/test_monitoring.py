@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from popo.common.process import free_ports
+from popo.common.process import free_port_block, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -210,22 +209,9 @@ def _free_port() -> int:
     return free_ports(1)[0]
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 def _metrics_base_port() -> int:
-    """A base port whose learner, verifier-0 and actor-0 ports (base, +1, +20) are all free."""
-    for _ in range(200):
-        base = _free_port()
-        if base + 20 < 65536 and all(_port_free(base + k) for k in (1, 20)):
-            return base
-    raise RuntimeError("no free metrics port block")
+    """A base port whose learner, verifier and actor ports (base, +1+r, +20+i) are all free."""
+    return free_port_block(40)
 
 
 def _api(base: str, path: str, **params: str) -> dict:
