@@ -209,11 +209,6 @@ def _free_port() -> int:
     return free_ports(1)[0]
 
 
-def _metrics_base_port() -> int:
-    """A base port whose learner, verifier and actor ports (base, +1+r, +20+i) are all free."""
-    return free_port_block(40)
-
-
 def _api(base: str, path: str, **params: str) -> dict:
     url = f"{base}{path}?{urllib.parse.urlencode(params)}" if params else base + path
     with urllib.request.urlopen(url, timeout=30) as r:
@@ -319,7 +314,7 @@ def _has_finite_value(result: list[dict]) -> bool:
 @pytest.mark.vllm
 @needs_prometheus
 def test_live_run_answers_every_dashboard_query_and_alert(tmp_path, demo_model_dir):
-    base = _metrics_base_port()
+    base = free_port_block(40)  # learner base, verifiers +1+r, actors +20+i
     prom = Prometheus(_local_config(tmp_path, base), tmp_path)
     run_dir = tmp_path / "run"
     d, i, w, r, ws = (_free_port() for _ in range(5))
