@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import random
 import signal
 import socket
@@ -11,6 +12,10 @@ import time
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+
+LAUNCH_T0_ENV = "POPO_LAUNCH_T0"
+"""Environment variable a launcher sets to the time.time() its command started, so a role's
+start-up figures count from there (without it, from the role's own start)."""
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -94,3 +99,19 @@ def free_port_flags() -> list[str]:
     base = free_port_block(metrics + 40)
     return [*(f"--transport.{k}={base + 8 * i}" for i, k in enumerate(names)),
             f"--metrics.base_port={base + metrics}"]  # fmt: skip
+
+
+def process_start_time(pid: str | int = "self") -> float:
+    """time.time() at which process `pid` started (from /proc; the current time where /proc is
+    missing)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22, starttime, counted from the ")" that ends field 2
+        btime = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime")
+        )
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()

@@ -105,7 +105,7 @@ def _role_args(p: argparse.ArgumentParser) -> None:
 
 @command("learner", "run the learner role (dispatcher, ledger, training, publishing)", _role_args)
 def _learner(cfg: RunConfig, args: argparse.Namespace) -> int:
-    from popo.learner.service import main as learner_main
+    from popo.learner.main import main as learner_main
 
     return learner_main(cfg, args.run_dir)
 

@@ -1,14 +1,13 @@
-"""The learner's I/O thread: hands out prompt leases and ingests verified groups (DESIGN §3-4).
+"""The learner's I/O thread: hands out prompt leases and ingests verified groups.
 
 It runs beside the training loop so actors keep generating while the learner trains. It owns the
 dispatch ROUTER and the ingest PULL socket (ZeroMQ sockets stay in the thread that made them) and
 writes everything it learns to the ledger, which the training loop reads.
 
-Admission control: train leases in flight (outstanding or received, not yet trained) never exceed
-(max_staleness + 1) * prompts_per_step, and an actor whose weights lag the learner by more than
-max_staleness versions gets no lease until it reloads. Together they keep trained samples within
-`max_staleness` versions of the policy being updated; the training loop still skips any group that
-slips past (reason `too_stale`).
+Admission control is the `StalenessPolicy`'s: train leases in flight (outstanding or received,
+not yet trained) never exceed (max_staleness + 1) * prompts_per_step, and an actor whose weights lag
+the learner by more than max_staleness versions gets no lease until it reloads. Each ingested group
+is written to the ledger, then `on_group` tells the training loop (its `BatchSource`).
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from popo.common.messages import (
 )
 from popo.common.transport import bind
 from popo.learner.ledger import Ledger
+from popo.learner.staleness import StalenessPolicy
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,11 @@ class EvalRound:
     per_prompt: dict[int, tuple[int, int]] = field(default_factory=dict)
     """prompt index -> (n_positive, n_total) for pass@k."""
     size: int = 0
+    step: int = 0
+    """The optimizer step whose weights (`version`) are evaluated."""
+    started: float = field(default_factory=time.monotonic)
+    finished: threading.Event = field(default_factory=threading.Event)
+    """Set by the dispatch thread when the last group is in (it alone touches the fields above)."""
 
     @property
     def done(self) -> bool:
@@ -62,17 +67,32 @@ class EvalRound:
 
 @dataclass
 class SharedState:
-    """What the training loop and the I/O thread share; ints and floats only, set atomically."""
+    """What the training loop and the I/O thread share. Each plain field has one writer (named);
+    the other thread only reads it, and Python assigns ints and references atomically. The actor
+    version table is read while the I/O thread inserts, so it is behind a lock."""
 
     version: int = 0
-    """The policy version the learner currently serves."""
-    actor_versions: dict[str, int] = field(default_factory=dict)
-    actor_mismatch: dict[str, float] = field(default_factory=dict)
-    ingested: int = 0
-    ingested_groups_by_kind: dict[str, int] = field(default_factory=dict)
-    completions_total: int = 0
-    positives_total: int = 0
+    """The policy version the learner currently serves (training loop)."""
     eval: EvalRound | None = None
+    """The evaluation round in progress (training loop)."""
+    ingested: int = 0
+    """Train groups written to the ledger (I/O thread)."""
+    completions_total: int = 0
+    """Verified completions of every group, eval included (I/O thread)."""
+    positives_total: int = 0
+    first_request_at: float | None = None
+    """time.time() of the first lease request: an actor's engine is up (I/O thread)."""
+    _actor_versions: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def actor_serves(self, actor_id: str, version: int) -> None:
+        with self._lock:
+            self._actor_versions[actor_id] = version
+
+    def served_versions(self) -> set[int]:
+        """Versions some actor served at its last request (a publish must not delete them)."""
+        with self._lock:
+            return set(self._actor_versions.values())
 
 
 class Dispatcher(threading.Thread):
@@ -99,6 +119,7 @@ class Dispatcher(threading.Thread):
         self.order = order
         self.evals = evals
         self.state = state
+        self.policy = StalenessPolicy.from_config(cfg.learner)
         self.on_group = on_group
         self.on_duplicate = on_duplicate
         self.on_drop = on_drop
@@ -162,18 +183,16 @@ class Dispatcher(threading.Thread):
     # --- leases -------------------------------------------------------------------------------------
 
     def _answer(self, req: LeaseRequest) -> Leases:
-        st, lc = self.state, self.cfg.learner
-        st.actor_versions[req.actor_id] = req.policy_version
-        if req.mismatch_kl is not None:
-            st.actor_mismatch[req.actor_id] = req.mismatch_kl
+        st = self.state
+        if st.first_request_at is None:
+            st.first_request_at = time.time()
+        st.actor_serves(req.actor_id, req.policy_version)
         version = st.version
-        if req.policy_version < version - lc.max_staleness:
-            # Its samples would be too stale to train on: let it reload first.
+        if not self.policy.admits(req.policy_version, version):
             return Leases(leases=[], learner_version=version, retry_after_s=0.2)
-        deadline = time.time() + lc.lease_timeout_s
+        deadline = time.time() + self.cfg.learner.lease_timeout_s
         out = self._eval_leases(req.n, req.policy_version, deadline)
-        room = (lc.max_staleness + 1) * lc.prompts_per_step - self.ledger.in_flight()
-        n = min(req.n - len(out), room)
+        n = min(req.n - len(out), self.policy.room(self.ledger.in_flight()))
         if n > 0:
             for row in self.ledger.issue(n, req.actor_id, version, deadline, len(self.order)):
                 p = self.train[self.order[row.prompt_idx % len(self.order)]]
@@ -191,7 +210,9 @@ class Dispatcher(threading.Thread):
 
     def _eval_leases(self, n: int, actor_version: int, deadline: float) -> list[Lease]:
         ev = self.state.eval
-        if ev is None or actor_version < ev.version:
+        # Only the evaluated weights sample a round (no newer version is published before the
+        # round is complete, so an actor behind it reloads first).
+        if ev is None or ev.finished.is_set() or actor_version != ev.version:
             return []
         out = []
         while ev.pending and len(out) < n:
@@ -270,6 +291,8 @@ class Dispatcher(threading.Thread):
                 ev.n_total += g.n_total
                 ev.n_positive += g.n_positive
                 ev.per_prompt[idx] = (g.n_positive, g.n_total)
+                if ev.done:
+                    ev.finished.set()
             return
         kind = self.ledger.receive(g.lease_id, g.version_min, g.n_total, g.n_positive, encode(g))
         if kind is None:

@@ -24,7 +24,7 @@ from popo.common.config import RunConfig
 from popo.common.demo_model import resolve_model_dir
 from popo.common.process import release_free_memory
 from popo.learner.bench import make_batch
-from popo.learner.service import build_trainer, write_checkpoint, write_weights
+from popo.learner.ops import build_trainer, write_checkpoint, write_weights
 
 
 def rss_mib() -> float:

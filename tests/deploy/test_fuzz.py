@@ -91,7 +91,7 @@ def learner(tmp_path_factory: pytest.TempPathFactory, random_model_dir: Path) ->
 
 
 def test_fuzz_learner_dispatch_router(learner) -> None:  # type: ignore[no-untyped-def]
-    d = learner.dispatcher
+    d = learner.orch.dispatcher
     ctx = zmq.Context()
     dealer = raw_socket(ctx, zmq.DEALER, d.dispatch_address)
     d0 = d.dropped
@@ -123,7 +123,7 @@ def test_fuzz_learner_dispatch_router(learner) -> None:  # type: ignore[no-untyp
 
 
 def test_fuzz_learner_ingest_pull(learner) -> None:  # type: ignore[no-untyped-def]
-    d = learner.dispatcher
+    d = learner.orch.dispatcher
     ctx = zmq.Context()
     push = raw_socket(ctx, zmq.PUSH, d.ingest_address)
     d0 = d.dropped
@@ -153,9 +153,9 @@ def test_fuzz_learner_ingest_pull(learner) -> None:  # type: ignore[no-untyped-d
         assert dealer.poll(5000, zmq.POLLIN)
         leases = decode(dealer.recv())
         assert isinstance(leases, Leases) and leases.leases
-        ingested = learner.state.ingested
+        ingested = learner.orch.state.ingested
         push.send(encode(scored(lease_id=leases.leases[0].lease_id)))
-        assert wait_for(lambda: learner.state.ingested == ingested + 1)
+        assert wait_for(lambda: learner.orch.state.ingested == ingested + 1)
     finally:
         dealer.close()
         push.close()
@@ -242,7 +242,7 @@ def test_fuzz_verifier_rollouts_pull(verifier) -> None:  # type: ignore[no-untyp
 def test_fuzz_learner_weightstream_router(learner) -> None:  # type: ignore[no-untyped-def]
     from popo.common.messages import Chunk, Manifest, StreamError
 
-    ws = learner.weight_server
+    ws = learner.orch.weight_server
     assert ws is not None and ws.is_alive(), "the learner serves weight streams by default"
     ctx = zmq.Context()
     dealer = raw_socket(ctx, zmq.DEALER, ws.address)

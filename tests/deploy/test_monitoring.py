@@ -39,6 +39,7 @@ DASHBOARD = GRAFANA_DIR / "dashboard.json"
 ALERTS = PROM_DIR / "alerts.yml"
 METRIC_SOURCES = [
     ROOT / "learner/service.py",
+    ROOT / "learner/stats.py",
     ROOT / "verifier/service.py",
     ROOT / "actors/stats.py",
 ]

@@ -1,0 +1,64 @@
+"""What every learner rank does: build the trainer, publish weights, write checkpoints. Rank 0 and
+the followers call the same functions, so their collectives match (learner/ranks.py)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from popo.common.config import RunConfig
+from popo.common.messages import WeightsReady
+
+log = logging.getLogger("popo.learner")
+
+
+def build_trainer(
+    cfg: RunConfig, run_dir: Path, model_dir: Path, device: str | None = None
+) -> tuple[Any, Any]:
+    """(trainer, tokenizer), restored from the run's latest checkpoint if there is one. Every
+    learner rank calls this (with a process group, loading the checkpoint is a collective)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from popo.learner.checkpoint import latest_checkpoint, load_checkpoint
+    from popo.learner.trainer import Trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    trainer = Trainer(
+        model, cfg.learner, cfg.algorithm, max_completion_len=cfg.actor.max_tokens,
+        pad_id=tokenizer.pad_token_id or 0, device=device,
+    )  # fmt: skip
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is not None:
+        load_checkpoint(trainer, ckpt)
+        log.info("resumed from %s (step %d)", ckpt, trainer.step)
+    return trainer, tokenizer
+
+
+def write_weights(
+    trainer: Any, cfg: RunConfig, run_dir: Path, model_dir: Path, version: int,
+    protect: set[int], probe: tuple[list[int], list[int]] | None, on_failure: Any = None,
+) -> WeightsReady | None:  # fmt: skip
+    """Publish the policy as `weights/v{version}` (every rank calls; rank 0 writes and returns the
+    announcement)."""
+    from popo.learner.publish import publish_weights
+
+    lc = cfg.learner
+    return publish_weights(
+        trainer.policy, run_dir / "weights", version, source_dir=model_dir, keep=lc.keep_weights,
+        protect=protect, probe=probe, pad_id=trainer.pad_id, retries=lc.write_retries,
+        backoff_s=lc.write_retry_backoff_s, on_failure=on_failure,
+    )  # fmt: skip
+
+
+def write_checkpoint(trainer: Any, cfg: RunConfig, run_dir: Path, on_failure: Any = None) -> None:
+    """Checkpoint the trainer (every rank calls; rank 0 writes)."""
+    from popo.learner.checkpoint import save_checkpoint
+
+    lc = cfg.learner
+    save_checkpoint(
+        trainer, run_dir / "checkpoints", keep=lc.keep_checkpoints, retries=lc.write_retries,
+        backoff_s=lc.write_retry_backoff_s, on_failure=on_failure,
+    )  # fmt: skip
