@@ -6,8 +6,13 @@ PY := .venv/bin/python
 setup:
 	@bash deploy/bootstrap.sh
 
-train: setup
-	$(PY) -m popo.deploy.cli train
+# Prints the total time and its parts: install (or the up-to-date check), demo model, the run.
+train:
+	@t0=$$(date +%s); bash deploy/bootstrap.sh || exit $$?; t1=$$(date +%s); \
+	$(PY) -m popo.deploy.cli demo-model || exit $$?; t2=$$(date +%s); \
+	$(PY) -m popo.deploy.cli train; rc=$$?; t3=$$(date +%s); \
+	echo "make train: $$((t3 - t0)) s in all: install $$((t1 - t0)) s, demo model $$((t2 - t1)) s, run $$((t3 - t2)) s"; \
+	exit $$rc
 
 test: setup
 	$(PY) -m pytest -q

@@ -176,7 +176,7 @@ class ActorConfig(_Section):
     `<run_dir>/weights-cache/actor-<i>`, or a temporary directory without a run directory."""
     weights_cache_keep: int = Field(2, ge=1)
     """Streamed versions kept in the cache (the served one is never deleted)."""
-    reload_keeps_kv: bool = False
+    reload_keeps_kv: bool = True
     """Keep the KV cache across an in-place reload (vLLM `pause_generation(clear_cache=False)`).
     Off, a reload preempts every running sequence and recomputes its prompt and completion so far
     with the new weights on resume; on, they continue on the KV their earlier tokens produced under
@@ -186,9 +186,8 @@ class ActorConfig(_Section):
     an older version's prefix-cache blocks. Version labels stay per sampled token; a group's
     `version_min` can understate the oldest weights behind its context only for a request whose
     prompt KV was computed (or prefix-matched under its submission salt) before a reload but whose
-    first token was sampled after it. Measured faster (`popo bench e2e`, async/sync 1.69 with
-    `learner.max_staleness 2`, 1.55 without it; BENCHMARKS.md); off by default so that a group's
-    version label stays exact unless a run asks for throughput."""
+    first token was sampled after it. On by default: faster at the same held-out accuracy
+    (BENCHMARKS.md); off gives exact version labels."""
 
 
 class VerifierConfig(_Section):
@@ -238,8 +237,10 @@ class LearnerConfig(_Section):
     """Completed groups (prompts) consumed by one optimizer step."""
     micro_batch_tokens: int = Field(4096, gt=0)
     """Token budget of a micro-batch; a micro-batch always holds whole groups."""
-    max_staleness: int = Field(1, ge=0)
-    """Largest allowed policy-version lag of a trained sample; 0 is a synchronous run."""
+    max_staleness: int = Field(2, ge=0)
+    """Largest allowed policy-version lag of a trained sample; 0 is a synchronous run. Up to
+    (max_staleness + 1) steps of prompts are in flight, which keeps the actors busy while the
+    learner trains and publishes (BENCHMARKS.md compares the settings)."""
     lease_timeout_s: float = Field(120.0, gt=0.0)
     """A lease not completed in this time is re-dispatched (its actor is presumed dead)."""
     publish_every: int = Field(1, ge=1)

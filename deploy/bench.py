@@ -5,6 +5,7 @@
     popo bench learn      learner step cost POPO vs GRPO vs NLL; POPO's saving vs pass rate (PNG)
     popo bench sync       publish + actor reload vs raw write+fsync+read of the bytes (<= 2x; PNG)
     popo bench e2e        trained positives/s, async vs synchronous `popo train`, pinned cores (>= 1.6)
+    popo bench default    default `popo train` vs the plain synchronous trainer: time to accuracy
 
 Every figure is a ratio of two measurements taken in the same repetitions (the two sides
 alternate), reported as median [min, max] over `--reps`; a ratio whose repetitions disagree by more
@@ -41,8 +42,9 @@ from popo.common.benchstats import (
 )
 from popo.common.config import RunConfig
 from popo.common.process import free_port_flags
+from popo.deploy.bench_default import bench_default
 
-SUBS = ("generate", "verify", "learn", "sync", "e2e")
+SUBS = ("generate", "verify", "learn", "sync", "e2e", "default")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -79,9 +81,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="learner.max_staleness of the async pipeline (sync is 0)")  # fmt: skip
     e.add_argument("--pin", default="learner=0;actor=1;verifier=1",
                    help="role=cores;... (deploy.cpu_affinity); `none` pins nothing")  # fmt: skip
-    e.add_argument("--train-flags", default="",
-                   help='extra `popo train` flags for both runs, one string: '
+    e.add_argument("--train-flags",
+                   help='extra `popo train` flags for every run, one string: '
                         '--train-flags="--actor.reload_keeps_kv=true --learner.publish_every=2"')  # fmt: skip
+    d = p.add_argument_group("default")
+    d.add_argument("--threshold", type=float, default=0.5,
+                   help="held-out accuracy whose first reaching is timed")  # fmt: skip
+    d.add_argument("--compare", action="append", metavar="NAME=FLAGS",
+                   help='another `popo train` side, e.g. --compare "previous=--learner.max_staleness=1"')  # fmt: skip
+    d.add_argument("--plain-threads", type=int, default=2, help="torch threads of the plain trainer")
+    d.add_argument("--step-reps", type=int, help="standalone learner steps timed")
 
 
 # --- defaults per subcommand ------------------------------------------------------------------------
@@ -108,8 +117,15 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "quick": dict(reps=2, sizes="128", layers=1),
     },
     "e2e": {
-        "full": dict(reps=3, steps=40, warmup_steps=5, prompts_per_step=16, group_size=8),
-        "quick": dict(reps=1, steps=3, warmup_steps=1, prompts_per_step=4, group_size=4),
+        "full": dict(reps=3, steps=40, warmup_steps=5, prompts_per_step=16, group_size=8,
+                     train_flags=""),
+        "quick": dict(reps=1, steps=3, warmup_steps=1, prompts_per_step=4, group_size=4,
+                      train_flags=""),
+    },
+    "default": {
+        "full": dict(reps=3, step_reps=10, train_flags=""),
+        "quick": dict(reps=1, step_reps=2, train_flags="--learner.total_steps=2 "
+                      "--learner.eval_every=1 --learner.prompts_per_step=4 --data.eval_size=8"),
     },
 }  # fmt: skip
 
@@ -757,6 +773,7 @@ BENCHES: dict[str, Callable[[RunConfig, argparse.Namespace, Path], BenchResult]]
     "learn": bench_learn,
     "sync": bench_sync,
     "e2e": bench_e2e,
+    "default": bench_default,
 }
 
 

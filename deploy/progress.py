@@ -81,6 +81,13 @@ class RunView:
             ),
             ("mean staleness", _fmt(_mean(lr, "popo_learner_staleness_versions"))),
         ]
+        phases = [
+            f"{name} {lr[key]:.1f}s"
+            for name in ("learner_ready", "actor_ready", "first_step")
+            if (key := f'popo_learner_startup_seconds{{phase="{name}"}}') in lr
+        ]
+        if phases:
+            rows.append(("start-up (from launch)", ", ".join(phases)))
         lt = self._rate("learner", "popo_learner_tokens_total")
         rows.append(("learner tokens/s", _fmt(lt, 0)))
         for inst in sorted(k for k in self.latest if k.startswith("actor")):

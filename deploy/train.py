@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from popo.common.config import RunConfig
+from popo.common.process import LAUNCH_T0_ENV, process_start_time
 from popo.deploy.launch import Supervisor
 from popo.deploy.progress import RunView
 
@@ -70,6 +71,7 @@ def train(
 ) -> int:
     cfg, run_dir = prepare_run_dir(cfg, resume)
     sup = Supervisor(cfg, run_dir, run_dir / "config.toml")
+    sup.env[LAUNCH_T0_ENV] = str(process_start_time())  # start-up figures count from our start
     view = RunView(run_dir, cfg.learner.total_steps)
     print(f"run directory: {run_dir}  (logs in {run_dir / 'logs'})", flush=True)
     _print_metrics_endpoints(cfg)
@@ -147,3 +149,8 @@ def print_summary(s: dict) -> None:
             flush=True,
         )
     print(f"leases: {s['leases']}", flush=True)
+    if st := s.get("startup"):
+        parts = ", ".join(f"{k} {v:.1f}s" for k, v in st.items())
+        print(f"start-up (seconds from launch; base_eval ran beside training): {parts}", flush=True)
+    if "wall_seconds" in s:
+        print(f"learner wall-clock from launch to summary: {s['wall_seconds']:.1f}s", flush=True)
