@@ -4,7 +4,8 @@ optionally, other `popo train` settings) on the same machine, model, task and ev
 Per run: the whole command's wall-clock, the time from its start to the first held-out evaluation
 at or above `--threshold`, the held-out accuracy at every evaluated step, and for `popo train`
 runs the start-up phases, the learner's in-system step time, per-role idle fractions and each
-role's CPU seconds. The sides alternate within each repetition. Once, after the runs, the
+role's CPU seconds. The sides alternate within each repetition, and repetition r runs with learner and actor seed r, so
+the accuracy columns are medians over seeds. Once, after the runs, the
 learner's step is timed standalone (same model, threads and batch shape: groups, completions and
 tokens per step of the measured runs) to compare with the in-system step.
 """
@@ -142,6 +143,12 @@ def standalone_step(model_dir: Path, cfg: RunConfig, groups: int, seqs: float, t
     return out
 
 
+def med(xs: Any) -> float | None:
+    """Median of the values that are not None (None if there is none)."""
+    vals = [x for x in xs if x is not None]
+    return statistics.median(vals) if vals else None
+
+
 def bench_default(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
     from popo.common.demo_model import resolve_model_dir
 
@@ -152,7 +159,9 @@ def bench_default(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResu
     for rep in range(a.reps):
         for name, flags in plan.items():  # alternating, so load drifts hit every side alike
             slug = name.replace(" ", "_").replace("(", "").replace(")", "")
-            info = one_run(name, flags, model_dir, out / "runs" / f"{slug}-{rep}", a, extra)
+            seeds = [f"--learner.seed={rep}", f"--actor.seed={rep}"]  # repetitions are seeds
+            info = one_run(name, flags, model_dir, out / "runs" / f"{slug}-{rep}", a,
+                           [*seeds, *extra])  # fmt: skip
             runs[name].append(info)
             print(f"{name} rep {rep}: whole command {info['wall_s']:.1f}s, to "
                   f">= {a.threshold:.0%}: {info['to_threshold_s']}", flush=True)  # fmt: skip
@@ -182,7 +191,6 @@ def bench_default(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResu
             f"steps {'/'.join(map(str, steps))}: {acc}", r.fmt(),
         ])  # fmt: skip
     d = runs[DEFAULT]
-    med = lambda xs: statistics.median([x for x in xs if x is not None])  # noqa: E731
     learner_threads = next((r["placement"]["learner"]["threads"] for r in d
                             if r.get("placement") and "learner" in r["placement"]), a.plain_threads)  # fmt: skip
     alone = standalone_step(model_dir, cfg, cfg.learner.prompts_per_step,
@@ -193,12 +201,12 @@ def bench_default(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResu
     idle = {k: med(r["idle"].get(k) for r in d) for k in d[0]["idle"]}
     res.notes.append(
         f"{DEFAULT}, medians: start-up from launch "
-        + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items())
+        + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items() if v is not None)
         + f"; training (first to last step) {med(r['train_s'] for r in d):.1f}s; learner step "
         f"in the system {in_sys:.3f}s vs standalone {statistics.median(alone):.3f}s on the same "
         f"batch shape and {learner_threads} thread(s) (ratio standalone / in-system "
         f"{statistics.median(alone) / in_sys:.2f}); idle fraction while training: "
-        + ", ".join(f"{k} {v:.0%}" for k, v in idle.items())
+        + ", ".join(f"{k} {v:.0%}" for k, v in idle.items() if v is not None)
     )
     res.figures = {"runs": runs, "standalone_step_s": alone, "model": str(model_dir),
                    "threshold": a.threshold}  # fmt: skip

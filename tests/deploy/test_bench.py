@@ -312,3 +312,17 @@ def test_bench_e2e_quick(tmp_path):
         (r,) = runs[mode]
         assert r["steps"] == 3 and r["positives"] > 0 and r["positives_per_s"] > 0
         assert set(r["idle"]) >= {"learner", "actor-0"}
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_bench_default_quick(tmp_path):
+    doc = _bench("default", tmp_path, timeout=1800)
+    runs = doc["figures"]["runs"]
+    (train,) = runs["popo train (defaults)"]
+    (plain,) = runs["plain synchronous trainer"]
+    for r in (train, plain):
+        assert r["wall_s"] > 0 and sorted(r["accuracy"]) == ["0", "1", "2"]  # JSON keys
+    assert set(train["startup"]) >= {"learner_ready", "actor_ready", "first_step", "base_eval"}
+    assert train["step_s"] > 0 and set(train["idle"]) >= {"learner", "actor-0"}
+    assert len(doc["figures"]["standalone_step_s"]) == 2
