@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ import zmq
 from test_weight_stream import CFG, assert_same_dir, versions
 
 from popo.common.messages import Chunk, Manifest, WeightsReady
-from popo.common.weight_stream import WeightFetcher, WeightServer
+from popo.common.weight_stream import WeightFetcher, WeightServer, default_cache_dir
 from popo.common.weights import WEIGHTS_FILE, WeightsError, sha256_file, write_version_dir
 
 # A node's actor, reduced to its weight path: it follows the announcements the test writes, fetches
@@ -256,3 +257,13 @@ def test_a_corrupt_cached_copy_is_replaced_once_nobody_holds_it(node, tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_the_default_cache_is_one_per_node(tmp_path):
+    assert default_cache_dir(tmp_path) == tmp_path / "weights-cache" / socket.gethostname()
+    a, b = default_cache_dir(None), default_cache_dir(None)  # no run directory: private ones
+    try:
+        assert a.is_dir() and b.is_dir() and a != b
+    finally:
+        a.rmdir()
+        b.rmdir()
