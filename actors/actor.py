@@ -20,7 +20,8 @@ rejected and counted, the served one stays, and the next announcement is taken. 
 arrive during a reload collapse to the newest. After each reload the probe carried in the
 announcement is run and its mismatch goes into the next LeaseRequest. Where the announced path is
 not visible on this node (`transport.weights_mode`), the version is first streamed from the
-learner into a node-local cache (`common.weight_stream`) while the old version keeps serving.
+learner into the node's weight cache (`common.weight_stream`: one download per version per node,
+shared with the node's other actors) while the old version keeps serving.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ class Actor:
         self._poller.register(self.dispatch.sock, zmq.POLLIN)
         self._poller.register(self.weights.sock, zmq.POLLIN)
         if t.weights_mode != "shared" and self.endpoints.weightstream:
-            cache = self.acfg.weights_cache_dir or default_cache_dir(self.run_dir, self.actor_id)
+            cache = self.acfg.weights_cache_dir or default_cache_dir(self.run_dir)
             self._fetcher = WeightFetcher(
                 self.endpoints.weightstream, cache, t, keep=self.acfg.weights_cache_keep,
                 on_retry=lambda _why: self.stats.stream_retried(),

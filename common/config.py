@@ -172,10 +172,14 @@ class ActorConfig(_Section):
     """On SIGTERM: how long to wait for in-flight groups to finish and be delivered; what is left
     after it is dropped whole (its leases expire at the learner and are re-dispatched)."""
     weights_cache_dir: str | None = None
-    """Node-local directory for streamed weight versions (`transport.weights_mode`); default
-    `<run_dir>/weights-cache/actor-<i>`, or a temporary directory without a run directory."""
+    """Node-local directory for streamed weight versions (`transport.weights_mode`), shared by the
+    actors of a node: each version is downloaded once per node, under a file lock, and the others
+    verify and load that copy. Default `<run_dir>/weights-cache/<hostname>`, or a temporary
+    directory without a run directory. Needs flock to work between the node's actors (a local disk
+    does)."""
     weights_cache_keep: int = Field(2, ge=1)
-    """Streamed versions kept in the cache (the served one is never deleted)."""
+    """Streamed versions kept in the node cache; older ones are deleted once no actor of the node
+    serves or loads them (the disk holds this many plus those in use, plus one being downloaded)."""
     reload_keeps_kv: bool = True
     """Keep the KV cache across an in-place reload (vLLM `pause_generation(clear_cache=False)`).
     Off, a reload preempts every running sequence and recomputes its prompt and completion so far

@@ -1,4 +1,4 @@
-"""Weight versions without a shared filesystem (DESIGN §3): chunked streaming over ZeroMQ.
+"""Weight versions without a shared filesystem: chunked streaming over ZeroMQ into a node cache.
 
     learner [WeightServer thread, ROUTER] <-- ManifestRequest / FetchRequest -- [DEALER] actor
                                           --- Manifest / Chunk / StreamError -->   WeightFetcher
@@ -18,18 +18,32 @@ against a raw ZeroMQ transfer: BENCHMARKS.md, `weight_stream_bench`). The server
 reads finished, immutable version directories and serves only the plain files listed in a version's
 manifest (no path reaches the filesystem from the wire). A corrupt, short or timed-out transfer is
 retried from scratch; a version the learner has pruned is a clean `StreamError`, not a retry.
+
+The actors of one node share one cache directory and download each version once: a per-version
+flock in the cache (`.lock-vN`) is held exclusively by the one actor that streams it and shared by
+every actor that verifies, loads or serves it. Neighbours wait for the rename, verify every file
+against the manifest the downloader stored beside them, and load the same copy. A download's
+temporary directory whose lock is free belongs to a dead process and is removed; pruning takes a
+version's lock without waiting, so a version some actor on the node still holds stays
+(`WeightFetcher` has the rules).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import logging
 import os
 import queue
+import random
 import re
 import shutil
+import socket
 import tempfile
 import threading
+import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -339,11 +353,84 @@ class _Sink:
         self._out.close()
 
 
+class _VersionLock:
+    """The flock on `cache/.lock-v{N}`: exclusive while a version is downloaded or pruned, shared
+    (a reader lease) while an actor verifies, loads or serves it.
+
+    The lock file is only ever unlinked by a holder of the exclusive lock (the pruner, or a fetch
+    that failed and left no version). A process that opened the file before that unlink and locks
+    it afterwards holds a lock on a file nobody else can open any more, so `try_lock` checks that
+    the path still names the locked inode and otherwise locks the file that is there now.
+    """
+
+    def __init__(self, cache: Path, version: int) -> None:
+        self.path = cache / f".lock-v{version}"
+        self._fd: int | None = None
+
+    def try_lock(self, shared: bool) -> bool:
+        """Take the lock without waiting (also converts a held lock); True when held. A failed
+        conversion leaves nothing held (flock drops the old lock first)."""
+        while True:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(self._fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return True
+            self.close()
+
+    def unlock(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def remove(self) -> None:
+        """Unlink the lock file and let go; only while holding the exclusive lock."""
+        self.path.unlink(missing_ok=True)
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+MANIFEST_FILE = ".manifest.json"
+"""Written into a cached version by the actor that streamed it: every file with its size and
+sha256, so a neighbour that finds the version on the node verifies it before loading it."""
+_TMP = re.compile(r"^\.tmp-v(\d+)-")
+
+
 class WeightFetcher:
-    """Streams announced versions from a `WeightServer` into `cache_dir/v{N}/`.
+    """Streams announced versions from a `WeightServer` into `cache_dir/v{N}/`, a directory the
+    actors of one node share (one download per version per node; see `fetch`).
 
     `fetch` blocks (the actor runs it off its loop thread) and is not reentrant; each attempt uses
     a fresh DEALER socket, so a reply of an abandoned attempt can never be taken for a new one.
+    `close()` may be called from another thread: a fetch waiting for a neighbour then fails.
+
+    Sharing one cache between processes rests on one flock per version (`_VersionLock`):
+
+    - Download: only the holder of the exclusive lock of version N writes, into
+      `.tmp-vN-<host>-<pid>-*`, and renames it to `vN` once every file is fsynced and has the
+      manifest's size and sha256. A `.tmp-vN-*` whose lock nobody holds exclusively belongs to a
+      downloader that died (the kernel dropped its lock with its files): it is garbage, removed by
+      the next exclusive holder, and by every fetcher that starts and can take the lock at once.
+    - Readers: a fetcher that cannot take the lock waits (polling, so `close()` can end the wait);
+      once it gets it shared and `vN` exists, it verifies every file against `.manifest.json` and
+      the announcement before returning it. A version that is still missing (its downloader died
+      or failed) is downloaded by whichever waiter gets the exclusive lock first.
+    - Leases: the shared lock is kept after `fetch` returns, as a lease on the version being loaded
+      and, through `protect`, on the one being served; the next `fetch` releases the others.
+    - Pruning keeps the newest `keep` versions and takes the exclusive lock of an older one
+      without waiting: it succeeds only when no actor on the node holds a lease on it (nor is
+      downloading it). The version is renamed to `.del-*` before it is deleted, so a reader never
+      sees a half-deleted directory, and a version in use is simply left for a later prune.
     """
 
     def __init__(
@@ -353,44 +440,137 @@ class WeightFetcher:
         cfg: TransportConfig,
         keep: int = 2,
         on_retry: Callable[[str], None] | None = None,
+        poll_s: float = 0.05,
     ) -> None:
         self.addr = addr
         self.cache = Path(cache_dir)
         self.cache.mkdir(parents=True, exist_ok=True)
-        for leftover in self.cache.glob(".tmp-v*"):  # a fetch cut short by a crash
-            shutil.rmtree(leftover, ignore_errors=True)
         self.cfg = cfg
         self.keep = keep
         self.on_retry = on_retry
+        self.poll_s = poll_s
+        """How often a fetcher waiting for a neighbour's download looks again."""
         self.ctx = zmq.Context()
         self.bytes_streamed = 0
         """Bytes received over all fetches (chunks of failed attempts included)."""
         self.retries = 0
+        self._leases: dict[int, _VersionLock] = {}
+        self._closed = threading.Event()
+        self._tag = f"{socket.gethostname()}-{os.getpid()}"
+        self._clean_leftovers()
 
     def close(self) -> None:
+        """Release every lease and end the fetcher (idempotent)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        for v in list(self._leases):
+            self._release(v)
         self.ctx.term()
 
-    def cached(self, msg: WeightsReady) -> Path | None:
-        """The cached directory of `msg.version` if it holds the announced weights."""
-        d = self.cache / f"v{msg.version}"
-        probe = WeightsReady(version=msg.version, path=str(d), sha256=msg.sha256, nbytes=msg.nbytes)
-        return d if shared_visible(probe) else None
+    def leased(self) -> list[int]:
+        """Versions this fetcher holds a reader lease on (in use: not pruned by any neighbour)."""
+        return sorted(self._leases)
 
     def fetch(self, msg: WeightsReady, protect: Collection[int] = ()) -> Path:
-        """Stream version `msg.version` (unless already cached) and return its local directory.
+        """The verified directory of version `msg.version` in the node cache: streamed by this
+        fetcher, or by a neighbour on the node (waited for, then verified). Holds a lease on it,
+        releases the leases on versions outside `protect` and prunes.
 
         Every file is checked against the manifest's size and sha256, and model.safetensors against
-        the announcement. Raises WeightsError when the server cannot serve the version or every
-        attempt (1 + stream_retries) failed; the cache is left without a partial version.
+        the announcement. Raises WeightsError when the server cannot serve the version, every
+        attempt (1 + stream_retries) failed, or the fetcher was closed; the cache is left without a
+        partial version.
         """
-        if (d := self.cached(msg)) is not None:
-            return d
+        self._release(msg.version)  # a lease of our own would block our own exclusive lock
+        try:
+            d = self._obtain(msg)
+            for v in [v for v in self._leases if v not in protect and v != msg.version]:
+                self._release(v)
+            self._prune(protect={*protect, msg.version})
+        except OSError as e:  # the local cache (disk full, permissions): not the transfer
+            raise WeightsError(f"weight cache {self.cache}: {e}") from e
+        return d
+
+    def _release(self, version: int) -> None:
+        if (lk := self._leases.pop(version, None)) is not None:
+            lk.close()
+
+    def _obtain(self, msg: WeightsReady) -> Path:
+        """Lease (shared lock) on a verified `v{N}`, downloading it under the exclusive lock when
+        no one on the node has. Returns the directory; the lease is in `_leases`."""
+        lk = _VersionLock(self.cache, msg.version)
+        out = self.cache / f"v{msg.version}"
+        bad: WeightsError | None = None  # the copy on disk did not verify: replace it
+        give_up = 0.0
+        try:
+            while True:
+                if self._closed.is_set():
+                    raise WeightsError(f"weight fetcher closed while waiting for v{msg.version}")
+                if bad is None and lk.try_lock(shared=True):
+                    if out.is_dir():
+                        try:
+                            self._verify(out, msg)
+                        except WeightsError as e:
+                            log.warning("cached %s does not verify: %s", out.name, e)
+                            bad, give_up = e, time.monotonic() + self.cfg.stream_timeout_s
+                            lk.unlock()
+                            continue
+                        self._leases[msg.version] = lk
+                        return out
+                    lk.unlock()  # missing: whoever takes the exclusive lock first downloads it
+                if lk.try_lock(shared=False):
+                    self._clean_version(msg.version)
+                    if out.is_dir():
+                        if bad is None:
+                            lk.unlock()  # finished while we were not looking: read it shared
+                            continue
+                        self._set_aside(out)
+                        bad = None
+                    try:
+                        self._download(msg, out)
+                    except BaseException:
+                        lk.remove()
+                        raise
+                    # The conversion drops the lock for an instant (flock): a pruner that took it
+                    # then removed the version, and the loop fetches it again.
+                    if lk.try_lock(shared=True) and out.is_dir():
+                        self._leases[msg.version] = lk
+                        return out
+                    continue
+                if bad is not None and time.monotonic() > give_up:
+                    raise WeightsError(
+                        f"cached {out} does not verify ({bad}) and another actor on this node "
+                        "still uses it"
+                    )
+                self._closed.wait(self.poll_s * random.uniform(0.5, 1.5))
+        except BaseException:
+            if self._leases.get(msg.version) is not lk:
+                lk.close()
+            raise
+
+    def _verify(self, d: Path, msg: WeightsReady) -> None:
+        """Raise WeightsError unless `d` holds every file of its manifest (size and sha256) and
+        the manifest's model.safetensors is the announced one."""
+        try:
+            files = json.loads((d / MANIFEST_FILE).read_bytes())
+            entries = {f["name"]: (int(f["size"]), str(f["sha256"])) for f in files}
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise WeightsError(f"{d / MANIFEST_FILE}: unreadable ({e})") from None
+        if entries.get(WEIGHTS_FILE) != (msg.nbytes, msg.sha256):
+            raise WeightsError(f"{d} is not the announced version {msg.version}")
+        for name, (size, digest) in entries.items():
+            if name != os.path.basename(name) or name in ("", ".", ".."):
+                raise WeightsError(f"{d / MANIFEST_FILE} lists {name!r}, not a plain name")
+            verify_weights(d / name, digest, size)
+
+    def _download(self, msg: WeightsReady, out: Path) -> None:
+        """Stream the version into a temporary directory and rename it to `out`, with retries."""
         attempts = 1 + self.cfg.stream_retries
         for attempt in range(1, attempts + 1):
             try:
-                d = self._attempt(msg)
-            except OSError as e:  # the local cache (disk full, permissions): not the transfer
-                raise WeightsError(f"weight cache {self.cache}: {e}") from e
+                self._attempt(msg, out)
+                return
             except _Retry as e:
                 if attempt == attempts:
                     raise WeightsError(
@@ -400,26 +580,24 @@ class WeightFetcher:
                 log.warning("version %d: %s; retrying (%d/%d)", msg.version, e, attempt, attempts)
                 if self.on_retry is not None:
                     self.on_retry(str(e))
-                continue
-            self._prune(protect={*protect, msg.version})
-            return d
-        raise AssertionError("unreachable")
 
-    def _attempt(self, msg: WeightsReady) -> Path:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-v{msg.version}-", dir=self.cache))
+    def _attempt(self, msg: WeightsReady, out: Path) -> None:
+        prefix = f".tmp-v{msg.version}-{self._tag}-"
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.cache))
         ch = transport.connect(self.ctx, "weightstream", self.addr, self.cfg)
         ch.sock.setsockopt(zmq.LINGER, 0)  # requests of an abandoned attempt are worthless
         try:
             manifest = self._manifest(ch, msg)
             for f in manifest.files:
                 self._fetch_file(ch, msg.version, f, tmp / f.name)
+            listing = [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in manifest.files]
+            with open(tmp / MANIFEST_FILE, "w") as m:
+                json.dump(listing, m)
+                m.flush()
+                os.fsync(m.fileno())
             fsync_dir(tmp)
-            out = self.cache / f"v{msg.version}"
-            if out.exists():  # an earlier fetch of the same version that did not verify
-                shutil.rmtree(out)
             os.rename(tmp, out)
             fsync_dir(self.cache)
-            return out
         finally:
             ch.close()
             shutil.rmtree(tmp, ignore_errors=True)
@@ -452,7 +630,7 @@ class WeightFetcher:
                 f"{w.size if w else None} bytes, sha256 {w.sha256[:12] if w else None}…)"
             )
         for f in reply.files:
-            if f.name != os.path.basename(f.name) or f.name in ("", ".", ".."):
+            if f.name != os.path.basename(f.name) or f.name in ("", ".", "..", MANIFEST_FILE):
                 raise WeightsError(
                     f"weight server listed a file that is not a plain name: {f.name!r}"
                 )
@@ -464,6 +642,8 @@ class WeightFetcher:
         asked = done = 0
         with _Sink(dest, self.cfg.stream_window) as out:
             while done < f.size:
+                if self._closed.is_set():  # neighbours waiting on this download take it over
+                    raise WeightsError(f"weight fetcher closed while streaming v{version}")
                 while asked < f.size and asked - done < self.cfg.stream_window * chunk:
                     n = min(chunk, f.size - asked)
                     self._send(
@@ -490,20 +670,62 @@ class WeightFetcher:
             raise _Retry(f"{f.name}: sha256 {digest[:12]}… != manifest {f.sha256[:12]}…")
 
     def _prune(self, protect: Collection[int]) -> None:
-        """Keep the newest `keep` versions (and `protect`); drop leftovers of crashed fetches."""
+        """Keep the newest `keep` versions (and `protect`); an older one goes only when no actor
+        on the node holds it (its lock is free), else a later prune retries."""
         versions = sorted(
             int(m.group(1)) for p in self.cache.iterdir() if (m := _VERSION.match(p.name))
         )
         for v in versions[: max(0, len(versions) - self.keep)]:
-            if v not in protect:
-                shutil.rmtree(self.cache / f"v{v}", ignore_errors=True)
+            if v in protect:
+                continue
+            lk = _VersionLock(self.cache, v)
+            if not lk.try_lock(shared=False):
+                lk.close()
+                continue
+            self._set_aside(self.cache / f"v{v}")
+            self._clean_version(v)
+            lk.remove()
+
+    def _set_aside(self, d: Path) -> None:
+        """Rename a version out of readers' sight, then delete it (exclusive lock held)."""
+        gone = self.cache / f".del-{d.name}-{self._tag}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(d, gone)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(gone, ignore_errors=True)
+
+    def _clean_version(self, version: int) -> None:
+        """Remove the temporary directories of `version` (exclusive lock held: all are dead)."""
+        for p in self.cache.glob(f".tmp-v{version}-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _clean_leftovers(self) -> None:
+        """Remove what dead processes left: a `.tmp-vN-*` whose lock is free (its downloader died;
+        one whose lock is held is a neighbour's download in progress, or is cleaned by whoever
+        takes that lock next) and `.del-*` (renamed under the lock, never read again)."""
+        for p in self.cache.glob(".del-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        versions = {int(m.group(1)) for p in self.cache.iterdir() if (m := _TMP.match(p.name))}
+        for v in sorted(versions):
+            lk = _VersionLock(self.cache, v)
+            if not lk.try_lock(shared=False):
+                lk.close()
+                continue
+            self._clean_version(v)
+            if (self.cache / f"v{v}").is_dir():
+                lk.close()
+            else:
+                lk.remove()
 
 
-def default_cache_dir(run_dir: str | Path | None, actor_id: str) -> Path:
-    """`<run_dir>/weights-cache/<actor_id>`, or a fresh temporary directory without a run dir."""
+def default_cache_dir(run_dir: str | Path | None) -> Path:
+    """`<run_dir>/weights-cache/<hostname>`, shared by the actors of this node (a run directory on a
+    shared filesystem still gets one cache per node), or a fresh temporary directory without a run
+    directory."""
     if run_dir is not None:
-        return Path(run_dir) / "weights-cache" / actor_id
-    return Path(tempfile.mkdtemp(prefix=f"popo-{actor_id}-weights-"))
+        return Path(run_dir) / "weights-cache" / socket.gethostname()
+    return Path(tempfile.mkdtemp(prefix="popo-weights-cache-"))
 
 
 def local_weights(
@@ -533,6 +755,8 @@ def local_weights(
         )
     before = fetcher.bytes_streamed
     local = fetcher.fetch(msg, protect)
-    log.info("streamed version %d (%d bytes) into %s", msg.version,
-             fetcher.bytes_streamed - before, local)  # fmt: skip
+    if (n := fetcher.bytes_streamed - before) > 0:
+        log.info("streamed version %d (%d bytes) into %s", msg.version, n, local)
+    else:
+        log.info("version %d found in the node cache %s (verified)", msg.version, local)
     return local, "stream"

@@ -61,6 +61,8 @@ def test_actor_streams_a_version_it_cannot_see_and_serves_it(
                 d2 / "model.safetensors"
             ).read_bytes()
             assert actor.stats.streamed_bytes == sum(p.stat().st_size for p in d2.iterdir())
+            # the node cache holds the version's manifest for neighbours, and the actor's lease on it
+            assert (cached / ".manifest.json").is_file() and actor._fetcher.leased() == [v2]
             assert server.bytes_sent == actor.stats.streamed_bytes
             metrics = actor.stats.metrics.registry
             assert metrics.get_sample_value("popo_actor_weights_mode", {"mode": "stream"}) == 1.0

@@ -26,6 +26,7 @@ from popo.common.messages import (
     WeightsReady,
 )
 from popo.common.weight_stream import (
+    MANIFEST_FILE,
     WeightFetcher,
     WeightServer,
     local_weights,
@@ -74,11 +75,17 @@ def fetcher(server: WeightServer, tmp_path: Path) -> Iterator[WeightFetcher]:
     f.close()
 
 
-def assert_same_dir(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
+def assert_same_dir(src: Path, local: Path) -> None:
+    """`local` holds every file of `src` byte for byte, and the manifest the fetcher stored."""
+    names = sorted(p.name for p in src.iterdir())
+    assert sorted(p.name for p in local.iterdir()) == sorted([*names, MANIFEST_FILE])
     for n in names:
-        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+        assert (src / n).read_bytes() == (local / n).read_bytes(), n
+
+
+def versions(cache: Path) -> list[str]:
+    """The version directories in a cache (beside them: lock files)."""
+    return sorted(p.name for p in cache.glob("v*"))
 
 
 def test_stream_reproduces_identical_bytes(weights, server, fetcher, tmp_path):
@@ -89,9 +96,10 @@ def test_stream_reproduces_identical_bytes(weights, server, fetcher, tmp_path):
     assert_same_dir(Path(msg.path), local)
     assert sha256_file(local / WEIGHTS_FILE) == msg.sha256
     # only the files (config/tokenizer included) crossed, nothing twice
-    total = sum(p.stat().st_size for p in local.iterdir())
+    total = sum(p.stat().st_size for p in Path(msg.path).iterdir())
     assert fetcher.bytes_streamed == total and fetcher.retries == 0
     assert not list((tmp_path / "cache").glob(".tmp-*"))
+    assert fetcher.leased() == [1]
     # a cached version is not fetched again
     assert fetcher.fetch(msg) == local and fetcher.bytes_streamed == total
 
@@ -101,7 +109,8 @@ def test_cache_keeps_last_k_and_the_protected_version(weights, server, fetcher, 
     fetcher.fetch(msgs[0])
     for m in msgs[1:]:
         fetcher.fetch(m, protect={1})
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["v1", "v3", "v4"]
+    assert versions(tmp_path / "cache") == ["v1", "v3", "v4"]
+    assert fetcher.leased() == [1, 4]
 
 
 def _ask(ch: transport.Channel, req: object) -> object:
@@ -166,7 +175,8 @@ def test_pruned_version_is_a_clean_error(weights, server, fetcher, tmp_path):
     with pytest.raises(WeightsError, match="version 1 is not available"):
         fetcher.fetch(old)
     assert fetcher.retries == 0  # a pruned version is final, not retried
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["v3"]
+    assert versions(tmp_path / "cache") == ["v3"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".lock-v3", "v3"]
     ctx = zmq.Context()
     ch = transport.connect(ctx, "weightstream", server.address, CFG)
     try:
@@ -212,7 +222,7 @@ def test_corrupt_or_short_chunk_is_detected_and_retried(fault, weights, tmp_path
         srv.faults = 10**6
         with pytest.raises(WeightsError, match="failed 3 times"):
             f.fetch(publish(weights, 2, seed=2))
-        assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["v1"]
+        assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".lock-v1", "v1"]
     finally:
         f.close()
         srv.stop()

@@ -333,7 +333,7 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
     for part in runs:
         assert re.search(r"serving version [1-9][0-9]* \(", part), part[-3000:]
         assert "weights mode stream" in part and "weights mode shared" not in part, part[-3000:]
-    assert list((run_dir / "weights-cache" / "actor-0").glob("v*")), "nothing was streamed"
+    assert list(run_dir.glob("weights-cache/*/v*")), "nothing was streamed"
 
 
 def test_ray_job_exit_code_is_the_job_status(ray_cluster, tmp_path):

@@ -2,6 +2,7 @@
 so the actor never reads the learner's weights/ and loads every version from its own cache."""
 
 import json
+import socket
 
 import pytest
 from test_e2e import _args, _assert_exactly_once, _popo
@@ -23,7 +24,7 @@ def test_train_with_streamed_weights(tmp_path, demo_model_dir):
     streamed = [line for line in log.splitlines() if "streamed version" in line]
     assert len(streamed) >= 2, log[-3000:]
     assert "weights mode stream" in log
-    cache = run_dir / "weights-cache" / "actor-0"
+    cache = run_dir / "weights-cache" / socket.gethostname()  # one cache per node
     published = sorted(p.name for p in (run_dir / "weights").glob("v*"))
     newest = published[-1]
     assert (cache / newest / "model.safetensors").read_bytes() == (
