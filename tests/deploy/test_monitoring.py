@@ -347,6 +347,30 @@ def test_alertmanager_example_is_valid_and_routes_by_severity():
     assert all("run" in rule["equal"] for rule in config["inhibit_rules"])
 
 
+def test_supervisor_passes_each_role_its_restart_count(tmp_path):
+    """The local supervisor starts a role with its restart count in the environment, and the role's
+    /metrics exports it as popo_role_restarts_total, labelled with the run and the role."""
+    from popo.deploy.launch import Role
+
+    run_dir = tmp_path / "r7"
+    (run_dir / "logs").mkdir(parents=True)
+    code = (
+        "from prometheus_client import generate_latest\n"
+        "from popo.common.config import MetricsConfig\n"
+        "from popo.common.metrics import RoleMetrics\n"
+        f"m = RoleMetrics('actor', MetricsConfig(), {str(run_dir)!r}, instance='actor-0')\n"
+        "print(generate_latest(m.exposed).decode())\n"
+    )
+    role = Role("actor-0", [sys.executable, "-c", code], True, run_dir / "logs" / "actor-0.log")
+    for restarts in (0, 2):
+        role.restarts = restarts
+        role.start(dict(os.environ))
+        assert role.proc is not None and role.proc.wait(timeout=60) == 0
+        exported = role.log_path.read_text().rsplit("=== start", 1)[1]
+        assert f'popo_role_restarts_total{{role="actor",run="r7"}} {restarts}.0' in exported
+        assert 'process_resident_memory_bytes{role="actor",run="r7"}' in exported
+
+
 # --- a real Prometheus -----------------------------------------------------------------------------
 
 
