@@ -31,7 +31,7 @@ from prometheus_client import (
     disable_created_metrics,
     make_wsgi_app,
 )
-from prometheus_client.core import CounterMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -90,6 +90,48 @@ class _RoleRestarts(Collector):
         yield fam
 
 
+class _ProcessTree(Collector):
+    """`popo_process_tree_resident_memory_bytes` and `popo_process_tree_processes`: this process and
+    all its descendants, read from /proc at scrape time. `process_*` covers the role's own process
+    only, while an actor's vLLM engine core and the verifier's scoring workers are its children.
+    Nothing on a system without /proc."""
+
+    def collect(self) -> Iterator[Metric]:
+        children: dict[int, list[int]] = {}
+        rss_pages: dict[int, int] = {}
+        try:
+            entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+        except OSError:
+            return
+        for name in entries:
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:  # exited since the listing
+                continue
+            # fields after the command name (which may hold spaces and parentheses): state, ppid, ...
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            children.setdefault(int(fields[1]), []).append(int(name))
+            rss_pages[int(name)] = int(fields[21])
+        tree, todo = [], [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            if pid in rss_pages:
+                tree.append(pid)
+                todo.extend(children.get(pid, []))
+        page = os.sysconf("SC_PAGE_SIZE")
+        yield GaugeMetricFamily(
+            PREFIX + "process_tree_resident_memory_bytes",
+            "Resident memory of this process and its descendants (shared pages counted in each)",
+            value=page * sum(rss_pages[p] for p in tree),
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "process_tree_processes",
+            "This process and its live descendants",
+            value=len(tree),
+        )
+
+
 class _Static(Collector):
     """One pre-built family, exported unchanged at every scrape."""
 
@@ -143,9 +185,9 @@ class RoleMetrics:
     (e.g. `actor-1`). Create instruments with `counter` / `gauge` / `histogram`, call `serve()` once,
     and `tick()` from the role's loop to append a snapshot to metrics.jsonl every `jsonl_every_s`.
 
-    `/metrics` serves the instruments plus `popo_run_info`, `popo_role_restarts_total` and the
-    process's `process_*` metrics (RSS, CPU seconds, start time, open fds), every series labelled
-    with `run` and `role`.
+    `/metrics` serves the instruments plus `popo_run_info`, `popo_role_restarts_total`, the
+    process's `process_*` metrics (RSS, CPU seconds, start time, open fds) and its process tree's
+    memory, every series labelled with `run` and `role`.
     """
 
     def __init__(
@@ -169,6 +211,7 @@ class RoleMetrics:
         extra.register(_Static(info))
         extra.register(_RoleRestarts())
         ProcessCollector(registry=extra)
+        extra.register(_ProcessTree())
         labels = {"run": self.run, "role": role}
         self.exposed = CollectorRegistry(auto_describe=False)
         self.exposed.register(_WithLabels(self.registry, labels))

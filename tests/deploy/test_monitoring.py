@@ -226,7 +226,7 @@ def test_dashboard_is_portable_and_scoped_to_one_run():
     for title, expr in dashboard_queries(dash):
         for name, matchers in _metric_matchers(expr):
             assert 'run="$run"' in matchers, f"{title}: {name} not scoped to the run: {expr}"
-            if re.match(r"(popo_actor_|popo_verifier_|process_|popo_role_)", name):
+            if re.match(r"(popo_actor_|popo_verifier_|process_|popo_process_|popo_role_)", name):
                 assert 'instance=~"$instance"' in matchers, f"{title}: {expr}"
 
     (up,) = [p for p in dash["panels"] if p["title"] == "Scrape targets up"]
@@ -258,6 +258,7 @@ def test_dashboard_covers_the_issue():
         "popo_learner_outstanding_leases", "popo_verifier_verdicts_total",
         "popo_verifier_verify_seconds", "process_resident_memory_bytes",
         "process_cpu_seconds_total", "process_start_time_seconds", "popo_role_restarts_total",
+        "popo_process_tree_resident_memory_bytes",
     ]:  # fmt: skip
         assert name in used, name
     assert any(p["type"] == "heatmap" and "staleness" in p["title"].lower() for p in panels)
@@ -562,6 +563,13 @@ def test_live_run_answers_every_dashboard_query_and_alert(tmp_path, demo_model_d
         started = last("process_start_time_seconds")
         assert started.keys() == roles and all(start - 5 < t < end for t in started.values())
         assert last("popo_role_restarts_total") == dict.fromkeys(roles, 0.0)
+        # with children: the verifier's scoring workers at least (spawned, so never fewer)
+        rss, tree = (
+            last("process_resident_memory_bytes"),
+            last("popo_process_tree_resident_memory_bytes"),
+        )
+        assert all(tree[r] >= rss[r] for r in roles), (tree, rss)
+        assert last("popo_process_tree_processes")["verifier"] >= 2
 
         # the dashboard's variables: this run, and its three targets
         assert run in prom.api("/api/v1/label/run/values", **{"match[]": "popo_run_info"})
