@@ -2,17 +2,22 @@
 and the same figures appended to `metrics.jsonl` in the run directory.
 
 Every name starts with `popo_` and carries its unit (`_seconds`, `_total`, `_bytes`). Labels take only
-bounded values (a verdict, a loss term), never ids.
+bounded values (a verdict, a loss term), never ids. On `/metrics` every series also carries `run` (the
+run directory's name) and `role`, so one Prometheus can hold many runs and alerts can aggregate per
+run without relying on the scrape job's name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import threading
 import time
-from collections.abc import Sequence
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -22,16 +27,22 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     make_wsgi_app,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from popo.common import transport
 from popo.common.config import MetricsConfig
 
 PREFIX = "popo_"
+
+RESTARTS_ENV = "POPO_ROLE_RESTARTS"
+"""How many times the launcher restarted this role before starting this process (the local supervisor
+sets it; absent means 0)."""
 
 # `*_created` series double every counter's cardinality and no dashboard uses them.
 disable_created_metrics()
@@ -60,12 +71,123 @@ class _AuthRejections(Collector):
         yield fam
 
 
+class _RoleRestarts(Collector):
+    """`popo_role_restarts_total`: the launcher's restart count for this role, from `RESTARTS_ENV`.
+    Each process exports the count it was started with, so the series only grows across restarts
+    and `increase()` over a window counts them (a role's own counters start over at each restart)."""
+
+    def __init__(self) -> None:
+        try:
+            self.count = max(0, int(os.environ.get(RESTARTS_ENV, "0")))
+        except ValueError:
+            self.count = 0
+
+    def collect(self) -> Any:
+        fam = CounterMetricFamily(
+            PREFIX + "role_restarts", "Times the launcher restarted this role during the run"
+        )
+        fam.add_metric([], self.count)
+        yield fam
+
+
+class _ProcessTree(Collector):
+    """`popo_process_tree_resident_memory_bytes` and `popo_process_tree_processes`: this process and
+    all its descendants, read from /proc at scrape time. `process_*` covers the role's own process
+    only, while an actor's vLLM engine core and the verifier's scoring workers are its children.
+    Nothing on a system without /proc."""
+
+    def collect(self) -> Iterator[Metric]:
+        children: dict[int, list[int]] = {}
+        rss_pages: dict[int, int] = {}
+        try:
+            entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+        except OSError:
+            return
+        for name in entries:
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:  # exited since the listing
+                continue
+            # fields after the command name (which may hold spaces and parentheses): state, ppid, ...
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            children.setdefault(int(fields[1]), []).append(int(name))
+            rss_pages[int(name)] = int(fields[21])
+        tree, todo = [], [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            if pid in rss_pages:
+                tree.append(pid)
+                todo.extend(children.get(pid, []))
+        page = os.sysconf("SC_PAGE_SIZE")
+        yield GaugeMetricFamily(
+            PREFIX + "process_tree_resident_memory_bytes",
+            "Resident memory of this process and its descendants (shared pages counted in each)",
+            value=page * sum(rss_pages[p] for p in tree),
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "process_tree_processes",
+            "This process and its live descendants",
+            value=len(tree),
+        )
+
+
+class _Static(Collector):
+    """One pre-built family, exported unchanged at every scrape."""
+
+    def __init__(self, family: Metric) -> None:
+        self.family = family
+
+    def collect(self) -> Iterator[Metric]:
+        yield self.family
+
+
+class _WithLabels(Collector):
+    """Every family of `registry` with `labels` added to each sample: constant labels, which
+    prometheus-client has no built-in for. Only the exposition sees them; metrics.jsonl and
+    `registry.get_sample_value` keep the plain names."""
+
+    def __init__(self, registry: CollectorRegistry, labels: Mapping[str, str]) -> None:
+        self.registry = registry
+        self.labels = dict(labels)
+
+    def collect(self) -> Iterator[Metric]:
+        for fam in self.registry.collect():
+            out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            out.samples = [s._replace(labels={**self.labels, **s.labels}) for s in fam.samples]
+            yield out
+
+
+def run_id(run_dir: str | Path | None) -> str:
+    """The `run` label: the run directory's name (unique per run, the same on every node)."""
+    return Path(run_dir).resolve().name if run_dir is not None else ""
+
+
+def run_info(run_dir: str | Path | None) -> dict[str, str]:
+    """Labels of `popo_run_info`, from the run directory's config snapshot (`config.toml`, which
+    every role reads): algorithm, model directory name and the package version. Missing values
+    (no run directory, a test without a snapshot) are empty strings."""
+    info = {"algorithm": "", "model": "", "version": ""}
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        info["version"] = metadata.version("popo-rl")
+    if run_dir is not None and (Path(run_dir) / "config.toml").exists():
+        with open(Path(run_dir) / "config.toml", "rb") as f:
+            cfg = tomllib.load(f)
+        info["algorithm"] = str(cfg.get("algorithm", {}).get("name", ""))
+        info["model"] = Path(str(cfg.get("model", {}).get("path", ""))).name
+    return info
+
+
 class RoleMetrics:
     """Metrics of one role process.
 
     `role` is `learner`, `verifier` or `actor`; `instance` tells replicas apart in metrics.jsonl
     (e.g. `actor-1`). Create instruments with `counter` / `gauge` / `histogram`, call `serve()` once,
     and `tick()` from the role's loop to append a snapshot to metrics.jsonl every `jsonl_every_s`.
+
+    `/metrics` serves the instruments plus `popo_run_info`, `popo_role_restarts_total`, the
+    process's `process_*` metrics (RSS, CPU seconds, start time, open fds) and its process tree's
+    memory, every series labelled with `run` and `role`.
     """
 
     def __init__(
@@ -80,6 +202,20 @@ class RoleMetrics:
         self.cfg = cfg
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_AuthRejections())
+        self.run = run_id(run_dir)
+        # What only the exposition shows (the jsonl keeps the role's own figures): run identity,
+        # restarts and process metrics, then everything with the constant labels.
+        extra = CollectorRegistry(auto_describe=True)
+        info = InfoMetricFamily(PREFIX + "run", "The run this process belongs to (value 1)")
+        info.add_metric([], run_info(run_dir))
+        extra.register(_Static(info))
+        extra.register(_RoleRestarts())
+        ProcessCollector(registry=extra)
+        extra.register(_ProcessTree())
+        labels = {"run": self.run, "role": role}
+        self.exposed = CollectorRegistry(auto_describe=False)
+        self.exposed.register(_WithLabels(self.registry, labels))
+        self.exposed.register(_WithLabels(extra, labels))
         self.jsonl_path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -106,7 +242,7 @@ class RoleMetrics:
         port (useful with port 0). No-op returning 0 when metrics are disabled."""
         if not self.cfg.enabled:
             return 0
-        metrics_app = make_wsgi_app(self.registry)
+        metrics_app = make_wsgi_app(self.exposed)
 
         def app(environ: dict[str, Any], start_response: Any) -> Any:
             if environ.get("PATH_INFO") == "/healthz":

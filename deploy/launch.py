@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from popo.common.config import RunConfig
+from popo.common.metrics import RESTARTS_ENV
 from popo.common.process import die_with_parent
 
 log = logging.getLogger("popo.launch")
@@ -75,7 +76,7 @@ class Role:
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=env,
+            env={**env, RESTARTS_ENV: str(self.restarts)},  # popo_role_restarts_total
             start_new_session=True,
             preexec_fn=functools.partial(_child_setup, self.cpus),
         )

@@ -391,6 +391,7 @@ def ray_train(cfg: RunConfig, resume: Path | None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     code = 1
     summary = tail = None
+    targets_file: Path | None = None  # the file-SD copy, removed when the run ends
     try:
         run.connect()
         ips = run.place()
@@ -400,6 +401,8 @@ def ray_train(cfg: RunConfig, resume: Path | None) -> int:
         for path in filter(None, [run_dir / "prometheus-targets.json",
                                   cfg.deploy.ray.prometheus_targets]):  # fmt: skip
             _write_json(Path(path), targets)
+        if cfg.deploy.ray.prometheus_targets:
+            targets_file = Path(cfg.deploy.ray.prometheus_targets)
         print("ray: " + ", ".join(f"{n}@{ip}" for n, ip in ips.items()), flush=True)
         code = run.wait()
         if code == 0:
@@ -419,6 +422,10 @@ def ray_train(cfg: RunConfig, resume: Path | None) -> int:
         t0 = time.monotonic()
         run.stop()
         log.info("ray: stopped every role in %.1f s", time.monotonic() - t0)
+        # The roles are gone: Prometheus must stop scraping them, or the Down alerts fire forever
+        # (the run directory's copy stays, a record of where the roles ran).
+        if targets_file is not None:
+            targets_file.unlink(missing_ok=True)
     if summary is not None:
         print_summary(json.loads(summary))
     elif tail is not None:

@@ -412,7 +412,10 @@ def test_metrics_endpoint_binds_loopback_by_default(tmp_path: Path) -> None:
     try:
         assert m._server is not None and m._server.server_address[0] == "127.0.0.1"
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-        assert b"popo_security_probe_total 1.0" in body
+        assert (
+            f'popo_security_probe_total{{role="learner",run="{tmp_path.name}"}} 1.0'
+            in body.decode()
+        )
         ip = _external_ip()
         if ip is not None:  # not reachable from another interface
             with pytest.raises(OSError), socket.create_connection((ip, port), timeout=2):

@@ -1,15 +1,21 @@
-"""Monitoring as shipped (issue 7): the Prometheus configs, alert rules and Grafana dashboard in
-`deploy/`, checked with the real `promtool` and the real `prometheus` server.
+"""Monitoring as shipped: the Prometheus configs, alert and recording rules, Alertmanager example
+and Grafana dashboard in `deploy/`, checked with the real `promtool`, `amtool` and `prometheus`.
 
-- promtool validates both scrape configs and the rules, and runs the rules' unit tests;
-- every metric the dashboard, the alerts and docs/metrics.md name is one the roles define;
-- the cluster config's file service discovery maps each target's role to the job the alerts use;
+- promtool validates both scrape configs and the rules, and runs the rules' unit tests; amtool
+  validates the Alertmanager example and where it routes each severity;
+- every metric the dashboard, the rules and docs/metrics.md name is one the roles export, and every
+  recorded series the dashboard reads is one recording.yml defines;
+- the dashboard is importable elsewhere (`__inputs`, a datasource variable, no pinned uid) and scoped
+  to one run (`run` and `instance` variables);
+- the cluster config's file service discovery maps each target's role to its job and run, and drops
+  a run's targets when the launcher removes its file;
 - a real Prometheus, started with the shipped local scrape config (only its ports rewritten), scrapes
-  a short live `popo train` run; every dashboard query then returns data and every alert rule
-  evaluates, with every series it selects present.
+  a short live `popo train` run; every series carries the run's `run` and `role` labels,
+  `popo_run_info` and the process metrics are there, every dashboard query returns data, and every
+  alert and recording rule evaluates, with every series it selects present.
 
-Prometheus comes from the Debian package `prometheus` (CI installs it, see .ci/run); without
-`promtool` / `prometheus` on PATH these tests skip and say so.
+Prometheus and Alertmanager come from the Debian packages `prometheus` and `prometheus-alertmanager`;
+without `promtool` / `prometheus` / `amtool` on PATH these tests skip and say so.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ PROM_DIR = ROOT / "deploy" / "prometheus"
 GRAFANA_DIR = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA_DIR / "dashboard.json"
 ALERTS = PROM_DIR / "alerts.yml"
+RECORDING = PROM_DIR / "recording.yml"
 METRIC_SOURCES = [
     ROOT / "learner/service.py",
     ROOT / "learner/stats.py",
@@ -50,6 +57,10 @@ RATE_INTERVAL = "20s"
 needs_promtool = pytest.mark.skipif(
     shutil.which("promtool") is None,
     reason="promtool not installed (Debian package `prometheus`; .ci/run installs it as root)",
+)
+needs_amtool = pytest.mark.skipif(
+    shutil.which("amtool") is None,
+    reason="amtool not installed (Debian package `prometheus-alertmanager`)",
 )
 needs_prometheus = pytest.mark.skipif(
     shutil.which("prometheus") is None,
@@ -78,40 +89,74 @@ def alert_rules() -> list[dict]:
     return [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
 
 
+def recording_rules() -> list[dict]:
+    return [r for g in yaml.safe_load(RECORDING.read_text())["groups"] for r in g["rules"]]
+
+
+def every_role_exports() -> dict[str, str]:
+    """Sample name -> kind of what RoleMetrics adds to every role's /metrics (auth rejections, run
+    info, restarts, process metrics), read from a real instance."""
+    from popo.common.config import MetricsConfig
+    from popo.common.metrics import RoleMetrics
+
+    kinds = {"counter": "counter", "gauge": "gauge", "info": "gauge"}
+    out: dict[str, str] = {}
+    for family in RoleMetrics("learner", MetricsConfig()).exposed.collect():
+        suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
+        out[family.name + suffix] = kinds[family.type]
+    return out
+
+
 def defined_metrics() -> dict[str, str]:
-    """`popo_*` name -> instrument kind, as the roles create them (the code is the reference)."""
+    """Metric name -> instrument kind, as the roles create them (the code is the reference)."""
     pat = re.compile(r"m\.(counter|gauge|histogram)\(\s*\"(\w+)\"")
     found: dict[str, str] = {}
     for src in METRIC_SOURCES:
         for kind, name in pat.findall(src.read_text()):
             found["popo_" + name] = kind
-    # collectors every role registers (read at scrape time)
-    families = re.compile(r"CounterMetricFamily\(\s*PREFIX \+ \"(\w+)\"")
-    for name in families.findall((ROOT / "common" / "metrics.py").read_text()):
-        found["popo_" + name + "_total"] = "counter"
+    found.update(every_role_exports())
     return found
 
 
+RECORDED = re.compile(r"\b[a-z_]+:[a-z_]+:[a-z0-9_]+\b")
+
+
 def referenced_metrics(expr: str) -> set[str]:
-    """`popo_*` metric names in a PromQL expression, histogram suffixes stripped."""
+    """Exported metric names (`popo_*`, `process_*`) in a PromQL expression, histogram suffixes
+    stripped. Recorded series (`level:metric:operation`) must be defined by recording.yml and are
+    not counted: the recording rules' own expressions are checked instead."""
     unquoted = re.sub(r'"[^"]*"', '""', expr)  # label values such as job="popo_actor"
-    names = set(re.findall(r"\bpopo_[a-z_]+", unquoted))
+    recorded = set(RECORDED.findall(unquoted))
+    unknown = recorded - {r["record"] for r in recording_rules()}
+    assert not unknown, f"{expr} reads series no recording rule defines: {unknown}"
+    names = set(re.findall(r"\b(?:popo|process)_[a-z_]+", RECORDED.sub("", unquoted)))
     return {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
 
 
 def selectors(expr: str) -> set[str]:
-    """Vector selectors (`name{matchers}`) of a PromQL expression: the series it needs to exist."""
-    return {m.group(0) for m in re.finditer(r"\b(?:popo_[a-z_]+|up)\b(?:\{[^}]*\})?", expr)}
+    """Vector selectors (`name{matchers}`) of a PromQL expression: the series it needs to exist
+    (recorded series included; nothing inside a quoted label value)."""
+    name = r"[a-z_]+:[a-z_]+:[a-z0-9_]+|popo_[a-z_]+|process_[a-z_]+|up"
+    pat = rf'"[^"]*"|(?<![\w:])(?:{name})\b(?:\{{[^}}]*\}})?'
+    return {m.group(0) for m in re.finditer(pat, expr) if not m.group(0).startswith('"')}
 
 
-def grafana_expr(expr: str) -> str:
-    return expr.replace("$__rate_interval", RATE_INTERVAL)
+def grafana_expr(expr: str, run: str = "run", rng: str = "5m") -> str:
+    """A dashboard query as Grafana sends it: interval macros and the variables filled in (the run
+    chosen, every instance)."""
+    return (
+        expr.replace("$__rate_interval", RATE_INTERVAL)
+        .replace("$__range", rng)
+        .replace("${run:regex}", re.escape(run))
+        .replace("$run", run)
+        .replace("$instance", ".*")
+    )
 
 
 # --- static checks ---------------------------------------------------------------------------------
 
 
-def test_dashboard_and_alerts_name_only_defined_metrics():
+def test_dashboard_and_rules_name_only_defined_metrics():
     defined = defined_metrics()
     assert len(defined) >= 40, sorted(defined)  # the regex still finds the roles' instruments
     queries = dashboard_queries(json.loads(DASHBOARD.read_text()))
@@ -119,12 +164,16 @@ def test_dashboard_and_alerts_name_only_defined_metrics():
     for title, expr in queries:
         unknown = referenced_metrics(expr) - defined.keys()
         assert not unknown, f"panel {title!r} queries undefined metrics {unknown}: {expr}"
-    for rule in alert_rules():
+    for rule in alert_rules() + recording_rules():
         unknown = referenced_metrics(rule["expr"]) - defined.keys()
-        assert not unknown, f"alert {rule['alert']} uses undefined metrics {unknown}"
+        assert not unknown, f"rule {rule.get('alert') or rule['record']} uses undefined {unknown}"
+    # every recording rule is read by the dashboard (else it is load for nothing)
+    read = {n for _, e in queries for n in RECORDED.findall(e)}
+    assert read == {r["record"] for r in recording_rules()}
     # histograms are only queried through their series, counters only through rate/increase
-    for _, expr in queries:
-        for name in re.findall(r"\bpopo_[a-z_]+", re.sub(r'"[^"]*"', '""', expr)):
+    exprs = [e for _, e in queries] + [r["expr"] for r in recording_rules()]
+    for expr in exprs:
+        for name in re.findall(r"\bpopo_[a-z_]+", RECORDED.sub("", re.sub(r'"[^"]*"', '""', expr))):
             base = re.sub(r"_(bucket|sum|count)$", "", name)
             if defined.get(base) == "histogram":
                 assert name != base, f"histogram {base} queried without a suffix: {expr}"
@@ -132,18 +181,75 @@ def test_dashboard_and_alerts_name_only_defined_metrics():
                 assert re.search(rf"(rate|increase)\({name}\b", expr), expr
 
 
-def test_dashboard_covers_the_issue_and_uses_the_provisioned_datasource():
+def _metric_matchers(expr: str) -> list[tuple[str, str]]:
+    """(metric, matchers) of every selector of an exported or recorded metric in `expr`."""
+    return [
+        (m.group(1), m.group(2) or "")
+        for m in re.finditer(
+            r"(?<![\w:])((?:[a-z_]+:)?(?:popo|process)_[a-z_]+(?::\w+)?)(\{[^}]*\})?", expr
+        )
+    ]
+
+
+def test_dashboard_is_portable_and_scoped_to_one_run():
+    """Importable into any Grafana (the datasource is an input and a variable, never a pinned uid)
+    and provisioned by the shipped files; every query is scoped to the chosen run, actor / verifier
+    / process queries also to the chosen instances; the targets panel turns red on a failed scrape."""
     dash = json.loads(DASHBOARD.read_text())
-    ds_uid = yaml.safe_load((GRAFANA_DIR / "provisioning/datasources/popo.yml").read_text())[
-        "datasources"
-    ][0]["uid"]
+    (ds_input,) = [i for i in dash["__inputs"] if i["type"] == "datasource"]
+    assert ds_input["pluginId"] == "prometheus"
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    ds_var = variables["datasource"]
+    assert ds_var["type"] == "datasource" and ds_var["query"] == "prometheus"
+    # an import replaces ${DS_...} with the chosen datasource; provisioning leaves it unresolved,
+    # and Grafana then selects the default datasource, which the provisioned one is
+    assert ds_var["current"]["value"] == "${" + ds_input["name"] + "}"
+    provisioned = yaml.safe_load((GRAFANA_DIR / "provisioning/datasources/popo.yml").read_text())
+    assert provisioned["datasources"][0]["isDefault"] is True
+    text = DASHBOARD.read_text()
+    assert provisioned["datasources"][0]["uid"] not in text  # nothing pins the provisioned uid
+
+    def refs(obj: object) -> list[dict]:
+        if isinstance(obj, dict):
+            here = [obj["datasource"]] if isinstance(obj.get("datasource"), dict) else []
+            return here + [r for v in obj.values() for r in refs(v)]
+        if isinstance(obj, list):
+            return [r for v in obj for r in refs(v)]
+        return []
+
+    ds_refs = refs(dash["panels"]) + refs(dash["templating"]["list"][1:])
+    assert ds_refs and all(r == {"type": "prometheus", "uid": "${datasource}"} for r in ds_refs)
+
+    assert "popo_run_info" in variables["run"]["query"]["query"]
+    assert variables["run"]["multi"] is False and variables["run"]["includeAll"] is False
+    assert '{run="$run"}' in variables["instance"]["query"]["query"]
+    assert variables["instance"]["includeAll"] and variables["instance"]["allValue"] == ".*"
+    for title, expr in dashboard_queries(dash):
+        for name, matchers in _metric_matchers(expr):
+            assert 'run="$run"' in matchers, f"{title}: {name} not scoped to the run: {expr}"
+            if re.match(r"(popo_actor_|popo_verifier_|process_|popo_process_|popo_role_)", name):
+                assert 'instance=~"$instance"' in matchers, f"{title}: {expr}"
+
+    (up,) = [p for p in dash["panels"] if p["title"] == "Scrape targets up"]
+    (target,) = up["targets"]
+    # every role's target, down ones included (role is a target label in both scrape configs)
+    assert target["expr"].startswith('up{role=~"learner|verifier|actor"')
+    steps = up["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert steps == [{"color": "red", "value": None}, {"color": "green", "value": 1}]
+    (mapping,) = up["fieldConfig"]["defaults"]["mappings"]
+    assert mapping["options"]["0"]["color"] == "red" and mapping["options"]["1"]["color"] == "green"
+
+
+def test_dashboard_covers_the_issue():
+    dash = json.loads(DASHBOARD.read_text())
     panels = [p for p in dash["panels"] if p["type"] != "row"]
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
     for p in panels:
-        assert p["datasource"]["uid"] == ds_uid, p["title"]
         assert p["targets"], p["title"]
-    used = set().union(*(referenced_metrics(e) for _, e in dashboard_queries(dash)))
-    # issue 7's panel list, by the metric that carries each
+    # what the panels read, directly or through the recorded series
+    exprs = [e for _, e in dashboard_queries(dash)] + [r["expr"] for r in recording_rules()]
+    used = set().union(*(referenced_metrics(e) for e in exprs))
+    # the panel list the dashboard was built for, by the metric that carries each
     for name in [
         "popo_actor_tokens_total", "popo_learner_tokens_total", "popo_verifier_completions_total",
         "popo_learner_pass_rate", "popo_learner_eval_accuracy", "popo_learner_loss",
@@ -151,7 +257,9 @@ def test_dashboard_covers_the_issue_and_uses_the_provisioned_datasource():
         "popo_learner_staleness_versions", "popo_learner_publish_seconds",
         "popo_actor_weight_reload_seconds", "popo_learner_buffer_groups",
         "popo_learner_outstanding_leases", "popo_verifier_verdicts_total",
-        "popo_verifier_verify_seconds",
+        "popo_verifier_verify_seconds", "process_resident_memory_bytes",
+        "process_cpu_seconds_total", "process_start_time_seconds", "popo_role_restarts_total",
+        "popo_process_tree_resident_memory_bytes",
     ]:  # fmt: skip
         assert name in used, name
     assert any(p["type"] == "heatmap" and "staleness" in p["title"].lower() for p in panels)
@@ -162,9 +270,11 @@ def test_dashboard_covers_the_issue_and_uses_the_provisioned_datasource():
     assert ["./dashboard.json", f"{dash_dir}/dashboard.json", "ro"] in mounts
 
 
-def test_docs_list_every_metric():
+def test_docs_list_every_metric_alert_and_recording_rule():
     doc = (ROOT / "docs" / "metrics.md").read_text()
-    missing = [n for n in defined_metrics() if f"`{n}`" not in doc]
+    names = [*defined_metrics(), *(r["alert"] for r in alert_rules())]
+    names += [r["record"] for r in recording_rules()]
+    missing = [n for n in names if f"`{n}`" not in doc]
     assert not missing, f"docs/metrics.md lacks {missing}"
 
 
@@ -180,9 +290,12 @@ def test_promtool_check_config():
 
 @needs_promtool
 def test_promtool_check_rules():
-    r = subprocess.run(["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["promtool", "check", "rules", str(ALERTS), str(RECORDING)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"SUCCESS: {len(alert_rules())} rules found" in r.stdout, r.stdout
+    assert f"SUCCESS: {len(recording_rules())} rules found" in r.stdout, r.stdout
 
 
 @needs_promtool
@@ -201,6 +314,63 @@ def test_promtool_alert_unit_tests():
         if c.get("exp_alerts")
     }
     assert {r["alert"] for r in alert_rules()} <= tested
+    # the recording rules have expected values too
+    checked = {
+        m
+        for t in yaml.safe_load((PROM_DIR / "alerts_test.yml").read_text())["tests"]
+        for c in t.get("promql_expr_test", [])
+        for m in RECORDED.findall(c["expr"])
+    }
+    assert len(checked) >= 4, checked
+
+
+@needs_amtool
+def test_alertmanager_example_is_valid_and_routes_by_severity():
+    example = str(PROM_DIR / "alertmanager.example.yml")
+    r = subprocess.run(["amtool", "check-config", example], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout, r.stdout
+
+    def receiver(*labels: str) -> str:
+        r = subprocess.run(
+            ["amtool", "config", "routes", "test", f"--config.file={example}", *labels],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout.strip()
+
+    for rule in alert_rules():
+        severity = rule["labels"]["severity"]
+        got = receiver(f"alertname={rule['alert']}", f"severity={severity}", "run=r1")
+        assert got == {"critical": "popo-pager", "warning": "popo-chat"}[severity], rule["alert"]
+    # grouped per run: two runs never share a notification
+    config = yaml.safe_load(Path(example).read_text())
+    assert "run" in config["route"]["group_by"]
+    assert all("run" in rule["equal"] for rule in config["inhibit_rules"])
+
+
+def test_supervisor_passes_each_role_its_restart_count(tmp_path):
+    """The local supervisor starts a role with its restart count in the environment, and the role's
+    /metrics exports it as popo_role_restarts_total, labelled with the run and the role."""
+    from popo.deploy.launch import Role
+
+    run_dir = tmp_path / "r7"
+    (run_dir / "logs").mkdir(parents=True)
+    code = (
+        "from prometheus_client import generate_latest\n"
+        "from popo.common.config import MetricsConfig\n"
+        "from popo.common.metrics import RoleMetrics\n"
+        f"m = RoleMetrics('actor', MetricsConfig(), {str(run_dir)!r}, instance='actor-0')\n"
+        "print(generate_latest(m.exposed).decode())\n"
+    )
+    role = Role("actor-0", [sys.executable, "-c", code], True, run_dir / "logs" / "actor-0.log")
+    for restarts in (0, 2):
+        role.restarts = restarts
+        role.start(dict(os.environ))
+        assert role.proc is not None and role.proc.wait(timeout=60) == 0
+        exported = role.log_path.read_text().rsplit("=== start", 1)[1]
+        assert f'popo_role_restarts_total{{role="actor",run="r7"}} {restarts}.0' in exported
+        assert 'process_resident_memory_bytes{role="actor",run="r7"}' in exported
 
 
 # --- a real Prometheus -----------------------------------------------------------------------------
@@ -259,10 +429,12 @@ class Prometheus:
 
 @needs_prometheus
 def test_cluster_config_maps_file_sd_roles_to_jobs(tmp_path):
-    """prometheus-cluster.yml with the example targets file: each target's `role` becomes the job
-    the alerts and the dashboard select on, and a target without a known role is dropped."""
+    """prometheus-cluster.yml with the example targets file: each target's `role` becomes its job,
+    `role` and `run` stay on `up` for the alerts and the dashboard, a target without a known role
+    is dropped, and removing the file (as the launcher does when a run ends) drops the run's
+    targets, so its Down alerts cannot fire."""
     cfg = yaml.safe_load((PROM_DIR / "prometheus-cluster.yml").read_text())
-    cfg["rule_files"] = [str(ALERTS)]
+    cfg["rule_files"] = [str(ALERTS), str(RECORDING)]
     (tmp_path / "targets").mkdir()
     cfg["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(tmp_path / "targets/*.json")]
     groups = json.loads((PROM_DIR / "targets.example.json").read_text())
@@ -283,20 +455,27 @@ def test_cluster_config_maps_file_sd_roles_to_jobs(tmp_path):
         jobs = sorted(t["labels"]["job"] for t in active)
         assert jobs == ["popo_actor", "popo_actor", "popo_learner", "popo_verifier"], active
         assert {t["labels"]["run"] for t in active} == {"popo-example"}
+        assert all(t["labels"]["job"] == "popo_" + t["labels"]["role"] for t in active)
         rules = prom.api("/api/v1/rules")["groups"]
-        assert sum(len(g["rules"]) for g in rules) == len(alert_rules())
+        assert sum(len(g["rules"]) for g in rules) == len(alert_rules()) + len(recording_rules())
+
+        (tmp_path / "targets" / "run.json").unlink()
+        deadline = time.time() + 60  # file SD watches the directory; refresh_interval is 30 s
+        while prom.api("/api/v1/targets", state="active")["activeTargets"]:
+            assert time.time() < deadline, "targets still active after their file was removed"
+            time.sleep(0.5)
     finally:
         prom.stop()
 
 
 def _local_config(tmp: Path, base: int) -> Path:
     """The shipped local scrape config, with the role ports (default base 9400) moved to `base`,
-    the rule file path made absolute, and a 1 s scrape interval: the test run trains for ~5 s, and
+    the rule file paths made absolute, and 1 s scrape and rule intervals: the test run trains for ~5 s, and
     at the shipped 5 s a learner that finishes between two scrapes leaves no step samples (rate()
     needs two), which made this test flaky on a fast machine."""
     cfg = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
-    cfg["global"].update(scrape_interval="1s", scrape_timeout="1s")
-    cfg["rule_files"] = [str(ALERTS)]
+    cfg["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    cfg["rule_files"] = [str(ALERTS), str(RECORDING)]
     for job in cfg["scrape_configs"]:
         for sc in job["static_configs"]:
             sc["targets"] = [
@@ -348,6 +527,61 @@ def test_live_run_answers_every_dashboard_query_and_alert(tmp_path, demo_model_d
         }
         assert up_jobs == {"popo_learner", "popo_verifier", "popo_actor"}, up["result"]
 
+        # every series a role exported carries its run (the run directory's name) and its role
+        run = run_dir.name
+        series = prom.api(
+            "/api/v1/series",
+            **{"match[]": '{__name__=~"popo_.+|process_.+"}', "start": str(start), "end": str(end)},
+        )
+        assert len(series) >= 60, series
+        wrong = [
+            x for x in series if x.get("run") != run or x["job"] != "popo_" + x.get("role", "")
+        ]
+        assert not wrong, wrong[:5]
+
+        def last(expr: str) -> dict[str, float]:
+            """role -> last value of `expr` during the run (one series per role here)."""
+            out = {}
+            for x in prom.api(
+                "/api/v1/query_range", query=expr, start=str(start), end=str(end), step="1"
+            )["result"]:
+                out[x["metric"]["role"]] = float(x["values"][-1][1])
+            return out
+
+        roles = {"learner", "verifier", "actor"}
+        info = prom.api(
+            "/api/v1/query_range", query="popo_run_info", start=str(start), end=str(end), step="1"
+        )["result"]
+        assert {x["metric"]["role"] for x in info} == roles, info
+        for x in info:
+            assert x["metric"]["run"] == run and x["metric"]["algorithm"] == "popo", x
+            assert x["metric"]["model"] == Path(demo_model_dir).resolve().name, x
+            assert x["metric"]["version"], x
+        # process metrics of each role's own process, and no restarts in a clean run
+        assert all(v > 20e6 for v in last("process_resident_memory_bytes").values())
+        assert last("process_resident_memory_bytes").keys() == roles
+        assert all(v > 0 for v in last("process_cpu_seconds_total").values())
+        started = last("process_start_time_seconds")
+        assert started.keys() == roles and all(start - 5 < t < end for t in started.values())
+        assert last("popo_role_restarts_total") == dict.fromkeys(roles, 0.0)
+        # with children: the verifier's scoring workers at least (spawned, so never fewer)
+        rss, tree = (
+            last("process_resident_memory_bytes"),
+            last("popo_process_tree_resident_memory_bytes"),
+        )
+        assert all(tree[r] >= rss[r] for r in roles), (tree, rss)
+        assert last("popo_process_tree_processes")["verifier"] >= 2
+
+        # the dashboard's variables: this run, and its three targets
+        assert run in prom.api("/api/v1/label/run/values", **{"match[]": "popo_run_info"})
+        instances = prom.api(
+            "/api/v1/label/instance/values",
+            **{"match[]": f'popo_run_info{{run="{run}"}}', "start": str(start), "end": str(end)},
+        )
+        assert sorted(instances) == sorted(
+            f"127.0.0.1:{port}" for port in (base, base + 1, base + 20)
+        ), instances
+
         def query_range(expr: str) -> list[dict]:
             return prom.api(
                 # a 1 s step: a learner's series live only ~5 s here (Prometheus marks them stale
@@ -361,7 +595,7 @@ def test_live_run_answers_every_dashboard_query_and_alert(tmp_path, demo_model_d
 
         # every dashboard query, exactly as shipped (Grafana's interval macro substituted)
         queries = dashboard_queries(json.loads(DASHBOARD.read_text()))
-        results = [(t, e, query_range(grafana_expr(e))) for t, e in queries]
+        results = [(t, e, query_range(grafana_expr(e, run))) for t, e in queries]
         # kept beside the run for a failure's post-mortem (and the README's rendered panels)
         (tmp_path / "dashboard_results.json").write_text(
             json.dumps([{"panel": t, "expr": e, "result": r} for t, e, r in results])
@@ -369,14 +603,18 @@ def test_live_run_answers_every_dashboard_query_and_alert(tmp_path, demo_model_d
         empty = [(t, e) for t, e, r in results if not _has_finite_value(r)]
         assert not empty, f"{len(empty)}/{len(queries)} dashboard queries returned no data: {empty}"
 
-        # every alert expression evaluates, and every series it selects exists
+        # every alert and recording expression evaluates, and every series it selects exists
         mid = str((start + end) / 2)
-        for rule in alert_rules():
+        for rule in alert_rules() + recording_rules():
             prom.api("/api/v1/query", query=rule["expr"], time=mid)
             for sel in selectors(rule["expr"]):
-                assert query_range(sel), f"alert {rule['alert']}: no series for {sel}"
+                assert query_range(sel), f"{rule.get('alert') or rule['record']}: no {sel}"
+        # every recorded series was written by Prometheus while the run lived, with its run label
+        for rule in recording_rules():
+            got = query_range(rule["record"])
+            assert got and all(x["metric"]["run"] == run for x in got), rule["record"]
 
-        # the rule group is loaded and every rule evaluated without error
+        # the rule groups are loaded and every rule evaluated without error
         deadline = time.time() + 60
         while True:
             groups = prom.api("/api/v1/rules")["groups"]
@@ -384,7 +622,8 @@ def test_live_run_answers_every_dashboard_query_and_alert(tmp_path, demo_model_d
             if all(x["health"] != "unknown" for x in rules) or time.time() > deadline:
                 break
             time.sleep(1)
-        assert sorted(x["name"] for x in rules) == sorted(x["alert"] for x in alert_rules())
+        names = [x["alert"] for x in alert_rules()] + [x["record"] for x in recording_rules()]
+        assert sorted(x["name"] for x in rules) == sorted(names)
         bad = [(x["name"], x["health"], x.get("lastError")) for x in rules if x["health"] != "ok"]
         assert not bad, bad
     finally:
