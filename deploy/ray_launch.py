@@ -281,6 +281,8 @@ class RayRun:
         self.flags: dict[str, list[str]] = {}
         """Role name -> the peer flags its current run was started with."""
         self.started: dict[str, float] = {}
+        self.targets_files: list[Path] = []
+        """The Prometheus file-SD files `write_targets` wrote."""
         d = cfg.deploy
         self.policies = {p.name: RestartPolicy.of(d, d.learner_max_restarts if p.role == "learner"
                                                   else d.max_restarts)
@@ -366,9 +368,10 @@ class RayRun:
     def write_targets(self) -> None:
         """The Prometheus file-SD targets of the roles where they run now."""
         targets = prometheus_targets(self.cfg, self.ips, self.run_dir.name)
-        for path in filter(None, [self.run_dir / "prometheus-targets.json",
-                                  self.cfg.deploy.ray.prometheus_targets]):  # fmt: skip
-            _write_json(Path(path), targets)
+        self.targets_files = [Path(p) for p in [self.run_dir / "prometheus-targets.json",
+                                                self.cfg.deploy.ray.prometheus_targets] if p]  # fmt: skip
+        for path in self.targets_files:
+            _write_json(path, targets)
 
     def check_state(self, resume: bool, learner_ip: str) -> None:
         """A resumed run must find its state on the learner's node and a new one must find none
