@@ -7,7 +7,8 @@ default, shortened: the learner and the verifier on the head, the actor pinned t
 custom resource, weights streamed over ZeroMQ (`transport.weights_mode = stream`). The run is a
 Ray job: `ray job submit` to the head's job server (its dashboard bound to the head's namespace
 address) with the entrypoint `popo ray --address auto ...`. The test kills the actor's process
-mid-run, Ray restarts it, training finishes, the job SUCCEEDED, and every lease ended exactly once.
+mid-run (the driver restarts it), then its Ray host process (Ray brings the host back, the driver
+runs the role again), training finishes, the job SUCCEEDED, and every lease ended exactly once.
 """
 
 import contextlib
@@ -285,6 +286,23 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
             proc, out, 120,
         )  # fmt: skip
         assert _ip("netns", "identify", str(second)).stdout.strip() == ray_cluster.worker_ns
+        # Then the host itself dies (its Ray worker process, as on a node loss): Ray brings the
+        # host back, the driver counts the loss, asks the hosts for their addresses again and
+        # runs the role once more.
+        actor_log = run_dir / "logs" / "actor-0.log"
+        _wait("the restarted actor to serve a version",
+              lambda: re.search(r"serving version [1-9]", actor_log.read_text().split("=== start")[-1]),
+              proc, out, 300)  # fmt: skip
+        status = Path(f"/proc/{second}/status").read_text()
+        host = int(re.search(r"PPid:\s+(\d+)", status)[1])
+        assert "RoleHost" in Path(f"/proc/{host}/cmdline").read_bytes().decode(errors="replace")
+        os.kill(host, signal.SIGKILL)
+        third = _wait(
+            "Ray to bring the host back and the driver to re-run the actor",
+            lambda: (p := _read_pid(pid_file)) not in (None, first, second) and p,
+            proc, out, 240,
+        )  # fmt: skip
+        assert _ip("netns", "identify", str(third)).stdout.strip() == ray_cluster.worker_ns
         # every process of the cluster (Ray, its dashboard and agents, the job's driver, the
         # roles) lives in one of the two namespaces; the job's driver on the head
         procs = ray_cluster.processes()
@@ -306,6 +324,7 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
     assert f"actor-0@{WORKER_IP}" in text and f"learner@{HEAD_IP}" in text, text[-3000:]
     # the driver's restart policy brought the role back (back-off, peers re-resolved)
     assert "actor-0 exited with -9; restart 1 in" in text, text[-3000:]
+    assert "actor-0 lost its host; restart 2 in" in text, text[-3000:]
 
     targets = json.loads((run_dir / "prometheus-targets.json").read_text())
     by_role = {t["labels"]["role"]: t["targets"][0] for t in targets}
@@ -337,12 +356,14 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
     assert at_kill and set(ended) == set(at_kill), (at_kill, ended)
     assert set(ended.values()) <= {"trained", "skipped", "expired"}, ended
 
-    # the role log shows two starts of the actor; both incarnations loaded new versions, streamed
-    # from the learner's node into the actor's own cache (never read from the learner's weights/)
+    # the role log shows the actor's starts (the kill, the host's loss; a start that met the dead
+    # host's port still bound is restarted once more); the first two and the last incarnation
+    # loaded new versions, streamed from the learner's node into the actor's own cache (never
+    # read from the learner's weights/)
     log = (run_dir / "logs" / "actor-0.log").read_text()
     runs = log.split("=== start")[1:]
-    assert len(runs) == 2, log[-3000:]
-    for part in runs:
+    assert len(runs) >= 3, log[-3000:]
+    for part in [*runs[:2], runs[-1]]:
         assert re.search(r"serving version [1-9][0-9]* \(", part), part[-3000:]
         assert "weights mode stream" in part and "weights mode shared" not in part, part[-3000:]
     assert list((run_dir / "weights-cache" / "actor-0").glob("v*")), "nothing was streamed"
