@@ -34,7 +34,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,7 +198,6 @@ class RoleHost:
     def __init__(self, name: str, role: str, index: int, run_dir: str) -> None:
         self.name, self.role, self.index = name, role, index
         self.run_dir = Path(run_dir)
-        self._stopping = threading.Event()
         self._role: Any = None
 
     def node(self) -> dict[str, Any]:
@@ -217,7 +215,6 @@ class RoleHost:
         same command `popo train` uses, wait for it, and return its exit code."""
         from popo.deploy.launch import Role, role_argv
 
-        self._stopping.clear()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config = self.run_dir / "config.toml"
         if not config.exists() or config.read_text() != config_toml:
@@ -253,7 +250,6 @@ class RoleHost:
 
     def stop(self, grace_s: float) -> int | None:
         """SIGTERM the role (it drains), SIGKILL its process group after `grace_s`."""
-        self._stopping.set()
         role = self._role
         if role is None or role.proc is None or role.proc.poll() is not None:
             return None if role is None or role.proc is None else role.proc.returncode
