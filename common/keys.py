@@ -15,6 +15,12 @@ Files (ZeroMQ certificate format, readable by `zmq.auth.load_certificate`):
 `<dir>/<role>.key` (public, mode 0644) and `<dir>/<role>.key_secret` (public + secret, mode 0600).
 Copy every `*.key` to every node and each `<role>.key_secret` only to the nodes running that role:
 a node holding only `actor.key_secret` can lease prompts and push rollouts, nothing else.
+
+On Kubernetes the keys are a Secret volume (deploy/k8s/): the kubelet writes the files into a
+hidden timestamped directory, points `..data` at it and makes each key name a symlink
+`<role>.key_secret -> ..data/<role>.key_secret`. With `defaultMode: 0400` and a pod `fsGroup` the
+kubelet makes a secret file root-owned, mode 0440, group fsGroup: readable by the pod's processes
+only. The loader accepts exactly that (see `_secret_volume_ok`); a plain file still needs 0600.
 """
 
 from __future__ import annotations
@@ -120,6 +126,27 @@ def _read_cert(path: Path) -> tuple[bytes, bytes | None]:
     return public, secret
 
 
+def _in_secret_volume(path: Path) -> bool:
+    """Whether `path` is a key of a Kubernetes Secret (or projected) volume: a symlink
+    `name -> ..data/name` next to a `..data` symlink, the layout the kubelet's atomic writer makes."""
+    data = path.parent / "..data"
+    if not (path.is_symlink() and data.is_symlink()):
+        return False
+    return os.readlink(path) == f"..data/{path.name}" and path.resolve().parent == data.resolve()
+
+
+def _secret_volume_ok(path: Path, st: os.stat_result) -> bool:
+    """A group-readable secret file is accepted only as the kubelet writes it for a Secret volume
+    with `defaultMode: 0400` and a pod `fsGroup`: in the volume's layout, mode 0440 exactly (no
+    world bits, no group write), owned by root (the kubelet) or this user, and its group one this
+    process belongs to (the pod's fsGroup) — so only the pod's own processes can read it."""
+    mode = st.st_mode & 0o777
+    if mode & 0o037 or not _in_secret_volume(path):
+        return False
+    ours = st.st_gid == os.getegid() or st.st_gid in os.getgroups()
+    return ours and st.st_uid in (0, os.geteuid())
+
+
 def load_public(keys_dir: str | Path, role: Role) -> bytes:
     """The Z85 public key of `role`."""
     path = public_path(keys_dir, role)
@@ -136,8 +163,12 @@ def load_keypair(keys_dir: str | Path, role: Role) -> tuple[bytes, bytes]:
         raise KeysError(
             f"{path}: no such key file: this node holds no secret key of the {role} role"
         )
-    if path.stat().st_mode & 0o077:
-        raise KeysError(f"{path}: secret key is readable by others (chmod 600 it)")
+    st = path.stat()
+    if st.st_mode & 0o077 and not _secret_volume_ok(path, st):
+        raise KeysError(
+            f"{path}: secret key is readable by others (chmod 600 it; in a Kubernetes Secret "
+            "volume set defaultMode: 0400)"
+        )
     public, secret = _read_cert(path)
     if secret is None:
         raise KeysError(f"{path}: holds no secret-key")

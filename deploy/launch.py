@@ -30,6 +30,7 @@ from pathlib import Path
 from popo.common.config import RunConfig
 from popo.common.metrics import RESTARTS_ENV
 from popo.common.process import die_with_parent
+from popo.deploy.restart_policy import RestartPolicy
 
 log = logging.getLogger("popo.launch")
 
@@ -55,16 +56,19 @@ class Role:
     restartable: bool
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-    """Restarts over the whole run (reported); the limit counts only `recent_restarts`."""
-    recent_restarts: list[float] = field(default_factory=list)
-    """Times of the restarts inside the last `deploy.restart_window_s`."""
+    policy: RestartPolicy | None = None
+    """Its restart history and limit (set by the launcher that restarts it)."""
     next_start: float = 0.0
     started_at: float = 0.0
     history: list[tuple[float, int]] = field(default_factory=list)
     """(time, exit code) of every exit, for the run summary."""
     cpus: list[int] | None = None
     """Cores the role and its children may run on (`deploy.cpu_affinity`); None: any."""
+
+    @property
+    def restarts(self) -> int:
+        """Restarts over the whole run."""
+        return self.policy.restarts if self.policy is not None else 0
 
     def start(self, env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,8 +143,12 @@ class Supervisor:
                     logs / f"actor-{i}.log",
                 )
             )
+        d = cfg.deploy
         for role in self.roles:
-            role.cpus = role_cpus(cfg.deploy.cpu_affinity, role.name)
+            role.cpus = role_cpus(d.cpu_affinity, role.name)
+            limit = d.max_restarts if role.restartable else 0
+            role.policy = RestartPolicy.of(d, limit)
+        self.learner.policy = RestartPolicy.of(d, d.learner_max_restarts)
         self.env = dict(os.environ)
         self._stopping = False
 
@@ -179,7 +187,6 @@ class Supervisor:
                 # Killed (OOM, preemption, chaos) or crashed mid-run: it resumes from the run dir.
                 # Failing before `learner_min_uptime_s` without a signal is a start-up error that
                 # a restart would only repeat.
-                limit = d.learner_max_restarts
                 if code > 0 and uptime < d.learner_min_uptime_s:
                     self._record(role, code, uptime, None, "start-up failure: not restarted")
                     log.error("learner failed %.0f s after its start; not restarting it", uptime)
@@ -187,20 +194,15 @@ class Supervisor:
             else:
                 if self._stopping:
                     continue
-                limit = d.max_restarts if role.restartable else 0
-            # A week-long run survives a kill a day: only restarts inside the window count, and
-            # the back-off starts over once a role has stayed up that long.
-            role.recent_restarts = [t for t in role.recent_restarts if now - t < d.restart_window_s]
-            recent = len(role.recent_restarts)
-            if recent >= limit:
+            assert role.policy is not None
+            delay = role.policy.next_delay(now)
+            if delay is None:
+                recent = role.policy.in_window(now)
                 self._record(role, code, uptime, None, f"{recent} restarts: giving up")
                 log.error(
                     "%s exited with %d and will not be restarted; stopping the run", role.name, code
                 )
                 return code if role is self.learner else 1
-            delay = min(d.restart_backoff_s * 2**recent, d.restart_backoff_max_s)
-            role.restarts += 1
-            role.recent_restarts.append(now)
             role.next_start = now + delay
             self._record(role, code, uptime, delay, "restart")
             log.warning(

@@ -1,4 +1,4 @@
-"""`popo ray`: the roles of one run as Ray actors on a Ray cluster (DESIGN §1, §7; issue 8).
+"""`popo ray`: the roles of one run as Ray actors on a Ray cluster.
 
     driver (`popo ray`, or a `ray job submit` entrypoint)
       ray.init(address) -> placement group [learner | verifier x R | actor x N] (PACK / SPREAD ...)
@@ -11,11 +11,14 @@ ZeroMQ endpoints come from the node addresses Ray reports: each host answers
 verifiers' addresses to every role as dotted config flags (`transport.learner_host`,
 `transport.verifier_hosts`). Nothing is hand-edited per node.
 
-Restarts are Ray's: a host whose role dies (crash, OOM, `kill -9`) exits its own process, and Ray's
-restart policy (`max_restarts`, `max_task_retries`) brings the host back on the same bundle and
-re-runs its role, which starts afresh; the learner's lease deadlines re-dispatch the prompts the dead
-actor held. The learner is the run: when its role exits 0 the driver stops the others (SIGTERM, drain,
-then kill) and removes the placement group.
+Restarts follow the local supervisor's policy (`RestartPolicy`: a sliding window of
+`deploy.restart_window_s`, doubling back-off): when a role dies (crash, OOM, `kill -9`) its host
+returns the exit code, and when the host itself is lost (its node gone) Ray brings the host back on
+its bundle, wherever Ray re-placed it. Either way the driver asks every host for its node IP again
+and re-runs the role with peer addresses from those IPs; a running role whose peers moved is
+restarted with the new addresses (not counted as a failure). The learner's lease deadlines
+re-dispatch the prompts a dead actor held. The learner is the run: when its role exits 0 the driver
+stops the others (SIGTERM, drain, then kill) and removes the placement group.
 
 Ray moves only plain strings and numbers between driver and hosts (the config travels as TOML
 text); tensors and messages go over ZeroMQ as before.
@@ -31,13 +34,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from popo.common.config import RunConfig
+from popo.deploy.restart_policy import RestartPolicy
 
 log = logging.getLogger("popo.ray")
 
@@ -130,22 +133,71 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     return {**OFFLINE_ENV, "PYTHONUNBUFFERED": "1", **cfg.deploy.ray.env_vars}
 
 
-class RunStateError(RuntimeError):
+class LaunchError(RuntimeError):
+    """The cluster, the job or the run directory does not fit the run; nothing was started."""
+
+
+def job_env_vars() -> dict[str, str]:
+    """`env_vars` of the Ray job this driver runs in (a `ray job submit --runtime-env-json`, a
+    KubeRay RayJob's `runtimeEnvYAML`); empty outside a job."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if not raw:
+        return {}
+    return dict((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+
+
+def driver_runtime_env(cfg: RunConfig, job_env: dict[str, str]) -> dict[str, Any]:
+    """The `runtime_env` for `ray.init`: the run's worker environment less what the job's own
+    runtime env already sets. Ray refuses to merge a job's and a driver's `env_vars` that share a
+    key, so each variable has one source; a job that sets one to another value is refused here.
+
+    Raises LaunchError naming the first variable the job and the run disagree on.
+    """
+    own = worker_env(cfg)
+    for key, value in job_env.items():
+        if key in own and own[key] != value:
+            raise LaunchError(
+                f"the Ray job's runtime env sets {key}={value!r}, the run needs {own[key]!r} "
+                "(deploy.ray.env_vars or the offline environment): drop it from the job"
+            )
+    return {"env_vars": {k: v for k, v in own.items() if k not in job_env}}
+
+
+def insecure_bind(cfg: RunConfig, ips: dict[str, str]) -> str | None:
+    """Why the roles would listen unauthenticated on a network address (None when they would not).
+
+    With `bind_node_ip` every role binds its node's IP: a pod or host address, reachable by every
+    peer of that network, so it needs CurveZMQ keys like a wildcard bind does."""
+    import ipaddress
+
+    t = cfg.transport
+    if not cfg.deploy.ray.bind_node_ip or t.curve_keys_dir or t.allow_insecure_bind:
+        return None
+    exposed = sorted({ip for ip in ips.values() if not ipaddress.ip_address(ip).is_loopback})
+    if not exposed:
+        return None
+    return (
+        f"the roles would bind {', '.join(exposed)} without CurveZMQ keys: set "
+        "transport.curve_keys_dir (`popo keys`) or transport.allow_insecure_bind = true"
+    )
+
+
+class RunStateError(LaunchError):
     """The run directory on the learner's node does not fit the command (new run or resume)."""
 
 
 class RoleHost:
     """A Ray actor that runs one role as its child process and lives and dies with it.
 
-    `run()` blocks until the role exits. A role that fails while no stop was asked for takes its
-    host down with it (`os._exit`), so Ray's restart policy, not this class, decides whether the
-    role comes back. `stop()` runs on a second thread (max_concurrency=2) while `run()` waits.
+    `run()` blocks until the role exits and returns its exit code; the driver decides whether it
+    comes back. `node()` and `stop()` run on other threads (max_concurrency=3) while `run()` waits.
     """
 
     def __init__(self, name: str, role: str, index: int, run_dir: str) -> None:
         self.name, self.role, self.index = name, role, index
         self.run_dir = Path(run_dir)
-        self._stopping = threading.Event()
         self._role: Any = None
 
     def node(self) -> dict[str, Any]:
@@ -178,10 +230,6 @@ class RoleHost:
         pid_file.write_text(f"{self._role.proc.pid}\n")
         code = self._role.proc.wait()
         self._role.signal(signal.SIGKILL)  # leftovers of its process group (engine workers)
-        if code != 0 and not self._stopping.is_set():
-            # Ray restarts a host whose process died; an exception would only fail this call.
-            logging.getLogger("popo.ray").error("%s exited with %d; host exits", self.name, code)
-            os._exit(1)
         return code
 
     def holds_run(self) -> bool:
@@ -202,7 +250,6 @@ class RoleHost:
 
     def stop(self, grace_s: float) -> int | None:
         """SIGTERM the role (it drains), SIGKILL its process group after `grace_s`."""
-        self._stopping.set()
         role = self._role
         if role is None or role.proc is None or role.proc.poll() is not None:
             return None if role is None or role.proc is None else role.proc.returncode
@@ -223,7 +270,19 @@ class RayRun:
         self.places = placements(cfg)
         self.hosts: dict[str, Any] = {}
         self.refs: dict[str, Any] = {}
+        """Role name -> the running `RoleHost.run` call."""
         self.pg: Any = None
+        self.ips: dict[str, str] = {}
+        """Role name -> node IP its host last reported."""
+        self.flags: dict[str, list[str]] = {}
+        """Role name -> the peer flags its current run was started with."""
+        self.started: dict[str, float] = {}
+        self.targets_files: list[Path] = []
+        """The Prometheus file-SD files `write_targets` wrote."""
+        d = cfg.deploy
+        self.policies = {p.name: RestartPolicy.of(d, d.learner_max_restarts if p.role == "learner"
+                                                  else d.max_restarts)
+                         for p in self.places}  # fmt: skip
 
     def connect(self) -> None:
         import ray
@@ -243,7 +302,7 @@ class RayRun:
         ray.init(
             address=r.address,
             namespace=r.namespace,
-            runtime_env={"env_vars": worker_env(self.cfg)},
+            runtime_env=driver_runtime_env(self.cfg, job_env_vars()),
             log_to_driver=True,
             **local,
         )
@@ -255,7 +314,7 @@ class RayRun:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        r, d = self.cfg.deploy.ray, self.cfg.deploy
+        r = self.cfg.deploy.ray
         labels = [p.labels for p in self.places]
         self.pg = placement_group(
             [p.bundle for p in self.places],
@@ -273,26 +332,42 @@ class RayRun:
                 f"({r.placement_strategy}) within {r.ready_timeout_s:.0f} s; free resources: "
                 f"{ray.available_resources()}"
             )
-        learner_restarts = getattr(d, "learner_max_restarts", 0)
         host_cls = ray.remote(RoleHost)
         for i, p in enumerate(self.places):
-            restarts = learner_restarts if p.role == "learner" else d.max_restarts
             self.hosts[p.name] = host_cls.options(
                 name=f"{self.run_dir.name}/{p.name}",
                 num_cpus=p.cpus,
                 num_gpus=p.gpus,
-                max_restarts=restarts,
-                max_task_retries=restarts,
-                max_concurrency=2,
+                # Ray only brings a lost host back (its node gone); whether its role runs again
+                # is the driver's restart policy, which counts those losses too.
+                max_restarts=-1,
+                max_task_retries=0,
+                max_concurrency=3,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=i
                 ),
             ).remote(p.name, p.role, p.index, str(self.run_dir))
-        found = ray.get([h.node.remote() for h in self.hosts.values()])
+        self.ips = self.resolve()
+        return self.ips
+
+    def resolve(self) -> dict[str, str]:
+        """Ask every host for its node IP (a host Ray is bringing back answers once it is up)."""
+        import ray
+
+        found = ray.get([h.node.remote() for h in self.hosts.values()],
+                        timeout=self.cfg.deploy.ray.ready_timeout_s)  # fmt: skip
         nodes = dict(zip(self.hosts, found, strict=True))
         for name, n in nodes.items():
             log.info("ray: %s on node %s (%s)", name, n["ip"], n["node_id"][:12])
         return {name: n["ip"] for name, n in nodes.items()}
+
+    def write_targets(self) -> None:
+        """The Prometheus file-SD targets of the roles where they run now."""
+        targets = prometheus_targets(self.cfg, self.ips, self.run_dir.name)
+        self.targets_files = [Path(p) for p in [self.run_dir / "prometheus-targets.json",
+                                                self.cfg.deploy.ray.prometheus_targets] if p]  # fmt: skip
+        for path in self.targets_files:
+            _write_json(path, targets)
 
     def check_state(self, resume: bool, learner_ip: str) -> None:
         """A resumed run must find its state on the learner's node and a new one must find none
@@ -324,29 +399,92 @@ class RayRun:
             return None
 
     def start(self, ips: dict[str, str]) -> None:
-        toml = self.cfg.to_toml()
-        for name, host in self.hosts.items():
-            self.refs[name] = host.run.remote(toml, peer_flags(self.cfg, ips, name))
+        self.ips = dict(ips)
+        for name in self.hosts:
+            self._run(name)
+
+    def _run(self, name: str) -> None:
+        """(Re)start role `name` pointed at its peers' current node IPs."""
+        self.flags[name] = peer_flags(self.cfg, self.ips, name)
+        self.refs[name] = self.hosts[name].run.remote(self.cfg.to_toml(), self.flags[name])
+        self.started[name] = time.time()
 
     def wait(self) -> int:
-        """Until the learner's role exits (its code), or a host is gone for good (1)."""
+        """Run until the learner's role exits 0 (0), or a role fails past its restart policy
+        (the learner's exit code, else 1). Failed roles come back after their back-off."""
         import ray
 
-        by_ref = {ref: name for name, ref in self.refs.items()}
-        pending = list(by_ref)
+        due: dict[str, float] = {}
+        repointing: set[str] = set()
         while True:
-            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            now = time.monotonic()
+            ready = sorted(n for n, t in due.items() if t <= now)
+            if ready:
+                for n in ready:
+                    del due[n]
+                repointing |= self._restart(ready)
+            by_ref = {ref: name for name, ref in self.refs.items()}
+            if not by_ref:
+                time.sleep(0.2)
+                continue
+            done, _ = ray.wait(list(by_ref), num_returns=1, timeout=0.5)
             for ref in done:
                 name = by_ref[ref]
+                del self.refs[name]
                 try:
-                    code = ray.get(ref)
+                    code: int | None = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
-                    log.error("ray: %s is gone after its restarts: %s", name, e)
-                    return 1
-                if name == "learner":
-                    return code
-                log.error("ray: %s exited with %d while the learner runs", name, code)
-                return 1
+                    log.warning("ray: %s lost its host: %s", name, e)
+                    code = None
+                if name in repointing:  # stopped by the driver to follow a peer that moved
+                    repointing.discard(name)
+                    due[name] = now
+                    continue
+                if name == "learner" and code == 0:
+                    return 0
+                delay = self._on_failure(name, code)
+                if delay is None:
+                    return code if name == "learner" and code else 1
+                due[name] = time.monotonic() + delay
+
+    def _on_failure(self, name: str, code: int | None) -> float | None:
+        """The back-off before role `name` runs again, or None to end the run."""
+        d = self.cfg.deploy
+        uptime = time.time() - self.started[name]
+        what = "lost its host" if code is None else f"exited with {code}"
+        # As `popo train`: a learner failing soon after its start without a signal failed to
+        # start (config, data, code); a restart would only repeat it.
+        if name == "learner" and code is not None and code > 0 and uptime < d.learner_min_uptime_s:
+            log.error("ray: learner %s %.0f s after its start; not restarting it", what, uptime)
+            return None
+        policy = self.policies[name]
+        delay = policy.next_delay(time.time())
+        if delay is None:
+            log.error("ray: %s %s after %d restarts within %.0f s; stopping the run", name, what,
+                      policy.in_window(time.time()), d.restart_window_s)  # fmt: skip
+        else:
+            log.warning("ray: %s %s; restart %d in %.1f s", name, what, policy.restarts, delay)
+        return delay
+
+    def _restart(self, names: list[str]) -> set[str]:
+        """Run `names` again with the peers' node IPs as Ray reports them now (a lost node's roles
+        came back elsewhere); stop every running role whose peers moved so that it follows.
+        Returns the roles stopped that way."""
+        old, self.ips = self.ips, self.resolve()
+        for name in names:
+            self._run(name)
+        moved = sorted(n for n in self.ips if self.ips[n] != old.get(n))
+        if not moved:
+            return set()
+        log.warning("ray: %s moved to %s", ", ".join(moved), [self.ips[n] for n in moved])
+        self.write_targets()
+        grace = self.cfg.deploy.ray.stop_grace_s
+        follow = {n for n in self.refs
+                  if n not in names and peer_flags(self.cfg, self.ips, n) != self.flags[n]}  # fmt: skip
+        for n in sorted(follow):
+            log.warning("ray: restarting %s to follow its peers", n)
+            self.hosts[n].stop.remote(grace)
+        return follow
 
     def stop(self) -> None:
         """Stop the actors first (they drain into the verifiers), then verifiers, then learner."""
@@ -391,25 +529,21 @@ def ray_train(cfg: RunConfig, resume: Path | None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     code = 1
     summary = tail = None
-    targets_file: Path | None = None  # the file-SD copy, removed when the run ends
     try:
         run.connect()
         ips = run.place()
+        if (why := insecure_bind(cfg, ips)) is not None:
+            raise LaunchError(why)
         run.check_state(resume is not None, ips["learner"])
         run.start(ips)
-        targets = prometheus_targets(cfg, ips, run_dir.name)
-        for path in filter(None, [run_dir / "prometheus-targets.json",
-                                  cfg.deploy.ray.prometheus_targets]):  # fmt: skip
-            _write_json(Path(path), targets)
-        if cfg.deploy.ray.prometheus_targets:
-            targets_file = Path(cfg.deploy.ray.prometheus_targets)
+        run.write_targets()
         print("ray: " + ", ".join(f"{n}@{ip}" for n, ip in ips.items()), flush=True)
         code = run.wait()
         if code == 0:
             summary = run.learner_file("summary.json")
         elif code != 130:
             tail = run.learner_file("logs/learner.log", tail_lines=30)
-    except RunStateError as e:
+    except LaunchError as e:
         print(f"popo ray: {e}", file=sys.stderr, flush=True)
         if fresh:  # the config snapshot written here belongs to no run
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -424,11 +558,11 @@ def ray_train(cfg: RunConfig, resume: Path | None) -> int:
         log.info("ray: stopped every role in %.1f s", time.monotonic() - t0)
         # The roles are gone: Prometheus must stop scraping them, or the Down alerts fire forever
         # (the run directory's copy stays, a record of where the roles ran).
-        if targets_file is not None:
-            targets_file.unlink(missing_ok=True)
+        if cfg.deploy.ray.prometheus_targets:
+            Path(cfg.deploy.ray.prometheus_targets).unlink(missing_ok=True)
     if summary is not None:
         print_summary(json.loads(summary))
     elif tail is not None:
-        print(f"popo ray: exit {code}; last lines of the learner's log ({ips['learner']}:"
+        print(f"popo ray: exit {code}; last lines of the learner's log ({run.ips['learner']}:"
               f"{run_dir / 'logs' / 'learner.log'}):\n{tail}", flush=True)  # fmt: skip
     return code

@@ -1,13 +1,14 @@
 """`popo ray` on a real two-node Ray cluster, inside network namespaces this test creates.
 
 Two namespaces joined by a veth pair play two hosts (10.231.0.1 head, 10.231.0.2 worker): outside
-one, Ray binds the machine's external interface and probes a public address (DESIGN §7), so every
+one, Ray binds the machine's external interface and probes a public address, so every
 Ray process here lives in a namespace and all traffic stays on the veth. The run is the embedded
 default, shortened: the learner and the verifier on the head, the actor pinned to the worker by a
 custom resource, weights streamed over ZeroMQ (`transport.weights_mode = stream`). The run is a
 Ray job: `ray job submit` to the head's job server (its dashboard bound to the head's namespace
 address) with the entrypoint `popo ray --address auto ...`. The test kills the actor's process
-mid-run, Ray restarts it, training finishes, the job SUCCEEDED, and every lease ended exactly once.
+mid-run (the driver restarts it), then its Ray host process (Ray brings the host back, the driver
+runs the role again), training finishes, the job SUCCEEDED, and every lease ended exactly once.
 """
 
 import contextlib
@@ -238,13 +239,23 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
     the job's outcome) of the entrypoint `popo ray --address auto`, which joins the cluster the job
     runs on. (`popo ray --address HEAD:6379` from outside the cluster connects the same way;
     `test_ray_placement_by_node_labels` drives that path.)"""
+    import yaml
+
+    from popo.common.keys import create_keys
+
     run_dir = tmp_path / "run"
     out = tmp_path / "popo-ray.out"
     job = f"popo-{secrets.token_hex(4)}"
+    # the roles bind the namespaces' addresses: CurveZMQ keys, as on a cluster
+    create_keys(tmp_path / "keys")
+    # the job's runtime env is the KubeRay RayJob's (Ray merges it with the launcher's)
+    manifest = yaml.safe_load((REPO / "deploy/k8s/rayjob.yaml").read_text())
+    runtime_env = json.dumps(yaml.safe_load(manifest["spec"]["runtimeEnvYAML"]))
     ray_cluster.wait_job_server()
     argv = [
-        RAY, "job", "submit", f"--address={DASHBOARD}", f"--submission-id={job}", "--",
-        "popo", "ray", "--address", "auto",
+        RAY, "job", "submit", f"--address={DASHBOARD}", f"--submission-id={job}",
+        f"--runtime-env-json={runtime_env}", "--",
+        "popo", "ray", "--address", "auto", f"--transport.curve_keys_dir={tmp_path / 'keys'}",
         f"--deploy.run_dir={run_dir}", f"--model.path={demo_model_dir}",
         f"--learner.total_steps={STEPS}", "--learner.prompts_per_step=4",
         "--learner.checkpoint_every=8", "--learner.lease_timeout_s=10",
@@ -275,6 +286,23 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
             proc, out, 120,
         )  # fmt: skip
         assert _ip("netns", "identify", str(second)).stdout.strip() == ray_cluster.worker_ns
+        # Then the host itself dies (its Ray worker process, as on a node loss): Ray brings the
+        # host back, the driver counts the loss, asks the hosts for their addresses again and
+        # runs the role once more.
+        actor_log = run_dir / "logs" / "actor-0.log"
+        _wait("the restarted actor to serve a version",
+              lambda: re.search(r"serving version [1-9]", actor_log.read_text().split("=== start")[-1]),
+              proc, out, 300)  # fmt: skip
+        status = Path(f"/proc/{second}/status").read_text()
+        host = int(re.search(r"PPid:\s+(\d+)", status)[1])
+        assert "RoleHost" in Path(f"/proc/{host}/cmdline").read_bytes().decode(errors="replace")
+        os.kill(host, signal.SIGKILL)
+        third = _wait(
+            "Ray to bring the host back and the driver to re-run the actor",
+            lambda: (p := _read_pid(pid_file)) not in (None, first, second) and p,
+            proc, out, 240,
+        )  # fmt: skip
+        assert _ip("netns", "identify", str(third)).stdout.strip() == ray_cluster.worker_ns
         # every process of the cluster (Ray, its dashboard and agents, the job's driver, the
         # roles) lives in one of the two namespaces; the job's driver on the head
         procs = ray_cluster.processes()
@@ -294,6 +322,9 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
     logs = ray_cluster.ray_cli(["job", "logs", f"--address={DASHBOARD}", job]).stdout
     assert f"run directory: {run_dir}" in logs and "leases: " in logs, logs[-3000:]
     assert f"actor-0@{WORKER_IP}" in text and f"learner@{HEAD_IP}" in text, text[-3000:]
+    # the driver's restart policy brought the role back (back-off, peers re-resolved)
+    assert "actor-0 exited with -9; restart 1 in" in text, text[-3000:]
+    assert "actor-0 lost its host; restart 2 in" in text, text[-3000:]
 
     targets = json.loads((run_dir / "prometheus-targets.json").read_text())
     by_role = {t["labels"]["role"]: t["targets"][0] for t in targets}
@@ -325,12 +356,14 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
     assert at_kill and set(ended) == set(at_kill), (at_kill, ended)
     assert set(ended.values()) <= {"trained", "skipped", "expired"}, ended
 
-    # the role log shows two starts of the actor; both incarnations loaded new versions, streamed
-    # from the learner's node into the actor's own cache (never read from the learner's weights/)
+    # the role log shows the actor's starts (the kill, the host's loss; a start that met the dead
+    # host's port still bound is restarted once more); the first two and the last incarnation
+    # loaded new versions, streamed from the learner's node into the actor's own cache (never
+    # read from the learner's weights/)
     log = (run_dir / "logs" / "actor-0.log").read_text()
     runs = log.split("=== start")[1:]
-    assert len(runs) == 2, log[-3000:]
-    for part in runs:
+    assert len(runs) >= 3, log[-3000:]
+    for part in [*runs[:2], runs[-1]]:
         assert re.search(r"serving version [1-9][0-9]* \(", part), part[-3000:]
         assert "weights mode stream" in part and "weights mode shared" not in part, part[-3000:]
     assert list(run_dir.glob("weights-cache/*/v*")), "nothing was streamed"
@@ -381,6 +414,7 @@ def test_ray_resume_with_the_learner_on_another_node(ray_cluster, tmp_path, demo
         '--deploy.ray.learner_resources={"worker_node": 1}',
         '--deploy.ray.verifier_resources={"head_node": 1}',
         '--deploy.ray.actor_resources={"head_node": 1}', "--deploy.ray.stop_grace_s=20",
+        "--transport.allow_insecure_bind=true",  # namespaces of this test only
     ]  # fmt: skip
     code, out = _popo_ray(ray_cluster, [f"--deploy.run_dir={run_dir}", "--learner.total_steps=2",
                                         *flags])  # fmt: skip
@@ -512,33 +546,105 @@ def test_cluster_configs_load(path):
     assert gpus == (8 if "1node" in path.name else 16), gpus
 
 
-def test_k8s_manifests_match_the_2node_config():
-    """The custom resources the RayCluster gives its nodes cover what the config's roles ask for,
-    and the RayJob runs a config that exists in the image."""
-    yaml = pytest.importorskip("yaml")
+# --- the driver's restart policy and peer re-resolution (no Ray: hosts recorded) --------------
+
+
+class _Call:
+    def __init__(self, log: list, name: str, method: str) -> None:
+        self.log, self.name, self.method = log, name, method
+
+    def remote(self, *args):
+        self.log.append((self.name, self.method, args))
+        return (self.name, self.method, len(self.log))
+
+
+class _Host:
+    """Records the driver's calls to one role host (`run.remote`, `stop.remote`)."""
+
+    def __init__(self, log: list, name: str) -> None:
+        self.run = _Call(log, name, "run")
+        self.stop = _Call(log, name, "stop")
+
+
+def _driver(tmp_path, flags: list[str]):
     from popo.common.config import load_config
-    from popo.deploy.ray_launch import placements
+    from popo.deploy.ray_launch import RayRun
 
-    cluster = yaml.safe_load((REPO / "deploy/k8s/raycluster.yaml").read_text())
-    job = yaml.safe_load((REPO / "deploy/k8s/rayjob.yaml").read_text())
-    assert cluster["kind"] == "RayCluster" and job["kind"] == "RayJob"
-    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
-    entry = job["spec"]["entrypoint"].split()
-    config = entry[entry.index("--config") + 1]
-    assert config.startswith("/app/")
-    cfg = load_config(REPO / config.removeprefix("/app/"))
+    cfg = load_config(None, ["--actor.num_actors=2", f"--deploy.run_dir={tmp_path}", *flags])
+    run = RayRun(cfg, tmp_path)
+    calls: list = []
+    run.hosts = {p.name: _Host(calls, p.name) for p in run.places}
+    return run, calls
 
-    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
-    nodes = []
-    for g in groups:
-        res = json.loads(json.loads(g["rayStartParams"]["resources"]))
-        gpus = g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
-        nodes += [{**res, "GPU": gpus}] * g.get("replicas", 1)
-    # first-fit of every bundle onto the nodes that carry its custom resources
-    free = [dict(n) for n in nodes]
-    for p in placements(cfg):
-        need = {**p.resources, "GPU": p.gpus}
-        node = next((n for n in free if all(n.get(k, 0) >= v for k, v in need.items())), None)
-        assert node is not None, f"no node of the RayCluster fits {p.name}: {need}"
-        for k, v in need.items():
-            node[k] -= v
+
+def test_driver_restarts_follow_the_supervisors_window_and_backoff(tmp_path, monkeypatch):
+    """A failed role (exit code or lost host) is restarted after the doubling back-off, capped,
+    up to `deploy.max_restarts` within `deploy.restart_window_s`: the policy `popo train` uses."""
+    run, _ = _driver(tmp_path, ["--deploy.max_restarts=3", "--deploy.restart_backoff_s=2",
+                                "--deploy.restart_backoff_max_s=5",
+                                "--deploy.restart_window_s=100"])  # fmt: skip
+    now = [1000.0]
+    monkeypatch.setattr("time.time", lambda: now[0])
+    run.started = dict.fromkeys(run.hosts, 0.0)
+    delays = []
+    for code in (-9, None, 1):
+        delays.append(run._on_failure("actor-0", code))
+        now[0] += 10
+    assert delays == [2.0, 4.0, 5.0]
+    assert run._on_failure("actor-0", -9) is None  # 3 restarts in the window: the run stops
+    now[0] += 100  # the window slid past them: restarts again, back-off starts over
+    assert run._on_failure("actor-0", -9) == 2.0
+    assert run.policies["actor-1"].restarts == 0  # per role
+    # a learner failing right after its start (no signal) is a start-up error: not restarted
+    run.started["learner"] = now[0] - 5
+    assert run._on_failure("learner", 1) is None
+    assert run._on_failure("learner", -9) == 2.0  # killed: it resumes
+
+
+def test_driver_restart_re_resolves_peers_and_moves_their_followers(tmp_path, monkeypatch):
+    """After a node loss the learner's host came back on another node: the learner restarts with
+    its new address, every role that connects to it is stopped to follow (and re-run by `wait`),
+    a role whose peers did not move keeps running, and the Prometheus targets are rewritten."""
+    run, calls = _driver(tmp_path, ["--verifier.replicas=1"])
+    ips = {"learner": "10.0.0.1", "verifier-0": "10.0.0.2", "actor-0": "10.0.0.3",
+           "actor-1": "10.0.0.4"}  # fmt: skip
+    run.start(ips)
+    assert {n for n, m, _ in calls if m == "run"} == set(ips)
+    calls.clear()
+    moved = {**ips, "learner": "10.0.0.9"}
+    monkeypatch.setattr(run, "resolve", lambda: dict(moved))
+    del run.refs["learner"]  # its run ended (host lost)
+    follow = run._restart(["learner"])
+    assert follow == {"verifier-0", "actor-0", "actor-1"}  # all connect to the learner
+    assert [(n, m) for n, m, _ in calls] == [("learner", "run"), ("actor-0", "stop"),
+                                             ("actor-1", "stop"), ("verifier-0", "stop")]  # fmt: skip
+    learner_flags = calls[0][2][1]
+    assert "--transport.host=10.0.0.9" in learner_flags
+    assert "--transport.learner_host=10.0.0.9" in run.flags["learner"]
+    targets = json.loads((tmp_path / "prometheus-targets.json").read_text())
+    assert targets[0]["targets"] == ["10.0.0.9:9400"]
+
+    # only an actor moved: nobody connects to an actor, so nobody else is stopped
+    run.refs = {n: object() for n in ips if n != "actor-1"}
+    for n in ("verifier-0", "actor-0"):
+        run._run(n)  # running with the current addresses
+    calls.clear()
+    monkeypatch.setattr(run, "resolve", lambda: {**moved, "actor-1": "10.0.0.7"})
+    assert run._restart(["actor-1"]) == set()
+    assert [(n, m) for n, m, _ in calls] == [("actor-1", "run")]
+    assert "--transport.host=10.0.0.7" in run.flags["actor-1"]
+
+
+def test_roles_binding_node_ips_need_keys(tmp_path):
+    """A node IP is reachable by the whole network: without CurveZMQ keys the launcher refuses it
+    (as the wildcard guard does), unless allow_insecure_bind; loopback-only runs are fine."""
+    from popo.common.config import load_config
+    from popo.deploy.ray_launch import insecure_bind
+
+    cfg = load_config(None, [])
+    ips = {"learner": "10.0.0.1", "actor-0": "10.0.0.2"}
+    assert "10.0.0.1, 10.0.0.2 without CurveZMQ keys" in insecure_bind(cfg, ips)
+    assert insecure_bind(cfg, dict.fromkeys(ips, "127.0.0.1")) is None
+    for flag in ("--transport.curve_keys_dir=/keys", "--transport.allow_insecure_bind=true",
+                 "--deploy.ray.bind_node_ip=false"):  # fmt: skip
+        assert insecure_bind(load_config(None, [flag]), ips) is None, flag
