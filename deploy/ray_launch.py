@@ -1,4 +1,4 @@
-"""`popo ray`: the roles of one run as Ray actors on a Ray cluster (DESIGN §1, §7; issue 8).
+"""`popo ray`: the roles of one run as Ray actors on a Ray cluster (deploy/README.md).
 
     driver (`popo ray`, or a `ray job submit` entrypoint)
       ray.init(address) -> placement group [learner | verifier x R | actor x N] (PACK / SPREAD ...)

@@ -1,4 +1,4 @@
-"""Monitoring as shipped (issue 7): the Prometheus configs, alert rules and Grafana dashboard in
+"""Monitoring as shipped: the Prometheus configs, alert rules and Grafana dashboard in
 `deploy/`, checked with the real `promtool` and the real `prometheus` server.
 
 - promtool validates both scrape configs and the rules, and runs the rules' unit tests;
@@ -142,7 +142,7 @@ def test_dashboard_covers_the_issue_and_uses_the_provisioned_datasource():
         assert p["datasource"]["uid"] == ds_uid, p["title"]
         assert p["targets"], p["title"]
     used = set().union(*(referenced_metrics(e) for _, e in dashboard_queries(dash)))
-    # issue 7's panel list, by the metric that carries each
+    # the panels the dashboard must have, by the metric that carries each
     for name in [
         "popo_actor_tokens_total", "popo_learner_tokens_total", "popo_verifier_completions_total",
         "popo_learner_pass_rate", "popo_learner_eval_accuracy", "popo_learner_loss",

@@ -1,7 +1,7 @@
 """`popo ray` on a real two-node Ray cluster, inside network namespaces this test creates.
 
 Two namespaces joined by a veth pair play two hosts (10.231.0.1 head, 10.231.0.2 worker): outside
-one, Ray binds the machine's external interface and probes a public address (DESIGN §7), so every
+one, Ray binds the machine's external interface and probes a public address, so every
 Ray process here lives in a namespace and all traffic stays on the veth. The run is the embedded
 default, shortened: the learner and the verifier on the head, the actor pinned to the worker by a
 custom resource, weights streamed over ZeroMQ (`transport.weights_mode = stream`). The run is a
