@@ -36,14 +36,17 @@ def test_every_benchmark_ships_as_package_data() -> None:
     import fnmatch
     import tomllib
 
+    import popo.common
+
     root = Path(__file__).resolve().parents[2]
     setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
-    common = Path(setuptools["package-dir"]["popo.common"])
+    assert setuptools["package-dir"]["popo.common"] == "common"
+    package = Path(popo.common.__file__).resolve().parent
     patterns = setuptools["package-data"]["popo.common"]
     for name in BENCHMARKS:
         path = benchmark_path(name)
         assert path.is_file(), path
-        rel = path.relative_to(root / common).as_posix()
+        rel = path.relative_to(package).as_posix()
         assert any(fnmatch.fnmatch(rel, pat) for pat in patterns), (rel, patterns)
     licence = benchmark_path("math500").parent / "LICENSE.math-evaluation-harness"
     assert "MIT License" in licence.read_text()

@@ -58,7 +58,7 @@ def test_the_patterns_catch_each_kind() -> None:
         [
             "# fixed for issue " + "12",
             "see Issues #" + "7 and 8",
-            "(DESIGN " + "§3)",
+            "(DESIGN " + "§" + "3)",
             "as in " + "§" + "2",
             "the design reference: DESIGN" + ".md",
             "read ../" + "shared/data/math500.jsonl",
