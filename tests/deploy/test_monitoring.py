@@ -131,7 +131,7 @@ def test_dashboard_and_alerts_name_only_defined_metrics():
                 assert re.search(rf"(rate|increase)\({name}\b", expr), expr
 
 
-def test_dashboard_covers_the_issue_and_uses_the_provisioned_datasource():
+def test_dashboard_covers_every_panel_and_uses_the_provisioned_datasource():
     dash = json.loads(DASHBOARD.read_text())
     ds_uid = yaml.safe_load((GRAFANA_DIR / "provisioning/datasources/popo.yml").read_text())[
         "datasources"
