@@ -1,4 +1,4 @@
-"""The actor process (DESIGN §1, §3, §4): lease prompts, sample G completions each, push groups.
+"""The actor process (docs/architecture.md, Roles): lease prompts, sample G completions each, push groups.
 
     learner ROUTER --Leases--> [DEALER] actor [PUSH] --RolloutGroup--> verifier PULL (1..R replicas)
     learner PUB --WeightsReady--> [SUB]

@@ -3,7 +3,7 @@
 vLLM's async engine batches every request it holds (continuous batching), so an actor keeps many
 prompt groups in flight at once. The engine's asyncio loop lives in a daemon thread owned by
 `RolloutEngine`; callers on other threads get `concurrent.futures.Future`s back, which keeps the
-actor's own loop plain synchronous code (DESIGN §8: a `run()` that calls a readable `step()`).
+actor's own loop plain synchronous code (a `run()` that calls a readable `step()`).
 
 Weight versions: vLLM 0.32 labels every sampled token with the engine's weight version
 (`CompletionOutput.weight_versions`, spans over output-token indexes). A reload pauses the

@@ -1,4 +1,5 @@
-"""Checks an actor runs on an announced weight version before and after loading it (DESIGN §3).
+"""Checks an actor runs on an announced weight version before and after loading it
+(docs/architecture.md, Weights).
 
 Before: the file must hash to the announced sha256 (`common.weights.verify_weights`) and its
 safetensors header must name every parameter of the served model with the same shape, so a file that

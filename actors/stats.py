@@ -1,4 +1,4 @@
-"""The actor's figures in one object (DESIGN §5): plain attributes the loop and tests read, mirrored
+"""The actor's figures in one object (docs/metrics.md): plain attributes the loop and tests read, mirrored
 into the role's Prometheus registry (`popo_actor_*`) and metrics.jsonl."""
 
 from __future__ import annotations

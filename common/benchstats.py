@@ -1,4 +1,4 @@
-"""Statistics for `popo bench` (issue 9): repetitions, median and spread, paired ratios, refusal.
+"""Statistics for `popo bench`: repetitions, median and spread, paired ratios, refusal.
 
 Every benchmark figure is a ratio of two things measured in the same run, repetition by repetition
 (the two sides alternate, so a slow phase of a shared machine hits both). A ratio is the median of

@@ -1,4 +1,4 @@
-"""One configuration tree for every role (DESIGN §6).
+"""One configuration tree for every role (docs/architecture.md, Configuration).
 
 `RunConfig` is loaded from TOML and overridden with dotted command-line flags
 (`popo train --config c.toml --learner.lr 1e-6`) through pydantic-settings' CLI support.
@@ -108,7 +108,7 @@ class DataConfig(_Section):
     """Optional field used as the prompt id; the row number is used when absent."""
     template: Literal["auto", "qwen_math", "plain"] = "auto"
     """Prompt template: `qwen_math` wraps the problem in the Qwen-math chat format with the system
-    prompt of DESIGN §2; `plain` passes the problem text as is (the demo model's format); `auto` is
+    prompt of the reference run; `plain` passes the problem text as is (the demo model's format); `auto` is
     `plain` for the synthetic task and `qwen_math` for a file."""
     eval_size: int = Field(200, gt=0)
     """Held-out prompts evaluated (the first N of the eval split); G samples each."""
@@ -270,7 +270,7 @@ class LearnerConfig(_Section):
 
 class AlgorithmConfig(_Section):
     name: Literal["popo", "grpo", "dr_grpo", "wapo"] = "popo"
-    """Which objective the learner optimises (DESIGN §2)."""
+    """Which objective the learner optimises (docs/architecture.md, Loss)."""
     alpha: float = Field(0.1, ge=0.0)
     """POPO: weight of the bounded cosine-similarity term."""
     beta_ent: float = 0.01
@@ -477,11 +477,11 @@ class RunConfig(BaseSettings):
     learner: LearnerConfig = LearnerConfig()
     """Optimisation, flow control, checkpoints and weight publishing."""
     algorithm: AlgorithmConfig = AlgorithmConfig()
-    """POPO and the baselines (DESIGN §2)."""
+    """POPO and the baselines (docs/architecture.md, Loss)."""
     transport: TransportConfig = TransportConfig()
-    """ZeroMQ endpoints (DESIGN §4)."""
+    """ZeroMQ endpoints (docs/architecture.md, Message contracts)."""
     metrics: MetricsConfig = MetricsConfig()
-    """Prometheus endpoints and metrics.jsonl (DESIGN §5)."""
+    """Prometheus endpoints and metrics.jsonl (docs/metrics.md)."""
     deploy: DeployConfig = DeployConfig()
     """Launchers and the run directory."""
 

@@ -1,4 +1,4 @@
-"""Prompts with gold answers: benchmark files, gold extraction and prompt templates (DESIGN §7).
+"""Prompts with gold answers: benchmark files, gold extraction and prompt templates.
 
 A prompt source is a JSONL file (one JSON object a line) or a parquet file (one row a problem) with
 configurable field names. Every bad row fails loudly with `file:line: reason` — a silently skipped
@@ -26,7 +26,7 @@ AnswerFormat = Literal["plain", "gsm8k", "boxed"]
 Template = Literal["qwen_math", "plain"]
 
 QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
-"""System prompt of the reference run (DESIGN §2)."""
+"""System prompt of the reference run (Qwen2.5-Math, POPO paper)."""
 
 BENCHMARKS: dict[str, dict[str, Any]] = {
     "math500": dict(prompt_field="problem", answer_field="answer", id_field="unique_id"),
@@ -37,8 +37,20 @@ BENCHMARKS: dict[str, dict[str, Any]] = {
         prompt_field="question", answer_field="answer", answer_format="gsm8k", id_field="idx"
     ),
 }
-"""`load_problems` keyword arguments for the benchmark files in `../shared/data/<name>.jsonl`
+"""`load_problems` keyword arguments for the benchmark files shipped in `common/benchmarks/`
 (field names as published by math-evaluation-harness); `answer_format` defaults to `plain`."""
+
+BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmarks"
+"""The benchmark files installed with the package (their source and licence: its README.md)."""
+
+
+def benchmark_path(name: str) -> Path:
+    """The JSONL file of the shipped benchmark `name` (a key of BENCHMARKS, e.g. `math500`).
+
+    Raises ValueError naming the known benchmarks for any other name."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
+    return BENCHMARK_DIR / f"{name}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -106,7 +118,7 @@ def extract_gsm8k(solution: str) -> str | None:
 
 def apply_template(problem: str, template: Template) -> str:
     """The prompt text the engine sees: `qwen_math` wraps `problem` in the Qwen chat format with
-    the system prompt of DESIGN §2; `plain` returns it unchanged (the demo model's format)."""
+    the reference run's system prompt; `plain` returns it unchanged (the demo model's format)."""
     if template == "qwen_math":
         return (
             f"<|im_start|>system\n{QWEN_MATH_SYSTEM}<|im_end|>\n"

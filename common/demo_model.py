@@ -1,4 +1,4 @@
-"""The embedded demo model (DESIGN §7): a character-level tokenizer and a tiny Qwen2.
+"""The embedded demo model (docs/architecture.md, Embedded default): a character-level tokenizer and a tiny Qwen2.
 
 No model hub is reachable here, so the project builds its own policy: a fast tokenizer over single
 bytes (so one token per ASCII character) and a small `Qwen2ForCausalLM`, saved as
@@ -390,24 +390,14 @@ def _warm_start(model, tokenizer, train, val, cfg: ModelConfig, log) -> tuple[in
     return cfg.demo_max_steps, curve
 
 
-def is_correct(gold: str, completion: str) -> bool:
-    """math-verify's verdict on one completion (gold first). Its own timeouts are off: they use
-    `signal.alarm`, which only works in a main thread, and these inputs are a few characters."""
-    from math_verify import parse, verify
-
-    return verify(
-        parse(gold, parsing_timeout=None),
-        parse(completion, parsing_timeout=None),
-        timeout_seconds=None,
-    )
-
-
 def _sampled_accuracy(model, tokenizer, problems, *, n_samples: int, seed: int) -> dict[str, Any]:
     """Sample `n_samples` completions per problem at temperature 1 and score them with math-verify.
 
     Returns pass@1 (mean correctness over all samples), pass@k (fraction of problems with at least
     one correct sample, k = n_samples) and per-term-count pass@1.
     """
+    from popo.common.grading import is_correct  # math-verify only when sampling
+
     correct = sample_and_score(
         model, tokenizer, problems, n_samples=n_samples, seed=seed, score=is_correct
     )
@@ -471,12 +461,30 @@ def sample_and_score(
     return correct
 
 
+def check_model_dir(path: str | Path, key: str = "model.path") -> Path:
+    """`path` if it is a readable Hugging Face model directory (its config.json parses as a JSON
+    object); else ConfigError, one line naming the setting `key` it came from."""
+    from popo.common.config import ConfigError
+
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(
+            f"{key} = {path}: not a Hugging Face model directory (no config.json)"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{key} = {path}: unreadable ({e.strerror or e})") from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{key} = {path}: config.json is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{key} = {path}: config.json is not a JSON object")
+    return path
+
+
 def resolve_model_dir(cfg: RunConfig) -> Path:
-    """The policy's model directory: `model.path`, or the embedded demo model (built and cached on
-    first use) when it is `auto`."""
+    """The policy's model directory: `model.path` (checked by check_model_dir), or the embedded
+    demo model (built and cached on first use) when it is `auto`."""
     if cfg.model.path != "auto":
-        path = Path(cfg.model.path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.path = {path}: not a Hugging Face model directory")
-        return path
+        return check_model_dir(cfg.model.path)
     return Path(ensure_demo_model(cfg.model, cfg.data.synthetic))

@@ -1,4 +1,4 @@
-"""Wire messages of every endpoint (DESIGN §4), as msgspec Structs encoded with msgpack.
+"""Wire messages of every endpoint (docs/architecture.md, Message contracts), as msgspec Structs encoded with msgpack.
 
 Each message is a tagged struct carrying the schema version `v`. Token ids and log-probs travel as
 packed little-endian arrays (`bytes`), not Python lists. `decode` turns any malformed, truncated,
@@ -65,7 +65,7 @@ class LeaseRequest(_Msg, tag="lease_request"):
     policy_version: int = -1
     """The weight version the actor currently serves (-1: not known yet)."""
     mismatch_kl: float | None = None
-    """Parity probe result after the actor's last reload (DESIGN §3), if any."""
+    """Parity probe result after the actor's last reload (docs/architecture.md, Weights)."""
 
 
 class Lease(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

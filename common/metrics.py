@@ -1,4 +1,4 @@
-"""Per-role metrics (DESIGN §5): an isolated Prometheus registry served on `/metrics` (and `/healthz`),
+"""Per-role metrics (docs/metrics.md): an isolated Prometheus registry served on `/metrics` (and `/healthz`),
 and the same figures appended to `metrics.jsonl` in the run directory.
 
 Every name starts with `popo_` and carries its unit (`_seconds`, `_total`, `_bytes`). Labels take only

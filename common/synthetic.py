@@ -1,4 +1,4 @@
-"""The synthetic arithmetic task of the embedded default (DESIGN §7).
+"""The synthetic arithmetic task of the embedded default (docs/architecture.md, Embedded default).
 
 A problem is a sum of `min_terms..max_terms` non-negative integers written without spaces and
 ending in `=` (e.g. `17+58=`, or `17+58+6=` with `max_terms = 3`); the demo model answers `\\boxed{81}` and then EOS. Plain text,
@@ -8,7 +8,7 @@ Splits are disjoint by construction, not by bookkeeping: every problem string is
 task seed) into a bucket, and each split only keeps strings of its own buckets. So no string can
 ever be in two splits, whatever `n_train` / `n_test` are, and each split is a pure function of the
 config. The default is two-term sums of operands 0..99 (10^4 strings: 8500 train, 1000 test, 500 val
-owners). Its supervised learning curve is steep (DESIGN §7), so the demo warm-start does not stop
+owners). Its supervised learning curve is steep, so the demo warm-start does not stop
 on a time budget but on measured val accuracy, checked every few steps, which lands it in the
 10-50 % band reproducibly; three-term sums (`max_terms = 3`) learn far more slowly.
 

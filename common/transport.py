@@ -1,4 +1,4 @@
-"""Typed ZeroMQ channels for the four endpoints of DESIGN §4.
+"""Typed ZeroMQ channels for the endpoints of docs/architecture.md, Message contracts.
 
 | endpoint | binder          | connecter       |
 | -------- | --------------- | --------------- |

@@ -1,4 +1,4 @@
-"""Weight streaming throughput against a raw ZeroMQ transfer of the same bytes (issue 8).
+"""Weight streaming throughput against a raw ZeroMQ transfer of the same bytes.
 
     python -m popo.common.weight_stream_bench [--mib 256] [--reps 5] [--chunk-mib 4] [--window 8]
 

@@ -1,4 +1,4 @@
-"""Weight files: atomic safetensors writes with a sha256, and verification (DESIGN §3).
+"""Weight files: atomic safetensors writes with a sha256, and verification (docs/architecture.md, Weights).
 
 A version directory is written under a temporary name, every file fsynced, the directory renamed into
 place and its parent fsynced, so a reader never sees a half-written version: either the old state or

@@ -1,4 +1,4 @@
-"""`popo bench SUB`: each component against its physical limit, and async against sync (issue 9).
+"""`popo bench SUB`: each component against its physical limit, and async against sync.
 
     popo bench generate   actor tokens/s vs the same vLLM engine's raw generate (target >= 0.9)
     popo bench verify     verifier service verifications/s per worker vs math-verify (>= 0.8)

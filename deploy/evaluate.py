@@ -1,8 +1,8 @@
 """`popo eval`: greedy pass@1, sampled avg@k and unbiased pass@k of a model on a benchmark, with vLLM.
 
-The benchmark is a JSONL / parquet file (field names from the config's `data` section, or known
-automatically for the files of `../shared/data/`: math500, aime24, aime25, amc23, gsm8k) or the
-synthetic task's held-out split. Completions are scored by the verifier's math-verify pool (worker
+The benchmark is the name of a shipped benchmark (math500, aime24, aime25, amc23, gsm8k; see
+common/benchmarks/README.md), a JSONL / parquet file (field names from the config's `data` section,
+or known from the file name for copies of the shipped files) or the synthetic task's held-out split. Completions are scored by the verifier's math-verify pool (worker
 processes with a hard time limit), exactly as in training.
 """
 
@@ -20,6 +20,7 @@ from popo.common.data import (
     BENCHMARKS,
     Problem,
     apply_template,
+    benchmark_path,
     drop_too_long,
     load_problems,
     load_prompts,
@@ -32,7 +33,7 @@ log = logging.getLogger("popo.eval")
 def load_benchmark(cfg: RunConfig, benchmark: str, limit: int | None) -> list[Problem]:
     if benchmark == "synthetic":
         return load_prompts(cfg.data.model_copy(update={"source": "synthetic"}), "test")[:limit]
-    path = Path(benchmark)
+    path = benchmark_path(benchmark) if benchmark in BENCHMARKS else Path(benchmark)
     known = BENCHMARKS.get(path.stem)
     if known is not None:
         return load_problems(path, limit=limit, **known)

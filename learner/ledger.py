@@ -1,4 +1,5 @@
-"""The prompt ledger and the buffer of received groups, in SQLite (WAL) in the run directory (DESIGN §3).
+"""The prompt ledger and the buffer of received groups, in SQLite (WAL) in the run directory
+(docs/architecture.md, Flow control).
 
 Every lease ends exactly once: `trained` (at a step), `skipped` (with a reason), or `expired` (its
 actor missed the deadline; the prompt goes back to the dispatch queue and gets a new lease). A

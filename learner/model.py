@@ -1,4 +1,4 @@
-"""Policy / EMA forward passes and the predictor head (DESIGN §2).
+"""Policy / EMA forward passes and the predictor head (docs/architecture.md, Loss).
 
 One forward of the online policy gives everything the POPO loss needs: the completion tokens'
 log-probs, their entropies and the feature f_θ(y) = masked mean-pool of the final-norm hidden states
@@ -114,7 +114,7 @@ def _pool(h: Tensor, pred_pos: Tensor, mask: Tensor) -> Tensor:
 
 def policy_forward(model: nn.Module, batch: Batch, need_entropy: bool = True) -> PolicyOutput:
     """ONE forward of a HF causal LM (`model.model` + `model.lm_head`) -> log-probs, entropies and
-    features of the completion tokens, all with grad (DESIGN §2)."""
+    features of the completion tokens, all with grad."""
     h = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]  # [N,L,H]
     h_pred = _gather_positions(h, batch.pred_pos)  # [N, T, H]
     logp, entropy = _token_logp_entropy(
@@ -152,7 +152,7 @@ def sequence_logprobs(
     model: nn.Module, prompt: np.ndarray, completion: np.ndarray, pad_id: int = 0
 ) -> np.ndarray:
     """log π of `completion` after `prompt` (eval mode, no grad, fp32) -> [C] float32: the learner
-    side of the parity probe (DESIGN §3)."""
+    side of the parity probe."""
     batch = collate([prompt], [completion], [np.zeros(len(completion))], pad_id)
     device = next(model.parameters()).device
     was_training = model.training
@@ -166,7 +166,7 @@ def sequence_logprobs(
 
 
 class Predictor(nn.Module):
-    """h_φ (DESIGN §2): [Linear(H→d), LayerNorm, ReLU]×(L−1) → Linear(d→H), Xavier-uniform
+    """h_φ (docs/architecture.md, Loss): [Linear(H→d), LayerNorm, ReLU]×(L−1) → Linear(d→H), Xavier-uniform
     weights and zero biases; online branch only (BYOL asymmetry). With L = 1 it is Linear(H→H)."""
 
     def __init__(self, hidden_size: int, width: int = 1024, layers: int = 2):

@@ -1,4 +1,4 @@
-"""Publishing the policy to actors (DESIGN §3): `weights/v{N}/model.safetensors` + sha256.
+"""Publishing the policy to actors (docs/architecture.md, Weights): `weights/v{N}/model.safetensors` + sha256.
 
 Only the online policy is published — never the EMA siamese copy, the predictor or the optimizer.
 Tensor names are the Hugging Face ones of `model.state_dict()` (`model.layers.0.self_attn.q_proj.
@@ -80,7 +80,7 @@ def publish_weights(
 
     source_dir: HF model directory whose config / tokenizer files are linked into the version.
     probe: (prompt ids, continuation ids) whose learner log-probs travel in the message so actors
-    can measure their parity after the reload (DESIGN §3).
+    can measure their parity after the reload.
     retries, backoff_s, on_failure: a failed write (full disk, I/O error) leaves nothing behind and
     is tried again `retries` times with doubling back-off (`common.weights.retry_write`); the
     announcement exists only once the version directory is complete, fsynced and renamed.

@@ -1,4 +1,4 @@
-"""Shared fixtures. Nothing in the test suite may call out to the network (DESIGN §7)."""
+"""Shared fixtures. Nothing in the test suite may call out to the network."""
 
 import os
 

@@ -5,7 +5,7 @@ directly in one process on the same completions.
 
 The service runs as in production: its own process (with its worker processes), real ZeroMQ
 sockets on 127.0.0.1; this process plays the actors (PUSH) and the learner (PULL). Completions are
-built from the gold answers of MATH-500 / AIME 2025 / AMC 2023 (`../shared/data/`): per prompt
+built from the gold answers of MATH-500 / AIME 2025 / AMC 2023 (shipped in common/benchmarks/): per prompt
 G = 8 short reasoning texts, 3 boxing the gold, 4 boxing wrong answers, 1 with no box. Every
 repetition scores a disjoint slice of the prompts, so math-verify's parse caches help neither
 side more than the other. Ratio = (service completions/s / workers) / direct completions/s, paired
@@ -17,12 +17,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 G = 8
 
 
@@ -30,11 +28,11 @@ def build_groups(n_groups: int) -> list[tuple[str, list[str]]]:
     """(gold, G completion texts) per prompt, cycling through the benchmark files."""
     import re
 
-    from popo.common.data import BENCHMARKS, load_problems
+    from popo.common.data import BENCHMARKS, benchmark_path, load_problems
 
     golds = []
     for name in ("math500", "aime25", "amc23"):
-        golds += [p.gold for p in load_problems(DATA / f"{name}.jsonl", **BENCHMARKS[name])]
+        golds += [p.gold for p in load_problems(benchmark_path(name), **BENCHMARKS[name])]
     groups = []
     for k in range(n_groups):
         gold = golds[k % len(golds)]
@@ -61,7 +59,8 @@ def build_groups(n_groups: int) -> list[tuple[str, list[str]]]:
 
 def run_direct(groups: list[tuple[str, list[str]]]) -> tuple[float, list[str]]:
     """math-verify in this process: gold parsed once per prompt, like the service. -> (s, verdicts)"""
-    from popo.verifier.scoring import parse_gold, score_completion
+    from popo.common.grading import parse_gold
+    from popo.verifier.scoring import score_completion
 
     verdicts: list[str] = []
     t0 = time.perf_counter()

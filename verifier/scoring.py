@@ -1,9 +1,9 @@
-"""Scoring one completion against a gold answer with math-verify (DESIGN §1, §7).
+"""Scoring one completion against a gold answer with math-verify.
 
 Pure functions, run inside the pool's worker processes (`verifier/pool.py`) and directly by tests,
-`popo eval` and the benchmark. math-verify's own time limits use `signal.alarm`, which only works
-in a process's main thread, so they are switched off here (`parsing_timeout=None`,
-`timeout_seconds=None`); the hard per-completion limit is the pool's, which kills a stuck worker.
+`popo eval` and the benchmark. The reading of answers is `popo.common.grading` (shared with the
+demo model), whose math-verify time limits are off; the hard per-completion limit is the pool's,
+which kills a stuck worker.
 
 Verdicts: `positive` (math-verify says equal), `negative` (not equal, or no answer extracted),
 `timeout` (the pool killed the worker), `error` (input rejected before math-verify, or an
@@ -12,24 +12,11 @@ exception escaped it).
 
 from __future__ import annotations
 
-import logging
 from functools import lru_cache
 from typing import Any
 
-from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
+from popo.common.grading import answers_equal, parse_answer, parse_gold
 from popo.common.messages import Verdict
-
-# math-verify warns once per process that its timeouts are off; the pool enforces its own.
-for _name in ("math_verify.parser", "math_verify.grader"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
-
-# `\boxed{}` first (priority 0 beats the "final answer is" anchors at 50), then any LaTeX, then a
-# bare expression: the reference run rewards the boxed answer (DESIGN §2).
-PRED_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
-# The gold is wrapped in `\boxed{}` so that commas, `\text{}` and units read as one answer
-# ("1,-2" is the set {1, -2}, not the number 1); checked on every gold of MATH-500/AIME/AMC.
-GOLD_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
 
 DEFAULT_MAX_CHARS = 65536
 DEFAULT_MAX_BRACE_DEPTH = 100
@@ -64,15 +51,6 @@ def precheck(
     return None
 
 
-def parse_gold(gold: str) -> list[Any]:
-    """Gold answer text -> math-verify's parsed form (a list of sympy objects and strings).
-
-    An empty list means math-verify could not read the gold; every completion then scores `error`.
-    """
-    wrapped = gold if "\\boxed" in gold else "\\boxed{" + gold + "}"
-    return parse(wrapped, GOLD_CONFIG, parsing_timeout=None)  # type: ignore[arg-type]
-
-
 @lru_cache(maxsize=4096)
 def parse_gold_cached(gold: str) -> list[Any]:
     """`parse_gold`, once per distinct gold in this process (a group's G completions share one)."""
@@ -96,10 +74,10 @@ def score_completion(
     if not gold_parsed:
         return "error", "gold answer not parsable"
     try:
-        pred = parse(text, PRED_CONFIG, parsing_timeout=None)  # type: ignore[arg-type]
+        pred = parse_answer(text)
         if not pred:
             return "negative", "no answer found"
-        ok = verify(gold_parsed, pred, timeout_seconds=None)
+        ok = answers_equal(gold_parsed, pred)
     except Exception as e:  # the per-completion fault boundary the design asks for
         return "error", f"{type(e).__name__} in math-verify"
     return ("positive", "") if ok else ("negative", "")

@@ -1,4 +1,4 @@
-"""The verifier role (DESIGN §1, §4): rollout groups in, scored groups out.
+"""The verifier role (docs/architecture.md, Roles): rollout groups in, scored groups out.
 
     actors --PUSH--> [rollouts PULL] Verifier [ingest PUSH] --> learner
                                         |

@@ -1,4 +1,4 @@
-"""The learner's RSS over many steps with and without `learner.release_memory` (issue 10 soak).
+"""The learner's RSS over many steps with and without `learner.release_memory`.
 
     .venv/bin/python deploy/experiments/learner_rss.py {keep,release} STEPS OUT.json
 

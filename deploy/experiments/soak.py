@@ -1,4 +1,4 @@
-"""Soak: run the embedded default for a long time and watch memory and throughput (issue 10).
+"""Soak: run the embedded default for a long time and watch memory and throughput.
 
     .venv/bin/python deploy/experiments/soak.py --minutes 60 --out runs/soak
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Soak: the embedded default for 60 minutes, sampling every role's RSS and the run's throughput;
-# fails if any role's memory grows >= 10 % between minutes 10-15 and the last 5 (issue 10).
+# fails if any role's memory grows >= 10 % between minutes 10-15 and the last 5.
 #   bash deploy/experiments/soak.sh [MINUTES=60] [OUT=runs/soak-<date>] [-- extra popo train flags]
 # Short validation run: MINUTES=10 WARM=2,4 FINAL=2 bash deploy/experiments/soak.sh
 set -euo pipefail

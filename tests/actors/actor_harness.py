@@ -17,8 +17,9 @@ import zmq
 
 from popo.common import transport
 from popo.common.config import RunConfig
-from popo.common.messages import Lease, LeaseRequest, Leases, RolloutGroup
+from popo.common.messages import Lease, LeaseRequest, Leases, RolloutGroup, WeightsReady
 from popo.common.process import free_ports
+from popo.common.weights import write_version_dir
 
 # Log-probs of vLLM's CPU float32 kernels vs a transformers float32 forward on the same tokens.
 # Measured max |diff| on this model is ~1e-6; the bound leaves room for other CPUs' kernels.
@@ -200,3 +201,29 @@ def running(actor) -> Iterator[threading.Event]:
     assert not th.is_alive(), "actor did not stop"
     if errors:
         raise errors[0]
+
+
+def assert_serves(engine, reference: Reference, prompt_ids: list[int]) -> np.ndarray:
+    """Sample a group; its log-probs must equal the reference's on the same tokens. Returns them."""
+    group = engine.sample(prompt_ids).result(timeout=60)
+    out = []
+    for s in group.samples:
+        ref = reference.logprobs(prompt_ids, s.token_ids.tolist())
+        np.testing.assert_allclose(s.logprobs, ref, atol=LOGPROB_ATOL, rtol=0)
+        out.append(ref)
+    return np.concatenate(out)
+
+
+def publish(tmp_path: Path, name: str, state: dict) -> tuple[Path, str, int]:
+    """Write a version directory as the learner does; returns (dir, sha256, nbytes)."""
+    path, sha, nbytes = write_version_dir(tmp_path / name, state)
+    return path.parent, sha, nbytes
+
+
+def announce_until(peers: Peers, msg: WeightsReady, done, seconds: float = 60) -> None:
+    """PUB the announcement repeatedly (a SUB that joined late misses the first) until `done()`."""
+    end = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < end, f"actor did not act on version {msg.version}"
+        peers.pub.send(msg)
+        peers.serve(0.1)

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from actor_harness import LOGPROB_ATOL, Peers, Reference, actor_test_config, running
+from actor_harness import (
+    LOGPROB_ATOL,
+    Peers,
+    actor_test_config,
+    announce_until,
+    assert_serves,
+    publish,
+    running,
+)
 
 from popo.actors.actor import Actor
 from popo.common.messages import (
@@ -43,32 +51,6 @@ def make_actor(engine, model_dir: Path, peers: Peers, run_dir: Path | None = Non
     actor = Actor(actor_test_config(), model_dir, peers.endpoints(), run_dir=run_dir, engine=engine)
     actor.setup()
     return actor
-
-
-def assert_serves(engine, reference: Reference, prompt_ids: list[int]) -> np.ndarray:
-    """Sample a group; its log-probs must equal the reference's on the same tokens. Returns them."""
-    group = engine.sample(prompt_ids).result(timeout=60)
-    out = []
-    for s in group.samples:
-        ref = reference.logprobs(prompt_ids, s.token_ids.tolist())
-        np.testing.assert_allclose(s.logprobs, ref, atol=LOGPROB_ATOL, rtol=0)
-        out.append(ref)
-    return np.concatenate(out)
-
-
-def publish(tmp_path: Path, name: str, state: dict) -> tuple[Path, str, int]:
-    """Write a version directory as the learner does; returns (dir, sha256, nbytes)."""
-    path, sha, nbytes = write_version_dir(tmp_path / name, state)
-    return path.parent, sha, nbytes
-
-
-def announce_until(peers: Peers, msg: WeightsReady, done, seconds: float = 60) -> None:
-    """PUB the announcement repeatedly (a SUB that joined late misses the first) until `done()`."""
-    end = time.monotonic() + seconds
-    while not done():
-        assert time.monotonic() < end, f"actor did not act on version {msg.version}"
-        peers.pub.send(msg)
-        peers.serve(0.1)
 
 
 # --- sampling ------------------------------------------------------------------------------------

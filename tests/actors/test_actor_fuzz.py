@@ -1,4 +1,4 @@
-"""Hostile input on a running actor's endpoints (issue 10, item 3): the weights SUB and the dispatch
+"""Hostile input on a running actor's endpoints: the weights SUB and the dispatch
 DEALER, fuzzed with hypothesis through the fake learner's real sockets while the actor samples on
 the shared vLLM engine. Frame strategies: tests/fuzzing.py.
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from actor_harness import actor_test_config, running
-from test_actor import announce_until, assert_serves, publish
+from actor_harness import actor_test_config, announce_until, assert_serves, publish, running
 
 from popo.actors.actor import Actor, ActorEndpoints
 from popo.common.messages import WeightsReady

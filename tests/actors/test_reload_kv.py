@@ -1,4 +1,4 @@
-"""What an in-place reload does to sequences that are generating (issue 9, `actor.reload_keeps_kv`),
+"""What an in-place reload does to sequences that are generating (`actor.reload_keeps_kv`),
 on the real vLLM CPU engine: the reload lands after every sequence has sampled a few tokens, and the
 behaviour log-probs of each token are checked against a transformers forward on the weights (and the
 KV) that must have produced them."""

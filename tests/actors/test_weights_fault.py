@@ -1,4 +1,4 @@
-"""Damaged weight files an actor is told to load (issue 10): every one is a WeightsError before
+"""Damaged weight files an actor is told to load: every one is a WeightsError before
 the engine is touched, so the actor keeps serving its last good version (the actor-level test is
 `test_actor.py::test_corrupt_version_is_rejected_and_old_one_keeps_serving`)."""
 

@@ -155,7 +155,7 @@ def test_to_toml_round_trips(tmp_path: Path) -> None:
         data={
             "source": "C:\\data\\gsm8k.jsonl",
             "id_field": "idx",
-            "eval_source": "../shared/data/aime25.jsonl",
+            "eval_source": "../data/aime25.jsonl",
             "synthetic": {"n_train": 123},
         },
         algorithm={"name": "wapo"},

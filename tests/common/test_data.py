@@ -1,4 +1,4 @@
-"""Prompt loading on the real benchmark files in ../shared/data/ and on small bad files."""
+"""Prompt loading on the shipped benchmark files (common/benchmarks/) and on small bad files."""
 
 from __future__ import annotations
 
@@ -17,28 +17,43 @@ from popo.common.data import (
     DataError,
     Problem,
     apply_template,
+    benchmark_path,
     extract_boxed,
     extract_gsm8k,
     load_problems,
     load_prompts,
 )
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-needs_data = pytest.mark.skipif(
-    not (DATA / "math500.jsonl").is_file(),
-    reason=f"benchmark files not found in {DATA} (the repository's ../shared/data/)",
-)
-
 
 def _bench(name: str, **over) -> list[Problem]:
-    return load_problems(DATA / f"{name}.jsonl", **{**BENCHMARKS[name], **over})
+    return load_problems(benchmark_path(name), **{**BENCHMARKS[name], **over})
 
 
 # --- the real benchmark files ------------------------------------------------------------------
 
 
-@needs_data
+def test_every_benchmark_ships_as_package_data() -> None:
+    import fnmatch
+    import tomllib
+
+    import popo.common
+
+    root = Path(__file__).resolve().parents[2]
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"]["popo.common"] == "common"
+    package = Path(popo.common.__file__).resolve().parent
+    patterns = setuptools["package-data"]["popo.common"]
+    for name in BENCHMARKS:
+        path = benchmark_path(name)
+        assert path.is_file(), path
+        rel = path.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(rel, pat) for pat in patterns), (rel, patterns)
+    licence = benchmark_path("math500").parent / "LICENSE.math-evaluation-harness"
+    assert "MIT License" in licence.read_text()
+    with pytest.raises(ValueError, match=r"unknown benchmark .math501.*math500"):
+        benchmark_path("math501")
+
+
 @pytest.mark.parametrize(
     ("name", "rows", "meta_keys"),
     [
@@ -59,11 +74,10 @@ def test_benchmark_rows_and_fields(name: str, rows: int, meta_keys: set[str]) ->
         assert BENCHMARKS[name]["prompt_field"] not in p.meta
 
 
-@needs_data
 def test_gsm8k_gold_extracted_from_every_solution() -> None:
     problems = _bench("gsm8k")
     assert len(problems) == 1319
-    raw = [json.loads(line) for line in (DATA / "gsm8k.jsonl").read_text().splitlines()]
+    raw = [json.loads(line) for line in benchmark_path("gsm8k").read_text().splitlines()]
     for p, row in zip(problems, raw, strict=True):
         assert re.fullmatch(r"-?\d+(\.\d+)?", p.gold), p.gold
         # Independent reading: the solution's last line is "#### N".
@@ -76,24 +90,21 @@ def test_gsm8k_gold_extracted_from_every_solution() -> None:
     assert with_commas and all("," not in p.gold for p in with_commas)
 
 
-@needs_data
 def test_amc23_float_golds_read_as_integers() -> None:
     problems = _bench("amc23")
-    raw = [json.loads(line) for line in (DATA / "amc23.jsonl").read_text().splitlines()]
+    raw = [json.loads(line) for line in benchmark_path("amc23").read_text().splitlines()]
     assert all(isinstance(row["answer"], float) for row in raw)
     assert [p.gold for p in problems] == [str(int(row["answer"])) for row in raw]
     assert problems[0].gold == "27"
     assert "-1" in {p.gold for p in problems}
 
 
-@needs_data
 @pytest.mark.parametrize("name", ["aime24", "aime25"])
 def test_aime_golds_are_integers_0_to_999(name: str) -> None:
     for p in _bench(name):
         assert p.gold.isdigit() and 0 <= int(p.gold) <= 999
 
 
-@needs_data
 def test_math500_boxed_solution_matches_answer_field() -> None:
     # The `boxed` extractor, run on MATH-500's solutions, must reproduce the published answers.
     plain = _bench("math500")
@@ -103,25 +114,25 @@ def test_math500_boxed_solution_matches_answer_field() -> None:
     assert plain[0].gold == "\\left( 3, \\frac{\\pi}{2} \\right)"
 
 
-@needs_data
 def test_row_number_ids_and_limit() -> None:
     problems = _bench("aime25", limit=5)
     assert [p.prompt_id for p in problems] == ["0", "1", "2", "3", "4"]
     assert problems[0].gold == "70"
     assert (
-        load_problems(DATA / "aime25.jsonl", prompt_field="problem", answer_field="answer", limit=0)
+        load_problems(
+            benchmark_path("aime25"), prompt_field="problem", answer_field="answer", limit=0
+        )
         == []
     )
 
 
-@needs_data
 def test_load_prompts_from_file_sources() -> None:
     cfg = DataConfig(
-        source=str(DATA / "gsm8k.jsonl"),
+        source=str(benchmark_path("gsm8k")),
         prompt_field="question",
         answer_format="gsm8k",
         id_field="idx",
-        eval_source=str(DATA / "gsm8k.jsonl"),
+        eval_source=str(benchmark_path("gsm8k")),
     )
     train = load_prompts(cfg, "train")
     assert len(train) == 1319 and train[0].gold == "18"

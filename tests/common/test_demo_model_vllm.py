@@ -1,5 +1,5 @@
 """The demo model in the real vLLM CPU engine: G samples with log-probs, and log-prob parity with
-transformers (DESIGN §3 "Parity"). One engine for the module: starting one takes ~20 s."""
+transformers (docs/architecture.md, Weights: parity). One engine for the module: starting one takes ~20 s."""
 
 import os
 
@@ -90,7 +90,7 @@ def test_demo_model_accuracy_band_in_vllm(engine, demo_model_dir):
     sampled accuracy (temperature 1) in [10 %, 50 %] and pass@8 well above it (RL signal left)."""
     from vllm import SamplingParams
 
-    from popo.common.demo_model import is_correct
+    from popo.common.grading import is_correct
 
     problems = synthetic.generate(SyntheticTaskConfig(), "test")
     params = SamplingParams(n=8, logprobs=0, temperature=1.0, max_tokens=16, seed=1)

@@ -1,4 +1,4 @@
-"""No pickle on any boundary (DESIGN §3, issue 10 item 4): a scan of the repository's own Python.
+"""No pickle on any boundary: a scan of the repository's own Python.
 
 Unpickling runs arbitrary code, so nothing our processes exchange or store may be a pickle:
 tensors travel and rest as safetensors, messages as msgpack (msgspec), checkpoints as safetensors +

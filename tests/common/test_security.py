@@ -1,4 +1,4 @@
-"""Authenticated transport and safe defaults (issue 10, item 4), over real sockets on loopback.
+"""Authenticated transport and safe defaults, over real sockets on loopback.
 
 With CurveZMQ keys every endpoint kind (ROUTER/DEALER, PUSH/PULL, PUB/SUB) serves a peer holding
 the right key and gives a peer without it (no Curve, a key of its own, another role's key, another

@@ -1,4 +1,4 @@
-"""Bad configs and bad dataset rows stop `popo train` early (issue 10, item 3): through the real CLI,
+"""Bad configs and bad dataset rows stop `popo train` early: through the real CLI,
 with `file:line` in one line on stderr, a non-zero exit, and no run directory left behind."""
 
 from __future__ import annotations

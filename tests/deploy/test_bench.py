@@ -1,4 +1,4 @@
-"""`popo bench` (issue 9): the statistics and refusal, the schedule the e2e comparison relies on, the
+"""`popo bench`: the statistics and refusal, the schedule the e2e comparison relies on, the
 role pinning, and every subcommand's `--quick` mode run for real (harness, not timing thresholds)."""
 
 import json

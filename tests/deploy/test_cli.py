@@ -87,3 +87,46 @@ def test_report_rejects_non_run(tmp_path):
 def test_role_commands_need_run_dir(cmd):
     r = run_popo(cmd)
     assert r.returncode == 2 and "--run-dir" in r.stderr
+
+
+@pytest.mark.parametrize("cmd", sorted(COMMANDS))
+def test_every_command_help_exits_0(cmd):
+    r = run_popo(cmd, "--help")
+    assert r.returncode == 0, r.stderr[-2000:]
+    # the command's own flags first, then every config field
+    assert r.stdout.startswith(f"usage: popo {cmd}") and "--model.path" in r.stdout
+    assert r.stderr == ""
+
+
+def _bad_model_dirs(tmp_path):
+    not_json = tmp_path / "not-json"
+    not_json.mkdir()
+    (not_json / "config.json").write_text("{")
+    config_is_dir = tmp_path / "config-is-dir"
+    (config_is_dir / "config.json").mkdir(parents=True)
+    return {
+        "missing": (tmp_path / "nonexistent", "no config.json"),
+        "file": (not_json / "config.json", "no config.json"),
+        "not_json": (not_json, "not valid JSON"),
+        "unreadable": (config_is_dir, "unreadable"),
+    }
+
+
+@pytest.mark.parametrize("cmd", ["train", "eval", "learner", "actor"])
+def test_bad_model_path_is_one_line_naming_the_key(tmp_path, cmd):
+    run_dir = tmp_path / "run"
+    where = ["--run-dir", str(run_dir)] if cmd in ("learner", "actor") else []
+    for path, reason in _bad_model_dirs(tmp_path).values():
+        r = run_popo(cmd, *where, "--model.path", str(path), "--deploy.run_dir", str(run_dir))
+        assert r.returncode == 2, r.stderr[-2000:]
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1, r.stderr[-2000:]
+        assert lines[0].startswith(f"popo {cmd}: model.path = {path}: ") and reason in lines[0]
+        assert not run_dir.exists()  # refused before anything is written
+
+
+def test_eval_bad_model_flag_names_the_flag(tmp_path):
+    path, _ = _bad_model_dirs(tmp_path)["not_json"]
+    r = run_popo("eval", "--model", str(path))
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"popo eval: --model = {path}: config.json is not valid JSON"

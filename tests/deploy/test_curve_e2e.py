@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from test_e2e import _args, _assert_exactly_once, _popo
+from e2e_helpers import assert_exactly_once, popo_train, train_args
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -22,8 +22,8 @@ def test_train_with_curve_keys(tmp_path: Path, demo_model_dir: Path) -> None:
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert made.returncode == 0, made.stderr
     run_dir = tmp_path / "run"
-    args = [*_args(run_dir, demo_model_dir, steps=2), f"--transport.curve_keys_dir={keys}"]
-    proc = _popo(args)
+    args = [*train_args(run_dir, demo_model_dir, steps=2), f"--transport.curve_keys_dir={keys}"]
+    proc = popo_train(args)
     ports = {a.split("=")[0]: int(a.split("=")[1]) for a in args if "_port=" in a}
     ctx = zmq.Context()
     try:
@@ -44,7 +44,7 @@ def test_train_with_curve_keys(tmp_path: Path, demo_model_dir: Path) -> None:
             proc.kill()
         ctx.term()
     assert proc.returncode == 0, out
-    _assert_exactly_once(run_dir, 2)
+    assert_exactly_once(run_dir, 2)
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("popo_actor_policy_version", 0) for r in recs if r["role"] == "actor") >= 1
     assert (run_dir / "config.toml").read_text().count(str(keys)) == 1

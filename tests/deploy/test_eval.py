@@ -1,4 +1,4 @@
-"""`popo eval` on a small slice of a real benchmark file and on the synthetic held-out split."""
+"""`popo eval` on a small slice of a shipped benchmark and on the synthetic held-out split."""
 
 import json
 import subprocess
@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 from popo.common.metrics import pass_at_k
-
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def test_pass_at_k_hand_values():
@@ -23,10 +21,9 @@ def test_pass_at_k_hand_values():
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(not (DATA / "math500.jsonl").exists(), reason="../shared/data not present")
 def test_eval_real_file_and_synthetic(tmp_path, demo_model_dir):
     outs = {}
-    for bench in (str(DATA / "math500.jsonl"), "synthetic"):
+    for bench in ("math500", "synthetic"):
         out = tmp_path / f"{Path(bench).stem}.json"
         r = subprocess.run(
             [sys.executable, "-m", "popo.deploy.cli", "eval", "--model", str(demo_model_dir),
@@ -36,7 +33,7 @@ def test_eval_real_file_and_synthetic(tmp_path, demo_model_dir):
         )  # fmt: skip
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         outs[bench] = json.loads(out.read_text())
-    m = outs[str(DATA / "math500.jsonl")]
+    m = outs["math500"]
     # byte-level tokens + the Qwen-math template: some MATH-500 prompts exceed the demo model's
     # 256-token context and are skipped (counted), never sent to the engine
     assert m["prompts"] + m["skipped_too_long"] == 12 and m["prompts"] >= 1 and m["k"] == 4

@@ -1,4 +1,4 @@
-"""Hostile input on every endpoint of running roles (issue 10, item 3), property-based.
+"""Hostile input on every endpoint of running roles, property-based.
 
 The real role objects run in this process with their real sockets on loopback: the learner
 (dispatch ROUTER, ingest PULL, weightstream ROUTER), a verifier replica (rollouts PULL, with its

@@ -240,7 +240,7 @@ def test_dashboard_is_portable_and_scoped_to_one_run():
     assert mapping["options"]["0"]["color"] == "red" and mapping["options"]["1"]["color"] == "green"
 
 
-def test_dashboard_covers_the_issue():
+def test_dashboard_covers_every_panel():
     dash = json.loads(DASHBOARD.read_text())
     panels = [p for p in dash["panels"] if p["type"] != "row"]
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])

@@ -5,7 +5,7 @@ import json
 import socket
 
 import pytest
-from test_e2e import _args, _assert_exactly_once, _popo
+from e2e_helpers import assert_exactly_once, popo_train, train_args
 
 # ~80 s on 2 cores: opt-in; tests/actors/test_actor_stream.py covers fetch -> reload in the default suite
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -13,12 +13,12 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 def test_train_with_streamed_weights(tmp_path, demo_model_dir):
     run_dir = tmp_path / "run"
-    args = [*_args(run_dir, demo_model_dir, steps=2), "--transport.weights_mode=stream",
+    args = [*train_args(run_dir, demo_model_dir, steps=2), "--transport.weights_mode=stream",
             "--transport.stream_chunk_bytes=262144"]  # fmt: skip
-    proc = _popo(args)
+    proc = popo_train(args)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
-    _assert_exactly_once(run_dir, 2)
+    assert_exactly_once(run_dir, 2)
 
     log = (run_dir / "logs" / "actor-0.log").read_text()
     streamed = [line for line in log.splitlines() if "streamed version" in line]

@@ -1,4 +1,4 @@
-"""The learner's ingest refuses scored groups it cannot train on (issue 10, hostile input): the
+"""The learner's ingest refuses scored groups it cannot train on (hostile input): the
 real dispatcher thread and ledger over real ZeroMQ sockets, with this test as actor and verifier."""
 
 import time

@@ -1,4 +1,4 @@
-"""Pure losses of DESIGN §2 against hand-computed values, plus their properties."""
+"""Pure losses (docs/architecture.md, Loss) against hand-computed values, plus their properties."""
 
 from __future__ import annotations
 
@@ -194,7 +194,7 @@ def test_popo_full_loss_hand_computed():
 
 
 def test_popo_none_equals_reference_formulation():
-    """is_level="none" == §2's synchronous POPO, written out independently."""
+    """is_level="none" == the paper's synchronous POPO, written out independently."""
     g = torch.Generator().manual_seed(0)
     n, tlen, h = 6, 5, 8
     logp = -torch.rand(n, tlen, generator=g, dtype=torch.float64) * 3
@@ -284,7 +284,7 @@ def test_popo_gradients_flow_only_where_they_should():
 
 
 def test_implicit_negative_gradient_on_toy_softmax_policy():
-    """Training on positives alone lowers the probability of a held-out negative (§2)."""
+    """Training on positives alone lowers the probability of a held-out negative (the implicit negative gradient)."""
     torch.manual_seed(0)
     theta = torch.zeros(6, dtype=torch.float64, requires_grad=True)  # a policy over 6 answers
     positives = torch.tensor([0, 1])  # the two correct answers sampled for this prompt

@@ -142,7 +142,7 @@ def test_all_negative_batch_is_skipped():
 
 
 def test_micro_batching_equals_one_batch():
-    """Gradient accumulation over whole-group micro-batches == one full batch (§2 normalisers)."""
+    """Gradient accumulation over whole-group micro-batches == one full batch (step-level normalisers)."""
     groups = make_groups(4, 4, seed=2)
     results = []
     for budget in (100_000, 1):  # one micro-batch vs one group per micro-batch

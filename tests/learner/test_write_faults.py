@@ -1,4 +1,4 @@
-"""Weights and checkpoints under write faults (issue 10): a full disk or a failed write on the
+"""Weights and checkpoints under write faults: a full disk or a failed write on the
 learner side is retried with back-off and reported; nothing half-written is announced or resumed.
 
 The faults are real failing syscalls: the process's file-size limit (RLIMIT_FSIZE, with SIGXFSZ

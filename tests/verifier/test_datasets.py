@@ -1,20 +1,19 @@
-"""Every gold answer of MATH-500, AIME 2025 and AMC 2023 (real files, `../shared/data/`):
+"""Every gold answer of MATH-500, AIME 2025 and AMC 2023 (the shipped files):
 a brief completion boxing the gold is positive; completions boxing a clearly different answer are
 negative. Scored on the real worker pool."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
-from popo.common.data import BENCHMARKS, load_problems
-from popo.verifier.pool import ScoringPool
+from popo.common.data import BENCHMARKS, benchmark_path, load_problems
+from popo.verifier.pool import PoolLimits, ScoringPool
 
 from .helpers import score_all
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 FILES = ("math500", "aime25", "amc23")
 
 SENTINEL = r"\frac{9973}{7}"
@@ -22,7 +21,7 @@ SENTINEL = r"\frac{9973}{7}"
 
 KNOWN_EXCEPTIONS: dict[tuple[str, str, str], str] = {}
 """(file, prompt id, kind) -> what math-verify 0.9 returns instead of the expected verdict.
-Empty: with the gold wrapped in `\\boxed{}` (scoring.parse_gold) math-verify agrees on every gold of
+Empty: with the gold wrapped in `\\boxed{}` (grading.parse_gold) math-verify agrees on every gold of
 the three files for all four kinds below. (Unwrapped, 108 of the 600 golds would misparse, e.g.
 "1,-2" as 1 and "\\sqrt{51}" as nothing.) Kept as an asserted list so a math-verify upgrade that
 changes a verdict shows up here by name."""
@@ -52,7 +51,7 @@ def build_cases() -> list[tuple[str, str, str, str, str]]:
     """(file, prompt id, kind, gold, completion) with kind's expected verdict in EXPECTED."""
     cases = []
     for name in FILES:
-        for p in load_problems(DATA / f"{name}.jsonl", **BENCHMARKS[name]):
+        for p in load_problems(benchmark_path(name), **BENCHMARKS[name]):
             cases.append((name, p.prompt_id, "boxed_gold", p.gold, positive(p.gold)))
             cases.append((name, p.prompt_id, "sentinel", p.gold, negative(SENTINEL)))
             bumped = bump_first_digit(p.gold)
@@ -65,6 +64,14 @@ def build_cases() -> list[tuple[str, str, str, str, str]]:
     return cases
 
 
+@pytest.fixture(scope="module")
+def pool() -> Iterator[ScoringPool]:
+    """The shared fixture's pool with a longer time limit: the test is about math-verify's verdicts
+    on 1,700 cases, and a busy machine must not turn a slow one into `timeout`."""
+    with ScoringPool(2, PoolLimits(timeout_s=30.0)) as p:
+        yield p
+
+
 EXPECTED = {
     "boxed_gold": "positive",
     "sentinel": "negative",
@@ -73,7 +80,6 @@ EXPECTED = {
 }
 
 
-@pytest.mark.skipif(not all((DATA / f"{n}.jsonl").is_file() for n in FILES), reason=f"no {DATA}")
 def test_every_gold_of_the_benchmarks(pool: ScoringPool) -> None:
     cases = build_cases()
     assert sum(1 for c in cases if c[2] == "boxed_gold") == 500 + 30 + 40

@@ -9,8 +9,9 @@ import time
 import pytest
 from math_verify import parse, verify
 
+from popo.common.grading import GOLD_CONFIG, PRED_CONFIG
 from popo.verifier.pool import ScoringPool
-from popo.verifier.scoring import GOLD_CONFIG, PRED_CONFIG, precheck, score_text
+from popo.verifier.scoring import precheck, score_text
 
 from .cases import CASES
 from .helpers import HANG, score_all
