@@ -89,7 +89,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="held-out accuracy whose first reaching is timed")  # fmt: skip
     d.add_argument("--compare", action="append", metavar="NAME=FLAGS",
                    help='another `popo train` side, e.g. --compare "previous=--learner.max_staleness=1"')  # fmt: skip
-    d.add_argument("--plain-threads", type=int, default=2, help="torch threads of the plain trainer")
+    d.add_argument(
+        "--plain-threads", type=int, default=2, help="torch threads of the plain trainer"
+    )
     d.add_argument("--step-reps", type=int, help="standalone learner steps timed")
 
 
