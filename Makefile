@@ -15,6 +15,7 @@ train:
 	exit $$rc
 
 test: setup
+	@bash deploy/test_tools.sh
 	$(PY) -m pytest -q
 
 test-all: setup
