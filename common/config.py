@@ -249,6 +249,11 @@ class LearnerConfig(_Section):
     """A lease not completed in this time is re-dispatched (its actor is presumed dead)."""
     publish_every: int = Field(1, ge=1)
     """Publish weights to actors every N optimizer steps."""
+    publish_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype of the published weight versions. `auto` is the actors' serving dtype: `model.dtype`
+    when it is set, else bfloat16 when the learner runs on a GPU (GPU engines serve bf16: half the
+    bytes of float32 to write, hash and load) and float32 on CPU. An engine of another float dtype
+    still loads a version (vLLM casts each tensor as it copies it in), serving the rounded values."""
     keep_weights: int = Field(3, ge=1)
     """Weight versions kept on disk (never one an actor may still be loading)."""
     checkpoint_every: int = Field(10, ge=1)

@@ -43,13 +43,14 @@ def write_weights(
 ) -> WeightsReady | None:  # fmt: skip
     """Publish the policy as `weights/v{version}` (every rank calls; rank 0 writes and returns the
     announcement)."""
-    from popo.learner.publish import publish_weights
+    from popo.learner.publish import publish_dtype, publish_weights
 
     lc = cfg.learner
+    dtype = publish_dtype(lc.publish_dtype, cfg.model.dtype, trainer.device.type)
     return publish_weights(
         trainer.policy, run_dir / "weights", version, source_dir=model_dir, keep=lc.keep_weights,
-        protect=protect, probe=probe, pad_id=trainer.pad_id, retries=lc.write_retries,
-        backoff_s=lc.write_retry_backoff_s, on_failure=on_failure,
+        protect=protect, dtype=dtype, probe=probe, pad_id=trainer.pad_id,
+        retries=lc.write_retries, backoff_s=lc.write_retry_backoff_s, on_failure=on_failure,
     )  # fmt: skip
 
 

@@ -43,6 +43,16 @@ def hf_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[st
     return out
 
 
+def publish_dtype(publish: str, served: str, learner_device: str) -> torch.dtype:
+    """The dtype of published versions: `learner.publish_dtype`, whose `auto` is the actors'
+    serving dtype (`model.dtype`, whose own `auto` is bf16 on GPU and fp32 on CPU, judged by
+    the learner's device type `learner_device`, e.g. "cuda")."""
+    name = publish if publish != "auto" else served
+    if name == "auto":
+        name = "bfloat16" if learner_device == "cuda" else "float32"
+    return getattr(torch, name)
+
+
 def list_versions(weights_root: str | Path) -> list[int]:
     """Published versions under `weights_root`, ascending."""
     root = Path(weights_root)
@@ -79,6 +89,8 @@ def publish_weights(
     """Write the policy as `weights_root/v{version}` atomically and return its announcement.
 
     source_dir: HF model directory whose config / tokenizer files are linked into the version.
+    dtype: cast of the published tensors (`publish_dtype`: the actors' serving dtype); None keeps
+    the policy's own.
     probe: (prompt ids, continuation ids) whose learner log-probs travel in the message so actors
     can measure their parity after the reload.
     retries, backoff_s, on_failure: a failed write (full disk, I/O error) leaves nothing behind and

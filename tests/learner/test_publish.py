@@ -14,7 +14,7 @@ from popo.common.demo_model import save_random_model
 from popo.common.messages import WeightsReady, decode, encode, unpack_f32, unpack_ids
 from popo.common.weights import verify_weights
 from popo.learner.model import sequence_logprobs
-from popo.learner.publish import hf_state_dict, list_versions, publish_weights
+from popo.learner.publish import hf_state_dict, list_versions, publish_dtype, publish_weights
 from popo.learner.trainer import Trainer
 
 
@@ -141,3 +141,47 @@ def test_vllm_reloads_a_bf16_publish_exactly(tmp_path, monkeypatch):
     again = publish_weights(base, root, 2, source_dir=src, dtype=torch.bfloat16)
     llm.collective_rpc("reload_weights", kwargs={"weights_path": again.path})
     np.testing.assert_array_equal(_vllm_logprobs(llm, prompt, cont), before)
+
+
+@pytest.mark.parametrize(
+    "publish, served, device, want",
+    [
+        ("auto", "auto", "cpu", torch.float32),  # CPU engines serve fp32
+        ("auto", "auto", "cuda", torch.bfloat16),  # GPU engines serve bf16
+        ("auto", "float16", "cuda", torch.float16),  # the actors' explicit dtype
+        ("auto", "bfloat16", "cpu", torch.bfloat16),
+        ("float32", "auto", "cuda", torch.float32),  # an explicit publish dtype wins
+        ("bfloat16", "float32", "cpu", torch.bfloat16),
+    ],
+)
+def test_publish_dtype_defaults_to_the_actors_serving_dtype(publish, served, device, want):
+    assert publish_dtype(publish, served, device) == want
+
+
+@pytest.mark.vllm
+def test_vllm_fp32_engine_loads_a_bf16_publish_as_its_rounded_values(tmp_path, monkeypatch):
+    """An fp32 engine reloading a bf16 version (vLLM copies each tensor into its fp32 parameter,
+    casting it) serves exactly the bf16-rounded policy: the same log-probs, bit for bit, as the
+    fp32 version of the rounded weights — half the bytes, nothing lost beyond the rounding."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    src = save_random_model(tmp_path / "model", seed=0)
+    tr = _trained(src, steps=2)
+    prompt, cont = np.array([1, 40, 41, 23, 12]), np.array([50, 51, 14, 15, 77, 2])
+    llm = LLM(model=str(src), dtype="float32", enforce_eager=True, seed=0,
+              enable_prefix_caching=False, max_model_len=256)  # fmt: skip
+    root = tmp_path / "weights"
+    half = publish_weights(tr.policy, root, 1, source_dir=src, dtype=torch.bfloat16)
+    assert half.nbytes < 0.51 * (src / "model.safetensors").stat().st_size
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": half.path})
+    from_bf16 = _vllm_logprobs(llm, prompt, cont)
+    with torch.no_grad():
+        for p in tr.policy.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    rounded = publish_weights(tr.policy, root, 2, source_dir=src, dtype=torch.float32)
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": rounded.path})
+    np.testing.assert_array_equal(from_bf16, _vllm_logprobs(llm, prompt, cont))
+    learner = sequence_logprobs(tr.policy, prompt, cont)
+    np.testing.assert_allclose(from_bf16, learner, atol=2e-4)
