@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from popo.common.process import free_ports
 
 if TYPE_CHECKING:
-    from popo.actors.engine import RolloutEngine
+    from popo.actors.engine import ReloadTiming, RolloutEngine
     from popo.common.config import RunConfig
     from popo.common.messages import WeightsReady
 
@@ -105,6 +105,17 @@ class Reloader:
         self.engine = engine
         self.actor = Actor(cfg, model_dir, ActorEndpoints("", [], ""), engine=engine)
         self.actor._schema = model_schema(model_dir)
+        self.timings: list[ReloadTiming] = []
+        """The engine's own phases (pause, load, resume) of every reload, in order."""
+        inner = engine.reload_async
+
+        async def reload_async(weights_dir: str, version: int) -> ReloadTiming:
+            t = await inner(weights_dir, version)
+            self.timings.append(t)
+            return t
+
+        # the actor's `_load` calls the engine's method: record its timing on the way
+        engine.reload_async = reload_async  # type: ignore[method-assign]
 
     def reload(self, msg: WeightsReady) -> tuple[float, float | None]:
         """Load one announced version; -> (actor reload seconds, probe mismatch KL or None)."""

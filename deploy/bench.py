@@ -64,6 +64,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, help="generate: completion tokens at most")
     g.add_argument("--inflight", type=int, help="generate: actor.max_inflight_prompts")
     g.add_argument("--sizes", help="sync: comma-separated hidden sizes (one engine each)")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="sync: the engine's dtype (model.dtype), which the learner publishes in")  # fmt: skip
     v = p.add_argument_group("verify")
     v.add_argument("--workers", help="comma-separated worker counts")
     v.add_argument("--groups", type=int, help="prompts per repetition (verify), groups (learn)")
@@ -346,6 +348,7 @@ def _sync_size(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from popo.actors.bench import Reloader, random_model, start_engine
+    from popo.actors.engine import resolve_dtype
     from popo.common.weights import WEIGHTS_FILE
     from popo.learner.publish import publish_weights
 
@@ -354,13 +357,17 @@ def _sync_size(
     bc = RunConfig()
     bc.actor.max_num_seqs = 8
     bc.metrics.enabled = False
+    bc.model.dtype = a.dtype
+    # the learner publishes in the engine's dtype (`learner.publish_dtype = auto`)
+    dtype = getattr(torch, resolve_dtype(a.dtype))
     engine, _ = start_engine(model_dir, bc)
     reloader = Reloader(engine, bc, model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     probe = (tok("12+34=")["input_ids"], tok("\\boxed{46}")["input_ids"])
     root = Path(tempfile.mkdtemp(prefix="weights-", dir=out))
-    parts: dict[str, list[float]] = {"publish": [], "reload": [], "kl": []}
+    parts: dict[str, list[float]] = {"publish": [], "reload": [], "kl": [], "engine_load": [],
+                                     "pause_resume": []}  # fmt: skip
     nbytes = 0
     gen = torch.Generator().manual_seed(hidden)
 
@@ -372,7 +379,7 @@ def _sync_size(
         version = engine.version + 1
         t0 = time.perf_counter()
         msg = publish_weights(model, root, version, source_dir=model_dir, keep=2, probe=probe,
-                              pad_id=tok.pad_token_id or 0)  # fmt: skip
+                              pad_id=tok.pad_token_id or 0, dtype=dtype)  # fmt: skip
         t1 = time.perf_counter()
         _, kl = reloader.reload(msg)
         t2 = time.perf_counter()
@@ -380,6 +387,9 @@ def _sync_size(
         parts["publish"].append(t1 - t0)
         parts["reload"].append(t2 - t1)
         parts["kl"].append(float("nan") if kl is None else kl)
+        eng = reloader.timings[-1]
+        parts["engine_load"].append(eng.load_s)
+        parts["pause_resume"].append(eng.pause_s + eng.resume_s)
         return t2 - t0
 
     def raw() -> float:
@@ -388,15 +398,60 @@ def _sync_size(
 
     try:
         runs = alternate({"sync": sync, "raw": raw}, a.reps, warmup=1)
+        steps = publish_steps(model, root / f"v{engine.version}", dtype, probe, a.reps)
     finally:
         reloader.close()
         engine.close()
-    # The parity probe proves each reload served the published weights (fp32: ~1e-6).
-    if not all(k < 1e-3 for k in parts["kl"][1:]):
+    # The parity probe proves each reload served the published weights (fp32: ~1e-6; a bf16
+    # engine computes in bf16 what the learner computes in fp32).
+    limit = 1e-3 if dtype == torch.float32 else 5e-2
+    if not all(k < limit for k in parts["kl"][1:]):
         raise RuntimeError(f"actor and learner disagree after a reload: mismatch_kl {parts['kl']}")
-    for k in ("publish", "reload", "kl"):
+    for k in list(parts):
         parts[k] = parts[k][1:]  # drop the warm-up round, as `alternate` did
+    parts.update(steps)
     return runs, parts, nbytes
+
+
+def publish_steps(
+    model: Any, version_dir: Path, dtype: Any, probe: tuple[list[int], list[int]], reps: int
+) -> dict[str, list[float]]:
+    """Seconds of each step of a publish and of the actor's checks, taken one at a time on the
+    last published version (after the timed rounds, so they do not disturb them): the state dict
+    in the published dtype, the probe's log-probs, the one-pass write (+ sha256 on a second thread
+    when there is a spare core) with its fsync, the actor's sha256 of the file and its header
+    check. The engine's own load time comes from the reloads themselves."""
+    import numpy as np
+
+    from popo.actors.reload import check_schema, model_schema
+    from popo.common.weights import WEIGHTS_FILE, sha256_file, write_safetensors
+    from popo.learner.model import sequence_logprobs
+    from popo.learner.publish import hf_state_dict
+
+    path = version_dir / WEIGHTS_FILE
+    schema = model_schema(version_dir)
+    out: dict[str, list[float]] = {k: [] for k in ("state_dict", "probe", "write_hash_fsync",
+                                                   "actor_sha256", "actor_header_check")}  # fmt: skip
+    scratch = version_dir.parent / "steps.safetensors"
+    prompt, cont = (np.asarray(p) for p in probe)
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        tensors = hf_state_dict(model, dtype)
+        t1 = time.perf_counter()
+        sequence_logprobs(model, prompt, cont)
+        t2 = time.perf_counter()
+        write_safetensors(scratch, tensors)
+        t3 = time.perf_counter()
+        scratch.unlink()
+        del tensors
+        t4 = time.perf_counter()
+        sha256_file(path)
+        t5 = time.perf_counter()
+        check_schema(path, schema)
+        t6 = time.perf_counter()
+        for k, dt in zip(out, (t1 - t0, t2 - t1, t3 - t2, t5 - t4, t6 - t5), strict=True):
+            out[k].append(dt)
+    return out
 
 
 def bench_sync(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
@@ -404,29 +459,41 @@ def bench_sync(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
         "sync",
         f"learner publish + actor reload vs raw write+fsync+read of the same bytes "
         f"({a.reps} alternating repetitions per size)",
-        ["model", "MiB", "raw write+fsync+read ms", "publish ms", "actor reload ms",
+        ["model", "dtype", "MiB", "raw write+fsync+read ms", "publish ms", "actor reload ms",
          "publish+reload ms", "publish+reload MiB/s", "ratio to raw (target <= 2)"],
     )  # fmt: skip
+    from popo.actors.engine import resolve_dtype
+
+    resolved = resolve_dtype(a.dtype)
     points = []
     for hidden in _ints(a.sizes):
         runs, parts, nbytes = _sync_size(hidden, a, out)
+        breakdown = {k: f"{Summary.of(v).median * 1e3:.1f}" for k, v in parts.items() if k != "kl"}
+        res.notes.append(f"hidden {hidden}, median ms: " + ", ".join(f"{k} {v}" for k, v in
+                                                                   breakdown.items()))  # fmt: skip
         r = paired_ratio(runs["sync"], runs["raw"], a.max_spread, "<= 2")
         res.ratios[f"sync_over_raw/h{hidden}"] = r
         mib = nbytes / 2**20
         sync_s = Summary.of(runs["sync"])
         res.rows.append([
-            f"hidden {hidden} x {a.layers}", f"{mib:.1f}", Summary.of(runs["raw"]).fmt(".1f", 1e3),
+            f"hidden {hidden} x {a.layers}", resolved, f"{mib:.1f}",
+            Summary.of(runs["raw"]).fmt(".1f", 1e3),
             Summary.of(parts["publish"]).fmt(".1f", 1e3), Summary.of(parts["reload"]).fmt(".1f", 1e3),
             sync_s.fmt(".1f", 1e3), f"{mib / sync_s.median:,.0f}", r.fmt(),
         ])  # fmt: skip
-        points.append({"hidden": hidden, "mib": mib, "nbytes": nbytes, "raw_s": runs["raw"],
+        points.append({"hidden": hidden, "dtype": resolved, "mib": mib, "nbytes": nbytes,
+                       "raw_s": runs["raw"],
                        "sync_s": runs["sync"], **{f"{k}_s" if k != "kl" else "mismatch_kl": v
                                                   for k, v in parts.items()},
                        "ratio": r.median, "min": r.min, "max": r.max})  # fmt: skip
     res.figures = {"sizes": points}
     res.notes.append("publish = the learner's publish_weights (state dict, probe log-probs, "
                      "safetensors write, fsync, sha256, atomic rename); actor reload = sha256 "
-                     "check + header check + vLLM in-place reload (pause, load, resume).")  # fmt: skip
+                     "check + header check + vLLM in-place reload (pause, load, resume) + "
+                     "parity probe. Per-step medians (notes below, `sizes[].*_s` in the JSON): "
+                     "engine_load and pause_resume from the reloads themselves; state_dict, probe, "
+                     "write_hash_fsync, actor_sha256 and actor_header_check timed one at a time "
+                     "after the rounds.")  # fmt: skip
     if len(points) > 1:
         import statistics
 

@@ -300,6 +300,10 @@ def test_bench_sync_quick(tmp_path):
     assert point["nbytes"] > 0 and len(point["publish_s"]) == len(point["raw_s"])
     # every reload served the published weights (the parity probe after it agreed)
     assert all(kl < 1e-3 for kl in point["mismatch_kl"])
+    # where the time goes: the engine's phases of every reload, the publish steps one by one
+    for k in ("engine_load", "pause_resume", "state_dict", "write_hash_fsync", "actor_sha256"):
+        assert len(point[f"{k}_s"]) == len(point["raw_s"]) and min(point[f"{k}_s"]) > 0, k
+    assert point["dtype"] == "float32"  # a CPU engine's serving dtype, published as such
 
 
 @pytest.mark.vllm
