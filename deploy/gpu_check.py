@@ -170,6 +170,16 @@ def build_model(shape: dict[str, Any], layers: int, device: Any, seed: int) -> A
     return model.float().to(device)
 
 
+def default_algorithm() -> Any:
+    """The run config's default algorithm section: POPO with its default settings."""
+    from popo.common.config import RunConfig
+
+    algo = RunConfig().algorithm
+    if algo.name != "popo":
+        raise SystemExit(f"gpu_check: the default algorithm is {algo.name!r}, not popo")
+    return algo
+
+
 def set_precision(trainer: Any, precision: str) -> None:
     """Force the step's compute precision. The Trainer's own choice is bf16 autocast on CUDA and
     fp32 on CPU; the agreement check needs both on the same device."""
@@ -202,13 +212,13 @@ def run_model(
     """Warm-up + `a.steps` timed POPO steps of the `key` shape; -> its row of the report."""
     import torch
 
-    from popo.common.config import AlgorithmConfig, LearnerConfig
+    from popo.common.config import LearnerConfig
     from popo.learner.trainer import Trainer, flatten_groups, pack_micro_batches
 
     shape = SHAPES[key]
     lc = LearnerConfig(device=str(device), lr=1e-6, total_steps=1000, warmup_ratio=0.0,
                        micro_batch_tokens=a.micro_batch_tokens)  # fmt: skip
-    ac = AlgorithmConfig()
+    ac = default_algorithm()
     seqs = flatten_groups(batch, ac.name)
     micro = pack_micro_batches(seqs, lc.micro_batch_tokens)
     micro_tokens = max(len(ix) * max(len(seqs[j].prompt) + len(seqs[j].completion) for j in ix)
@@ -232,7 +242,8 @@ def run_model(
             row["build_s"] = time.perf_counter() - t0
             steps = []
             for s in range(a.steps + 1):
-                kl_step = ac.kl_monitor_every > 0 and trainer.step % ac.kl_monitor_every == 0
+                every = getattr(ac, "kl_monitor_every", 0)
+                kl_step = every > 0 and trainer.step % every == 0
                 sync(device)
                 t0 = time.perf_counter()
                 m = trainer.train_step(batch)
@@ -286,7 +297,7 @@ def loss_agreement(a: argparse.Namespace, device: Any, batch: list) -> dict:
     """The first step's loss and gradient norm from the same initial weights, bf16 vs fp32."""
     import torch
 
-    from popo.common.config import AlgorithmConfig, LearnerConfig
+    from popo.common.config import LearnerConfig
     from popo.learner.trainer import Trainer
 
     key = "dry" if a.dry else "1.5b"
@@ -298,7 +309,7 @@ def loss_agreement(a: argparse.Namespace, device: Any, batch: list) -> dict:
     out: dict[str, Any] = {"model": key, "name": NAMES[key]}
     for precision in ("bf16", "fp32"):
         model = build_model(shape, shape["num_hidden_layers"], device, a.seed)  # same seed
-        trainer = Trainer(model, lc, AlgorithmConfig(), max_completion_len=a.completion_tokens,
+        trainer = Trainer(model, lc, default_algorithm(), max_completion_len=a.completion_tokens,
                           device=device)  # fmt: skip
         del model
         set_precision(trainer, precision)
