@@ -66,3 +66,40 @@ def test_peak_by_device_name():
     assert gpu_check.peak_tflops("NVIDIA H100 PCIe", None) == 756.0
     assert gpu_check.peak_tflops("Some GPU", None) is None
     assert gpu_check.peak_tflops("Some GPU", 123.0) == 123.0
+
+
+def _wheel(folder: Path, name: str) -> Path:
+    """A minimal pure-Python wheel of module `name` (what pip needs: module, METADATA, WHEEL,
+    RECORD)."""
+    import zipfile
+
+    info = f"{name}-1.0.dist-info"
+    files = {
+        f"{name}/__init__.py": "VALUE = 42\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+        "Tag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{k},,\n" for k in [*files, f"{info}/RECORD"])
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for k, v in files.items():
+            z.writestr(k, v)
+    return path
+
+
+def test_bootstrap_installs_missing_modules_from_the_carried_wheels(tmp_path, monkeypatch):
+    name = "popo_gpu_check_probe"
+    monkeypatch.setattr(gpu_check, "NEEDED", (name,))
+    monkeypatch.setattr(gpu_check, "WHEELS", tmp_path / "none")
+    with pytest.raises(SystemExit, match=r"gpu_check_wheels\.sh"):
+        gpu_check.bootstrap()
+    (tmp_path / "whl").mkdir()
+    _wheel(tmp_path / "whl", name)
+    monkeypatch.setattr(gpu_check, "WHEELS", tmp_path / "whl")
+    monkeypatch.setattr(gpu_check, "SITE", tmp_path / "site")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    gpu_check.bootstrap()  # pip install --no-index --target, then on sys.path
+    mod = __import__(name)
+    assert mod.VALUE == 42 and Path(mod.__file__).is_relative_to(tmp_path / "site")
+    sys.modules.pop(name)
