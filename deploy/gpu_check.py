@@ -19,16 +19,17 @@ completion positive, as the verifier forwards them), and report tokens/s, model 
 smaller batch, from the same initial weights.
 
 MFU counts the matmul FLOPs the step really needs, from the config (no profiler):
-  policy, forward + backward:  6 * N_body * T_seq + 6 * N_head * T_comp + 6 * A
-  EMA, forward (features):     2 * N_body * T_seq + 2 * A
+  policy, forward + backward:  6 * N_body * T_seq + 6 * N_head * T_comp + 3 * A
+  EMA, forward (features):     2 * N_body * T_seq + A
   EMA lm_head (KL-monitor steps only): 2 * N_head * T_comp
 where N_body = parameters of the decoder layers (attention + MLP projections; embeddings and
 norms do no matmul), N_head = vocab * hidden (the lm_head is applied at completion positions
-only), T_seq = real prompt + completion tokens, T_comp = completion tokens, and A = the causal
-attention products, 2 * layers * hidden * sum over sequences of s^2 (QK^T and AV, half of each
-s x s product under the causal mask). Padding and the predictor (a 2-layer MLP on one vector per
-sequence) are not counted. MFU = FLOPs / step seconds / the GPU's dense bf16 peak (H100 SXM and
-H200: 989 TFLOP/s; `--peak-tflops` for another GPU).
+only), T_seq = real prompt + completion tokens, T_comp = completion tokens, and A = the forward
+FLOPs of the causal attention products, 2 * layers * hidden * sum over sequences of s^2 (QK^T and
+AV, half of each s x s product under the causal mask; the backward costs twice the forward).
+Padding and the predictor (a 2-layer MLP on one vector per sequence) are not counted.
+MFU = FLOPs / step seconds / the GPU's dense bf16 peak (H100 SXM and H200: 989 TFLOP/s;
+`--peak-tflops` for another GPU).
 """
 
 from __future__ import annotations
@@ -135,8 +136,8 @@ def step_flops(
     n_head = shape["vocab_size"] * h
     t_seq = sum(seq_lens)
     attn = 2.0 * layers * h * sum(s * s for s in seq_lens)
-    policy = 6.0 * n_body * t_seq + 6.0 * n_head * comp_tokens + 6.0 * attn
-    ema = 2.0 * n_body * t_seq + 2.0 * attn + (2.0 * n_head * comp_tokens if kl_step else 0.0)
+    policy = 6.0 * n_body * t_seq + 6.0 * n_head * comp_tokens + 3.0 * attn
+    ema = 2.0 * n_body * t_seq + attn + (2.0 * n_head * comp_tokens if kl_step else 0.0)
     return policy + ema
 
 

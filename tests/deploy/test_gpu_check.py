@@ -54,8 +54,9 @@ def test_step_flops_by_hand():
     h, v = shape["hidden_size"], shape["vocab_size"]
     n_body = gpu_check.body_params(shape, 1)
     seq = [10, 20]
-    attn = 2 * 1 * h * (100 + 400)
-    want = 6 * n_body * 30 + 6 * v * h * 12 + 6 * attn + 2 * n_body * 30 + 2 * attn
+    # causal QK^T and AV forward: per layer, s^2 * h multiply-adds each, halved by the mask
+    attn_fwd = 2 * 1 * h * (10**2 + 20**2)
+    want = 6 * n_body * 30 + 6 * v * h * 12 + 3 * attn_fwd + 2 * n_body * 30 + attn_fwd
     assert gpu_check.step_flops(shape, 1, seq, 12, kl_step=False) == want
     assert gpu_check.step_flops(shape, 1, seq, 12, kl_step=True) == want + 2 * v * h * 12
 
