@@ -86,6 +86,10 @@ the fp32 EMA copy."""
 def bootstrap() -> None:
     """Make `popo.*` importable from this checkout, installing `.whl/*` when a dependency of the
     project's config / message code is missing."""
+    here = Path(__file__).resolve().parent
+    # `python deploy/gpu_check.py` puts deploy/ first on sys.path, where modules such as
+    # `evaluate.py` or `train.py` would shadow packages of the same name
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
     if missing:
         wheels = sorted(WHEELS.glob("*.whl"))
