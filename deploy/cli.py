@@ -107,6 +107,11 @@ def _role_args(p: argparse.ArgumentParser) -> None:
 def _learner(cfg: RunConfig, args: argparse.Namespace) -> int:
     from popo.learner.service import main as learner_main
 
+    if threads := os.environ.get("POPO_TORCH_THREADS"):  # the launcher's placement of this role
+        import torch
+
+        torch.set_num_threads(int(threads))
+
     return learner_main(cfg, args.run_dir)
 
 

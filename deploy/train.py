@@ -72,6 +72,8 @@ def train(
     sup = Supervisor(cfg, run_dir, run_dir / "config.toml")
     view = RunView(run_dir, cfg.learner.total_steps)
     print(f"run directory: {run_dir}  (logs in {run_dir / 'logs'})", flush=True)
+    if sup.plan is not None:
+        print(sup.plan.table(), flush=True)
     _print_metrics_endpoints(cfg)
     interrupted = False
 
