@@ -11,6 +11,7 @@ from pathlib import Path
 
 from popo.common.config import RunConfig
 from popo.deploy.launch import Supervisor
+from popo.deploy.placement import PlacementError
 from popo.deploy.progress import RunView
 
 log = logging.getLogger("popo.train")
@@ -69,7 +70,10 @@ def train(
     cfg: RunConfig, config_path: Path | None, resume: Path | None, overrides: list[str]
 ) -> int:
     cfg, run_dir = prepare_run_dir(cfg, resume)
-    sup = Supervisor(cfg, run_dir, run_dir / "config.toml")
+    try:
+        sup = Supervisor(cfg, run_dir, run_dir / "config.toml")
+    except PlacementError as e:
+        raise SystemExit(f"popo train: {e}") from None
     view = RunView(run_dir, cfg.learner.total_steps)
     print(f"run directory: {run_dir}  (logs in {run_dir / 'logs'})", flush=True)
     if sup.plan is not None:
