@@ -149,6 +149,16 @@ def test_supervisor_applies_the_plan(tmp_path):
     assert sup_off.plan is None and all(r.cpus is None and not r.env for r in sup_off.roles)
 
 
+def test_train_refuses_a_gpu_node_too_small_with_one_line(tmp_path, monkeypatch, random_model_dir):
+    from popo.deploy.cli import main
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(SystemExit) as e:
+        main(["train", f"--deploy.run_dir={tmp_path / 'run'}", f"--model.path={random_model_dir}",
+              "--actor.num_actors=2"])  # fmt: skip
+    assert str(e.value).startswith("popo train: 1 GPU(s) visible but the run needs 3")
+
+
 def test_ray_roles_size_their_threads_to_their_bundle():
     from popo.deploy.ray_launch import placements, share_env
 
