@@ -168,9 +168,10 @@ class RolloutEngine:
             # spins through every pause shorter than that (an actor waiting for leases), a core
             # each. With one rank the model runs in the engine process itself and waits on a
             # blocking queue. Its torch threads then come from OMP_NUM_THREADS (else vLLM uses 1):
-            # the actor's cores (`deploy.placement` sets it to its share).
+            # `deploy.placement` sets it to the actor's share; without it, as many as vLLM's
+            # multi-process default would bind (every core of the process but one).
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) - 1)))
         self._thread.start()
         self.call(self._create(initial_version)).result()
 
