@@ -159,6 +159,19 @@ class RolloutEngine:
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         os.environ.setdefault("DO_NOT_TRACK", "1")
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self.cfg.kv_cache_gib)))
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu() and self.cfg.tensor_parallel_size == 1:
+            # vLLM CPU's default multi-process executor runs the model in a worker process fed by
+            # the engine process over a shared-memory queue whose reader spins (sched_yield) for
+            # 1 s after every message: the engine spins while the worker computes, and the worker
+            # spins through every pause shorter than that (an actor waiting for leases), a core
+            # each. With one rank the model runs in the engine process itself and waits on a
+            # blocking queue. Its torch threads then come from OMP_NUM_THREADS (else vLLM uses 1):
+            # `deploy.placement` sets it to the actor's share; without it, as many as vLLM's
+            # multi-process default would bind (every core of the process but one).
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) - 1)))
         self._thread.start()
         self.call(self._create(initial_version)).result()
 

@@ -460,10 +460,22 @@ class DeployConfig(_Section):
     start (config, data, code error): the run stops with its error instead of restarting it."""
     ray: RayConfig = RayConfig()
     """`popo ray`: the Ray cluster, placement of the roles and their restart policy."""
+    placement: Literal["auto", "off"] = "auto"
+    """`popo train`: how roles are placed on this machine. `auto` splits the cores the launcher may
+    use (its CPU affinity) between the roles, so that no role's threads compete with another's:
+    on 1 core all share it; on 2 the learner and verifier share core 0 and the actors core 1; on
+    more the actors get most cores, the learner a quarter, each verifier replica a core of its own
+    from 8 cores up (else it shares the learner's). Each role's threads follow its share (torch
+    intra-op threads of the learner, OpenMP threads of each actor's engine, verifier workers unless
+    `verifier.num_workers` is set) and on a GPU node each role also gets its devices
+    (`CUDA_VISIBLE_DEVICES`: `learner.devices` for the learner, `actor.tensor_parallel_size` per
+    actor). The plan is printed at start and written to `<run_dir>/placement.json`. `off` leaves
+    every role on every core with the libraries' own thread defaults."""
     cpu_affinity: dict[str, list[int]] = {}
     """Cores each role may run on (with every process it spawns), by role name (`actor-0`,
     `verifier-1`) or kind (`actor`, `verifier`, `learner`); e.g. `{learner = [0], actor = [1]}`.
-    A role not named runs anywhere. `popo bench e2e` pins the actor and the learner apart."""
+    When set it replaces the automatic split: a role not named runs on every core, and each role's
+    threads follow the cores it is given. `popo bench e2e` pins the actor and the learner apart."""
 
 
 class RunConfig(BaseSettings):

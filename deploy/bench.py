@@ -674,6 +674,7 @@ def run_train(
         f"--learner.prompts_per_step={a.prompts_per_step}", f"--actor.group_size={a.group_size}",
         f"--learner.checkpoint_every={a.steps}", "--learner.eval_every=0", "--data.eval_size=16",
         f"--deploy.cpu_affinity={json.dumps(pin)}",
+        *([] if pin else ["--deploy.placement=off"]),  # `--pin none`: no automatic placement either
         *free_port_flags(), "--metrics.jsonl_every_s=0.5", *train_flags(a.train_flags),
     ]  # fmt: skip
     cmd = [sys.executable, "-m", "popo.deploy.cli", "train", *args]

@@ -118,6 +118,11 @@ def _learner(cfg: RunConfig, args: argparse.Namespace) -> int:
 
     _check_model_path(cfg)
 
+    if threads := os.environ.get("POPO_TORCH_THREADS"):  # the launcher's placement of this role
+        import torch
+
+        torch.set_num_threads(int(threads))
+
     return learner_main(cfg, args.run_dir)
 
 

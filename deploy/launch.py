@@ -30,6 +30,8 @@ from pathlib import Path
 from popo.common.config import RunConfig
 from popo.common.metrics import RESTARTS_ENV
 from popo.common.process import die_with_parent
+from popo.deploy.placement import Plan, plan_for
+from popo.deploy.placement import role_cpus as role_cpus  # re-exported for launchers and tests
 from popo.deploy.restart_policy import RestartPolicy
 
 log = logging.getLogger("popo.launch")
@@ -41,11 +43,6 @@ def _child_setup(cpus: list[int] | None) -> None:
     die_with_parent()  # a SIGKILLed supervisor's roles get SIGTERM and shut down
     if cpus is not None:
         os.sched_setaffinity(0, cpus)
-
-
-def role_cpus(affinity: dict[str, list[int]], name: str) -> list[int] | None:
-    """Cores of role `name` (`actor-1`) from `deploy.cpu_affinity`: its own entry, else its kind's."""
-    return affinity.get(name, affinity.get(name.split("-")[0]))
 
 
 @dataclass
@@ -63,7 +60,9 @@ class Role:
     history: list[tuple[float, int]] = field(default_factory=list)
     """(time, exit code) of every exit, for the run summary."""
     cpus: list[int] | None = None
-    """Cores the role and its children may run on (`deploy.cpu_affinity`); None: any."""
+    """Cores the role and its children may run on (`deploy.placement`); None: any."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment of this role on top of the launcher's (thread counts, devices)."""
 
     @property
     def restarts(self) -> int:
@@ -80,7 +79,11 @@ class Role:
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**env, RESTARTS_ENV: str(self.restarts)},  # popo_role_restarts_total
+            env={
+                **env,
+                **self.env,
+                RESTARTS_ENV: str(self.restarts),
+            },  # restarts: popo_role_restarts_total
             start_new_session=True,
             preexec_fn=functools.partial(_child_setup, self.cpus),
         )
@@ -144,10 +147,15 @@ class Supervisor:
                 )
             )
         d = cfg.deploy
+        self.plan: Plan | None = plan_for(cfg)
+        """Cores, threads and devices of every role (None with `deploy.placement = "off"`)."""
         for role in self.roles:
-            role.cpus = role_cpus(d.cpu_affinity, role.name)
-            limit = d.max_restarts if role.restartable else 0
-            role.policy = RestartPolicy.of(d, limit)
+            role.policy = RestartPolicy.of(d, d.max_restarts if role.restartable else 0)
+            if self.plan is not None:
+                p = self.plan.role(role.name)
+                role.cpus, role.env = p.cpus, p.env
+                if p.kind == "verifier" and p.threads != cfg.verifier.num_workers:
+                    role.argv.append(f"--verifier.num_workers={p.threads}")
         self.learner.policy = RestartPolicy.of(d, d.learner_max_restarts)
         self.env = dict(os.environ)
         self._stopping = False
@@ -157,6 +165,10 @@ class Supervisor:
         return self.roles[0]
 
     def start(self) -> None:
+        if self.plan is not None:
+            tmp = self.run_dir / "placement.json.tmp"
+            tmp.write_text(json.dumps(self.plan.to_json(), indent=1) + "\n")
+            tmp.replace(self.run_dir / "placement.json")
         for role in self.roles:
             role.start(self.env)
             log.info("started %s (pid %d), log %s", role.name, role.proc.pid, role.log_path)  # type: ignore[union-attr]

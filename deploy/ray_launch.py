@@ -126,6 +126,15 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)  # Prometheus re-reads the file: never let it see half of one
 
 
+def share_env(cfg: RunConfig, p: Placement) -> dict[str, str]:
+    """Thread counts of a role sized to the CPUs its bundle reserves (at least one), split over the
+    learner's ranks or an actor's tensor-parallel ranks; Ray itself hands out the GPUs."""
+    from popo.deploy.placement import thread_env
+
+    ranks = {"learner": cfg.learner.devices, "actor": cfg.actor.tensor_parallel_size}.get(p.role, 1)
+    return thread_env(p.role, max(1, int(p.cpus) // ranks), p.gpus > 0)  # type: ignore[arg-type]
+
+
 def worker_env(cfg: RunConfig) -> dict[str, str]:
     """The environment every Ray worker of the run gets: offline, unbuffered, plus `env_vars`."""
     from popo.deploy.cli import OFFLINE_ENV
@@ -210,9 +219,9 @@ class RoleHost:
             "pid": os.getpid(),
         }
 
-    def run(self, config_toml: str, flags: list[str]) -> int:
+    def run(self, config_toml: str, flags: list[str], env: dict[str, str] | None = None) -> int:
         """Write the run's config on this node (no shared filesystem needed), start the role with the
-        same command `popo train` uses, wait for it, and return its exit code."""
+        same command `popo train` uses (plus `env`), wait for it, and return its exit code."""
         from popo.deploy.launch import Role, role_argv
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -223,7 +232,7 @@ class RoleHost:
             tmp.replace(config)
         argv = role_argv(self.role, config, self.run_dir, self.index) + flags
         self._role = Role(self.name, argv, self.role != "learner",
-                          self.run_dir / "logs" / f"{self.name}.log")  # fmt: skip
+                          self.run_dir / "logs" / f"{self.name}.log", env=env or {})  # fmt: skip
         self._role.start(dict(os.environ))
         pid_file = self.run_dir / "pids" / f"{self.name}.pid"
         pid_file.parent.mkdir(exist_ok=True)
@@ -400,13 +409,17 @@ class RayRun:
 
     def start(self, ips: dict[str, str]) -> None:
         self.ips = dict(ips)
+        self.envs = {p.name: share_env(self.cfg, p) for p in self.places}
         for name in self.hosts:
             self._run(name)
 
     def _run(self, name: str) -> None:
-        """(Re)start role `name` pointed at its peers' current node IPs."""
+        """(Re)start role `name` pointed at its peers' current node IPs, with its CPU share's
+        thread settings."""
         self.flags[name] = peer_flags(self.cfg, self.ips, name)
-        self.refs[name] = self.hosts[name].run.remote(self.cfg.to_toml(), self.flags[name])
+        self.refs[name] = self.hosts[name].run.remote(
+            self.cfg.to_toml(), self.flags[name], self.envs[name]
+        )
         self.started[name] = time.time()
 
     def wait(self) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from popo.common.config import RunConfig
 from popo.common.process import LAUNCH_T0_ENV, process_start_time
 from popo.deploy.launch import Supervisor
+from popo.deploy.placement import PlacementError
 from popo.deploy.progress import RunView
 
 log = logging.getLogger("popo.train")
@@ -70,10 +71,15 @@ def train(
     cfg: RunConfig, config_path: Path | None, resume: Path | None, overrides: list[str]
 ) -> int:
     cfg, run_dir = prepare_run_dir(cfg, resume)
-    sup = Supervisor(cfg, run_dir, run_dir / "config.toml")
+    try:
+        sup = Supervisor(cfg, run_dir, run_dir / "config.toml")
+    except PlacementError as e:
+        raise SystemExit(f"popo train: {e}") from None
     sup.env[LAUNCH_T0_ENV] = str(process_start_time())  # start-up figures count from our start
     view = RunView(run_dir, cfg.learner.total_steps)
     print(f"run directory: {run_dir}  (logs in {run_dir / 'logs'})", flush=True)
+    if sup.plan is not None:
+        print(sup.plan.table(), flush=True)
     _print_metrics_endpoints(cfg)
     interrupted = False
 
