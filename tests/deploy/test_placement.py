@@ -206,10 +206,10 @@ def _allowed(pid: int) -> set[int] | None:
 
 @pytest.mark.vllm
 def test_default_run_keeps_every_role_on_its_cores(tmp_path, demo_model_dir):
-    from tests.deploy.test_e2e import _args, _popo
+    from tests.deploy.e2e_helpers import popo_train, train_args
 
     run_dir = tmp_path / "run"
-    proc = _popo(_args(run_dir, demo_model_dir, steps=3))
+    proc = popo_train(train_args(run_dir, demo_model_dir, steps=3))
     seen: dict[str, int] = {}
     try:
         deadline = time.time() + 600
