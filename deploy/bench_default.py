@@ -32,7 +32,8 @@ DEFAULT = "popo train (defaults)"
 
 
 def sides(a: argparse.Namespace) -> dict[str, list[str] | None]:
-    """Name -> extra `popo train` flags, or None for the plain trainer."""
+    """Name -> extra `popo train` arguments, or None for the plain trainer. A `--compare` spec is
+    `NAME=ARGS`: dotted flags, and `VAR=value` words that go into that side's environment."""
     out: dict[str, list[str] | None] = {DEFAULT: [], PLAIN: None}
     for spec in a.compare or []:
         name, _, flags = spec.partition("=")
@@ -40,12 +41,12 @@ def sides(a: argparse.Namespace) -> dict[str, list[str] | None]:
     return out
 
 
-def _run(cmd: list[str], log_path: Path) -> float:
+def _run(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> float:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as f:
         t0 = time.time()
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=3600,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})  # fmt: skip
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-20:])
         raise RuntimeError(
@@ -58,13 +59,15 @@ def one_run(name: str, flags: list[str] | None, model_dir: Path, run_dir: Path,
             a: argparse.Namespace, extra: list[str]) -> dict[str, Any]:  # fmt: skip
     """Run one side to the end; its figures."""
     common = [f"--model.path={model_dir}", *extra]
+    env = dict(f.split("=", 1) for f in flags or [] if "=" in f and not f.startswith("-"))
+    flags = None if flags is None else [f for f in flags if f.startswith("-") or "=" not in f]
     if flags is None:
         cmd = [sys.executable, "-m", "popo.deploy.plain_trainer", "--out", str(run_dir),
                "--threads", str(a.plain_threads), *common]  # fmt: skip
     else:
         cmd = [sys.executable, "-m", "popo.deploy.cli", "train", f"--deploy.run_dir={run_dir}",
                *free_port_flags(), *common, *flags]  # fmt: skip
-    t0 = _run(cmd, run_dir.parent / f"{run_dir.name}.log")
+    t0 = _run(cmd, run_dir.parent / f"{run_dir.name}.log", env)
     wall = time.time() - t0
     evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
     hit = next((e for e in evals if e["accuracy"] >= a.threshold), None)
