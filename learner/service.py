@@ -64,6 +64,7 @@ def build_trainer(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer = Trainer(
         model, cfg.learner, cfg.algorithm, max_completion_len=cfg.actor.max_tokens,
+        temperature=cfg.actor.temperature,
         pad_id=tokenizer.pad_token_id or 0, device=device,
     )  # fmt: skip
     ckpt = latest_checkpoint(run_dir / "checkpoints")
@@ -392,13 +393,10 @@ class Learner:
         return None
 
     def _has_signal(self, g: ScoredGroup) -> bool:
-        algo = self.cfg.algorithm.name
-        if algo == "popo":
-            return g.n_positive > 0
-        return 0 < g.n_positive < g.n_total  # GRPO-family and WAPO: zero advantage otherwise
+        return self.trainer.algorithm.has_signal(g)
 
     def _no_signal_reason(self) -> str:
-        return "all_negative" if self.cfg.algorithm.name == "popo" else "zero_advantage"
+        return self.trainer.algorithm.no_signal_reason
 
     def _record(
         self, m: dict[str, float], batch: list[Received], used: set[int], version: int
