@@ -2,14 +2,15 @@
 
     .venv/bin/python deploy/experiments/vocab_memory.py [--vocab 258 151936] [--chunk-mib 64 0]
         [--layers 2] [--hidden 896] [--tied] [--groups 4] [--group-size 8] [--tokens 512]
+        [--steps 2]
 
 Each (vocabulary, logits_chunk_mib) pair runs in a fresh subprocess: a random-init Qwen2 of the
-given shape (Qwen2.5-0.5B's widths: 14 heads, 2 KV heads, MLP 4864), a `Trainer` with POPO, and two
+given shape (Qwen2.5-0.5B's widths: 14 heads, 2 KV heads, MLP 4864), a `Trainer` with POPO, and `steps`
 steps on the same batch of `groups` x `group-size` all-positive completions of `tokens` tokens (the
 first step creates the AdamW state). Around each step the process's peak RSS is reset
 (/proc/self/clear_refs 5) and VmHWM read back: "step peak" is VmHWM minus VmRSS before the step,
-what the step adds on top of the model, EMA copy and optimizer state it starts from. The second
-step is the steady state; `logits_chunk_mib 0` is the unchunked vocabulary projection.
+what the step adds on top of the model, EMA copy and optimizer state it starts from. Later steps
+are the steady state; `logits_chunk_mib 0` is the unchunked vocabulary projection.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def measure(a: argparse.Namespace) -> dict[str, float]:
         a.groups, a.group_size, a.vocab, 0, pass_rate=1.0, completion_len=(a.tokens, a.tokens)
     )
     out: dict[str, float] = {"params_gib": sum(p.numel() for p in model.parameters()) * 4 / 2**30}
-    for step in (1, 2):
+    for step in range(1, a.steps + 1):
         release_free_memory()
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         before = _status("VmRSS")
@@ -84,6 +85,9 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--tokens", type=int, default=512, help="completion tokens per sequence")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--steps", type=int, default=2, help="steps measured (the first creates AdamW's state)"
+    )
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
@@ -111,12 +115,13 @@ def main() -> None:
             )
             rows.append({"vocab": vocab, "chunk_mib": chunk, **res})
             print(json.dumps(rows[-1]), flush=True)
-    print("| logits_chunk_mib | vocabulary | step 1 peak GiB | step 2 peak GiB | step 2 s |")
+    print("| logits_chunk_mib | vocabulary | step 1 peak GiB | last step peak GiB | last step s |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
+        last = f"step{a.steps}"
         print(
             f"| {r['chunk_mib']} | {r['vocab']:,} | {r['step1_peak_gib']:.2f} | "
-            f"{r['step2_peak_gib']:.2f} | {r['step2_seconds']:.1f} |"
+            f"{r[last + '_peak_gib']:.2f} | {r[last + '_seconds']:.1f} |"
         )
 
 
