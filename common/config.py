@@ -9,11 +9,20 @@ decide which heavy libraries a process needs.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
@@ -131,9 +140,10 @@ class ActorConfig(_Section):
     group_size: int = Field(8, ge=1)
     """G: completions sampled per prompt."""
     temperature: float = Field(1.0, ge=0.0)
-    """Sampling temperature of the behaviour policy."""
+    """Sampling temperature of the behaviour policy; the learner's log-probs use it too
+    (logits / temperature), so the importance ratio compares the same distributions."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    """Nucleus sampling threshold."""
+    """Nucleus sampling threshold. Training needs 1: the learner's pi has no nucleus truncation."""
     max_tokens: int = Field(16, gt=0)
     """Longest completion, in tokens (the reference run used 1024)."""
     stop: list[str] = []
@@ -159,8 +169,10 @@ class ActorConfig(_Section):
     """Sequences the engine batches at once (vLLM `max_num_seqs`); `None` keeps vLLM's default.
     At least max_inflight_prompts * group_size keeps every leased group in the batch."""
     logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
-    """Which log-probs the actor reports as mu: `raw_logprobs` are the model's own (temperature 1,
-    what the learner recomputes); `processed_logprobs` are after temperature / top-p."""
+    """Which log-probs the actor reports as mu: `raw_logprobs` are the model's own at temperature 1;
+    `processed_logprobs` are those of the distribution sampled from (after temperature / top-p).
+    The learner computes pi at `temperature`, so a temperature other than 1 needs
+    `processed_logprobs` (refused otherwise); at temperature 1 both are the same."""
     lease_retry_s: float = Field(0.5, gt=0.0)
     """First back-off before re-asking for leases when the learner is unreachable or silent;
     doubles up to lease_retry_max_s."""
@@ -241,6 +253,10 @@ class LearnerConfig(_Section):
     """Completed groups (prompts) consumed by one optimizer step."""
     micro_batch_tokens: int = Field(4096, gt=0)
     """Token budget of a micro-batch; a micro-batch always holds whole groups."""
+    logits_chunk_mib: int = Field(64, ge=0)
+    """Bound, in MiB, of one block of fp32 [tokens, vocabulary] logits: the completion tokens'
+    log-probs and entropies are computed block by block and recomputed in the backward, so a
+    micro-batch's memory does not grow with the vocabulary. 0: one block per micro-batch."""
     max_staleness: int = Field(2, ge=0)
     """Largest allowed policy-version lag of a trained sample; 0 is a synchronous run. Up to
     (max_staleness + 1) steps of prompts are in flight, which keeps the actors busy while the
@@ -273,41 +289,118 @@ class LearnerConfig(_Section):
     shape it has seen, which reads as a leak on a long run (RELIABILITY.md)."""
 
 
-class AlgorithmConfig(_Section):
-    name: Literal["popo", "grpo", "dr_grpo", "wapo"] = "popo"
-    """Which objective the learner optimises (docs/architecture.md, Loss)."""
+class _AlgorithmSection(_Section):
+    needs_negatives: ClassVar[bool] = False
+    """Whether the algorithm trains on negatives (the verifier must then forward every completion)."""
+    name: str
+    """Which objective the learner optimises: popo, grpo, dr_grpo or wapo."""
+
+
+class PopoConfig(_AlgorithmSection):
+    """POPO: positive-only policy optimisation with the EMA siamese similarity term."""
+
+    name: Literal["popo"] = "popo"
+    """Which objective the learner optimises: popo, grpo, dr_grpo or wapo."""
+    is_level: Literal["token", "sequence", "none"] = "token"
+    """POPO: truncated importance correction against the behaviour policy (staleness)."""
+    is_cap: float = Field(2.0, gt=0.0)
+    """POPO: rho-bar: cap of the importance ratio."""
     alpha: float = Field(0.1, ge=0.0)
     """POPO: weight of the bounded cosine-similarity term."""
     beta_ent: float = 0.01
     """POPO: weight of the entropy term (L_ent = -mean entropy)."""
     ema_tau: float = Field(0.995, ge=0.0, le=1.0)
-    """Siamese momentum: xi <- tau*xi + (1-tau)*theta after every optimizer step."""
+    """POPO: siamese momentum: xi <- tau*xi + (1-tau)*theta after every optimizer step."""
     weight_mode: Literal["softmax", "uniform"] = "softmax"
-    """Positive-set redistribution: softmax of length-normalised log-probs, or uniform 1/|S+|."""
+    """POPO: positive-set redistribution: softmax of length-normalised log-probs, or uniform
+    1/|S+|."""
     weight_temperature: float = Field(1.0, gt=0.0)
-    """T_w of the softmax redistribution."""
+    """POPO: T_w of the softmax redistribution."""
     length_norm: bool = False
-    """Divide each weight by the completion length and renormalise."""
-    is_level: Literal["token", "sequence", "none"] = "token"
-    """Truncated importance correction against the behaviour policy (staleness)."""
-    is_cap: float = Field(2.0, gt=0.0)
-    """rho-bar: cap of the importance ratio."""
+    """POPO: divide each weight by the completion length and renormalise."""
     feature_noise_std: float = Field(0.02, ge=0.0)
-    """sigma of the Gaussian noise added to the EMA features in training."""
+    """POPO: sigma of the Gaussian noise added to the EMA features in training."""
     predictor_hidden: int = Field(1024, gt=0)
-    """Hidden width d of the predictor MLP h_phi."""
+    """POPO: hidden width d of the predictor MLP h_phi."""
     predictor_layers: int = Field(2, ge=1)
-    """Layers L of the predictor MLP."""
+    """POPO: layers L of the predictor MLP."""
+    predictor_grad_clip: float | None = Field(None, gt=0.0)
+    """POPO: max gradient norm of the predictor, clipped apart from the policy's
+    (`learner.grad_clip` bounds the policy alone); `None` leaves it unclipped, as the authors' code
+    does."""
     kl_monitor_every: int = Field(1, ge=0)
-    """Log KL(pi_theta || pi_xi) every N steps (needs EMA logits); 0 disables it."""
+    """POPO: log KL(pi_theta || pi_xi) every N steps (needs EMA logits); 0 disables it."""
+    normalization: Literal["step", "sequence"] = "step"
+    """POPO: `step`: the NLL is a token mean and the similarity a weighted mean over the step's
+    whole batch. `sequence`: as the authors' code (one sequence per micro-batch), each sequence's
+    NLL is its own token mean and its similarity its own cosine, averaged over the step's
+    sequences (for side-by-side runs)."""
+
+
+class _ClippedSurrogate(_AlgorithmSection):
+    needs_negatives: ClassVar[bool] = True
     clip_low: float = Field(0.2, ge=0.0)
-    """GRPO: lower PPO clip epsilon."""
+    """GRPO, Dr. GRPO: lower PPO clip epsilon."""
     clip_high: float = Field(0.28, ge=0.0)
-    """GRPO: upper PPO clip epsilon (asymmetric, clip-higher)."""
+    """GRPO, Dr. GRPO: upper PPO clip epsilon (asymmetric, clip-higher)."""
+
+
+class GrpoConfig(_ClippedSurrogate):
+    """GRPO: group-normalised advantages, PPO-clipped surrogate against mu, token mean."""
+
+    name: Literal["grpo"] = "grpo"
+    """Which objective the learner optimises: popo, grpo, dr_grpo or wapo."""
     kl_coef: float = Field(0.0, ge=0.0)
     """GRPO: weight of the k3 KL to a frozen reference (0 disables the reference model)."""
+
+
+class DrGrpoConfig(_ClippedSurrogate):
+    """Dr. GRPO: mean-centred advantages, surrogate summed over tokens / (B * max tokens)."""
+
+    name: Literal["dr_grpo"] = "dr_grpo"
+    """Which objective the learner optimises: popo, grpo, dr_grpo or wapo."""
+
+
+class WapoConfig(_AlgorithmSection):
+    """WAPO: positives of mixed groups, advantage 1 - n+/G, one-sided clip against mu."""
+
+    name: Literal["wapo"] = "wapo"
+    """Which objective the learner optimises: popo, grpo, dr_grpo or wapo."""
     wapo_eps: float = Field(9.0, ge=0.0)
     """WAPO: one-sided clip min(rho, 1 + eps)."""
+
+
+ALGORITHM_CONFIGS: dict[str, type[_AlgorithmSection]] = {
+    "popo": PopoConfig,
+    "grpo": GrpoConfig,
+    "dr_grpo": DrGrpoConfig,
+    "wapo": WapoConfig,
+}
+"""Config class of each algorithm, by `algorithm.name` (the learner has one module per name)."""
+
+
+def _algorithm_tag(v: Any) -> str | None:
+    # `name` may be left out: POPO is the default algorithm
+    return v.get("name", "popo") if isinstance(v, dict) else getattr(v, "name", None)
+
+
+AlgorithmConfig = Annotated[
+    Annotated[PopoConfig, Tag("popo")]
+    | Annotated[GrpoConfig, Tag("grpo")]
+    | Annotated[DrGrpoConfig, Tag("dr_grpo")]
+    | Annotated[WapoConfig, Tag("wapo")],
+    Discriminator(_algorithm_tag),
+]
+"""The `[algorithm]` section: the config of the algorithm `name` names, with only its own fields."""
+
+
+def algorithm_config(
+    name: str = "popo", **fields: Any
+) -> PopoConfig | GrpoConfig | DrGrpoConfig | WapoConfig:
+    """The config of algorithm `name` with `fields` set (ValueError on an unknown name)."""
+    if name not in ALGORITHM_CONFIGS:
+        raise ValueError(f"unknown algorithm {name!r}; one of {', '.join(ALGORITHM_CONFIGS)}")
+    return ALGORITHM_CONFIGS[name](**fields)  # type: ignore[return-value]
 
 
 class TransportConfig(_Section):
@@ -493,8 +586,8 @@ class RunConfig(BaseSettings):
     """The math-verify scoring service."""
     learner: LearnerConfig = LearnerConfig()
     """Optimisation, flow control, checkpoints and weight publishing."""
-    algorithm: AlgorithmConfig = AlgorithmConfig()
-    """POPO and the baselines (docs/architecture.md, Loss)."""
+    algorithm: AlgorithmConfig = PopoConfig()
+    """The objective: POPO or a baseline, by `name`, with that algorithm's own fields."""
     transport: TransportConfig = TransportConfig()
     """ZeroMQ endpoints (docs/architecture.md, Message contracts)."""
     metrics: MetricsConfig = MetricsConfig()
@@ -504,11 +597,33 @@ class RunConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> RunConfig:
-        if self.verifier.forward == "positives" and self.algorithm.name in ("grpo", "dr_grpo"):
+        if self.verifier.forward == "positives" and self.algorithm.needs_negatives:
             raise ValueError(
                 f"verifier.forward = 'positives' cannot train {self.algorithm.name}, which needs negatives"
             )
+        self._check_behaviour_logprobs()
         return self
+
+    def _check_behaviour_logprobs(self) -> None:
+        # The learner's pi is softmax(logits / T) over the whole vocabulary; the actors' mu must be
+        # the same distribution, or every importance ratio pi/mu is off even on fresh rollouts.
+        a = self.actor
+        if a.temperature == 0:
+            raise ValueError(
+                "actor.temperature: 0 samples greedily, a behaviour policy with no log-probs to "
+                "train on; use a temperature > 0"
+            )
+        if a.top_p < 1:
+            raise ValueError(
+                f"actor.top_p: {a.top_p} samples from the renormalised nucleus while the learner's "
+                "pi spans the whole vocabulary, so pi/mu would be biased; use top_p = 1"
+            )
+        if a.temperature != 1 and a.logprobs_mode == "raw_logprobs":
+            raise ValueError(
+                f"actor.logprobs_mode: raw_logprobs reports mu at temperature 1 while the actors "
+                f"sample (and the learner computes pi) at temperature {a.temperature}; set "
+                "actor.logprobs_mode = processed_logprobs"
+            )
 
     @classmethod
     def settings_customise_sources(
@@ -527,7 +642,7 @@ class RunConfig(BaseSettings):
         """What the verifier forwards once `auto` is resolved against the algorithm."""
         if self.verifier.forward != "auto":
             return self.verifier.forward
-        return "all" if self.algorithm.name in ("grpo", "dr_grpo") else "positives"
+        return "all" if self.algorithm.needs_negatives else "positives"
 
     def to_toml(self) -> str:
         """The config as TOML (the run directory's snapshot)."""
@@ -571,14 +686,29 @@ def _format_error(
 ) -> str:
     first = err.errors()[0]
     loc = [str(p) for p in first["loc"]]
+    msg = first["msg"].removeprefix("Value error, ")
+    if loc[:1] == ["algorithm"]:
+        # the union's tag is not a key a user writes: `algorithm.grpo.alpha` is `algorithm.alpha`
+        if len(loc) > 1 and loc[1] in ALGORITHM_CONFIGS:
+            del loc[1]
+        elif first["type"] == "union_tag_invalid":
+            loc.append("name")
+            msg = f"unknown algorithm {first['input'].get('name')!r}; one of " + ", ".join(
+                ALGORITHM_CONFIGS
+            )
+    named = re.match(r"([a-z_]+(?:\.[a-z_]+)+): (.*)", msg)
+    where = loc
+    if not loc and named:  # a cross-field check names the key to change
+        loc, msg = named[1].split("."), named[2]
+        # the key may be left at its default while its section was set
+        where = loc if _has_key(cli_values, loc) or _has_key(toml_data, loc) else loc[:1]
     key = ".".join(loc) or "(root)"
     origin = "defaults"
-    if _has_key(cli_values, loc):
+    if _has_key(cli_values, where):
         origin = "command line"
-    elif source is not None and (_has_key(toml_data, loc) or not loc):
+    elif source is not None and (_has_key(toml_data, where) or not where):
         origin = source
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    msg = first["msg"].removeprefix("Value error, ")
     if msg.startswith(f"{key}.") and ": " in msg:  # a section's validator names its own field
         key, msg = msg.split(": ", 1)
     if origin == source and (line := _toml_line(toml_text, key.split("."))) is not None:

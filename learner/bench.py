@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from popo.common.config import AlgorithmConfig, LearnerConfig
+from popo.common.config import LearnerConfig, algorithm_config
 from popo.common.messages import ScoredCompletion, ScoredGroup, pack_f32, pack_ids
 from popo.learner import losses
 from popo.learner.model import collate, policy_forward
@@ -129,7 +129,7 @@ def step_variants(
     positive = make_batch(groups, g, vocab, 0, pass_rate=1.0)
 
     def trainer(**algo: object) -> Trainer:
-        return Trainer(copy.deepcopy(base), lc, AlgorithmConfig(**algo), max_completion_len=64)
+        return Trainer(copy.deepcopy(base), lc, algorithm_config(**algo), max_completion_len=64)
 
     return {
         "plain NLL": (NLLStep(copy.deepcopy(base), lc), mixed),
@@ -154,13 +154,13 @@ def pass_rate_variants(
                        total_steps=10_000)  # fmt: skip
     out: dict[str, tuple[object, list[ScoredGroup]]] = {
         "grpo": (
-            Trainer(copy.deepcopy(base), lc, AlgorithmConfig(name="grpo"), max_completion_len=64),
+            Trainer(copy.deepcopy(base), lc, algorithm_config(name="grpo"), max_completion_len=64),
             make_batch(groups, g, vocab, 0),
         )
     }
     for p in pass_rates:
         out[f"popo@{p:g}"] = (
-            Trainer(copy.deepcopy(base), lc, AlgorithmConfig(), max_completion_len=64),
+            Trainer(copy.deepcopy(base), lc, algorithm_config(), max_completion_len=64),
             make_batch(groups, g, vocab, 0, pass_rate=p),
         )
     return out

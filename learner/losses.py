@@ -19,6 +19,7 @@ from torch import Tensor
 
 WeightMode = Literal["softmax", "uniform"]
 ISLevel = Literal["token", "sequence", "none"]
+Normalization = Literal["step", "sequence"]
 Metrics = dict[str, Tensor]
 
 
@@ -124,6 +125,8 @@ def popo_loss(
     feature_noise: Tensor | None = None,
     n_tokens: Tensor | float | None = None,
     w_total: Tensor | float | None = None,
+    normalization: Normalization = "step",
+    n_seqs: Tensor | float | None = None,
 ) -> tuple[Tensor, Metrics]:
     """POPO: L = L_NLL + α·L_sim + β_ent·L_ent (DESIGN §2).
 
@@ -139,12 +142,24 @@ def popo_loss(
     L_ent = −Σ entropy · m / n_tokens over positive completions only: negatives never reach the
     learner (the reference code averaged over all completions, negatives included).
     With is_level="none" this is exactly the authors' synchronous formulation.
+
+    normalization="sequence" reproduces the authors' code, which normalises NLL and similarity
+    within each micro-batch of one sequence and averages the micro-batches (n_seqs: positive
+    sequences in the step, default this batch's): L_NLL = Σ_i w_i Σ_t ρ (−log π) m / |y_i| / n_seqs,
+    L_sim = −Σ_{i: w_i > 0} cos_i / n_seqs (each sequence's own weight cancels). L_ent unchanged.
     """
     w = weights.detach().to(logp.dtype)
     pos = (w > 0).to(logp.dtype)[:, None] * mask  # [N, T] tokens of positive completions
     n_tok = pos.sum() if n_tokens is None else n_tokens
     rho, clipped = truncated_is(logp, behaviour_logp, mask, is_level, is_cap)
-    nll = (w[:, None] * rho * (-logp) * mask).sum() / n_tok
+    if normalization == "step":
+        nll = (w[:, None] * rho * (-logp) * mask).sum() / n_tok
+    elif normalization == "sequence":
+        n_seq = (w > 0).sum() if n_seqs is None else n_seqs
+        per_seq = (rho * (-logp) * mask).sum(-1) / mask.sum(-1).clamp_min(1)  # [N]
+        nll = (w * per_seq).sum() / n_seq
+    else:
+        raise ValueError(f"unknown normalization {normalization!r}")
     ent_mean = (entropy * pos).sum() / n_tok
     l_ent = -ent_mean
     loss = nll + beta_ent * l_ent
@@ -159,7 +174,11 @@ def popo_loss(
         target = ema_features.detach()
         if feature_noise is not None:
             target = target + feature_noise
-        l_sim, cos = bounded_cosine(pred_features, target, w, w_total)
+        if normalization == "sequence":
+            # per-sequence micro-batches: −w_i cos_i / w_i, averaged over the step's sequences
+            l_sim, cos = bounded_cosine(pred_features, target, (w > 0).to(w.dtype), n_seq)
+        else:
+            l_sim, cos = bounded_cosine(pred_features, target, w, w_total)
         loss = loss + alpha * l_sim
         metrics["loss_sim"] = l_sim.detach()
         metrics["cos_sim"] = cos

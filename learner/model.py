@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -87,19 +88,130 @@ def _gather_positions(h: Tensor, pos: Tensor) -> Tensor:
     return h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
 
 
-def _token_logp_entropy(
-    lm_head: nn.Module, h_pred: Tensor, targets: Tensor, mask: Tensor, need_entropy: bool
+@dataclass(frozen=True)
+class LogitSpec:
+    """How a causal LM's lm_head output becomes the logits of the distribution the actors sample
+    from: z = lm_head(h) · scale, then z = cap · tanh(z / cap) when `softcap` is set (Gemma-2's
+    final soft-capping), then z / temperature (the sampler's temperature, applied last as vLLM does).
+    Llama / Qwen2 models have scale 1 and no cap."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    def apply(self, z: Tensor) -> Tensor:
+        """[..., V] -> [..., V]."""
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        if self.temperature != 1.0:
+            z = z / self.temperature
+        return z
+
+
+def logit_spec(model: nn.Module, temperature: float = 1.0) -> LogitSpec:
+    """The LogitSpec of a HF causal LM from its config: Cohere's `logit_scale` multiplies, Granite's
+    `logits_scaling` divides, Gemma-2's `final_logit_softcapping` caps (the same attributes the
+    models' own forwards read); `temperature` is the sampling temperature (> 0)."""
+    if temperature <= 0:
+        raise ValueError(f"log-probs need a sampling temperature > 0, got {temperature}")
+    cfg = getattr(model, "config", None)
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0)
+    scale /= float(getattr(cfg, "logits_scaling", None) or 1.0)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    return LogitSpec(scale, float(cap) if cap else None, float(temperature))
+
+
+LOGITS_CHUNK_BYTES = 64 << 20
+"""Default bound of one fp32 [tokens, vocabulary] block in `token_logp_entropy`."""
+
+
+def block_rows(lm_head: nn.Module, n_rows: int, chunk_bytes: int) -> int:
+    """Rows of one block of fp32 logits within `chunk_bytes` (all `n_rows` when 0), at least 1."""
+    if chunk_bytes <= 0:
+        return max(1, n_rows)
+    vocab = getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]
+    return max(1, chunk_bytes // (4 * vocab))
+
+
+def _logp_entropy_block(
+    lm_head: nn.Module, spec: LogitSpec, h: Tensor, targets: Tensor, need_entropy: bool
+) -> tuple[Tensor, Tensor]:
+    """h [c, H], targets [c] -> (log π(target) [c], entropy [c] or an empty tensor), in fp32."""
+    logprobs = torch.log_softmax(spec.apply(lm_head(h).float()), dim=-1)  # [c, V]
+    logp = logprobs.gather(-1, targets[:, None])[:, 0]
+    if not need_entropy:
+        return logp, logp.new_empty(0)
+    return logp, -(logprobs.exp() * logprobs).sum(-1)
+
+
+def token_logp_entropy(
+    lm_head: nn.Module,
+    h: Tensor,
+    targets: Tensor,
+    *,
+    need_entropy: bool = True,
+    spec: LogitSpec = LogitSpec(),
+    chunk_bytes: int = LOGITS_CHUNK_BYTES,
+    min_blocks: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
-    """Vocabulary projection of the M real completion positions only (fp32 log-softmax)."""
+    """Log-probs of `targets` and entropies of π = softmax(spec(lm_head(h))) without materialising
+    the [M, V] logits at once: h [M, H], targets [M] -> (log π [M], entropy [M] or None), fp32.
+
+    The M positions are cut into blocks of c = chunk_bytes / (4·V) rows; each block's fp32 logits,
+    log-softmax and entropy exist only while that block is computed, and under autograd the block
+    is recomputed in the backward (activation checkpointing), so memory holds O(c·V) rather than
+    O(M·V) whatever the vocabulary. When all M rows fit in one block (small vocabularies), or with
+    `chunk_bytes` 0, it is one plain block and nothing is recomputed. `min_blocks`: run at least
+    this many blocks (empty ones past the rows): FSDP ranks must call lm_head equally often.
+    """
+    rows = block_rows(lm_head, h.shape[0], chunk_bytes)
+    n_blocks = max(min_blocks, -(-h.shape[0] // rows))
+    if n_blocks == 1:
+        logp, ent = _logp_entropy_block(lm_head, spec, h, targets, need_entropy)
+        return logp, ent if need_entropy else None
+    checkpointed = torch.is_grad_enabled() and (
+        h.requires_grad or any(p.requires_grad for p in lm_head.parameters())
+    )
+    logps, ents = [], []
+    for s in range(0, n_blocks * rows, rows):
+        args = (lm_head, spec, h[s : s + rows], targets[s : s + rows], need_entropy)
+        if checkpointed:
+            lp, ent = checkpoint(_logp_entropy_block, *args, use_reentrant=False)
+        else:
+            lp, ent = _logp_entropy_block(*args)
+        logps.append(lp)
+        ents.append(ent)
+    return torch.cat(logps), torch.cat(ents) if need_entropy else None
+
+
+def _token_logp_entropy(
+    lm_head: nn.Module,
+    h_pred: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    need_entropy: bool,
+    spec: LogitSpec,
+    chunk_bytes: int,
+    min_blocks: int = 1,
+) -> tuple[Tensor, Tensor | None]:
+    """Vocabulary projection of the M real completion positions only: h_pred [N, T, H],
+    targets, mask [N, T] -> log π [N, T] and entropy [N, T] (or None), 0 on padding."""
     sel = mask.bool()  # [N, T]
-    logits = lm_head(h_pred[sel]).float()  # [M, V]
-    logprobs = torch.log_softmax(logits, dim=-1)
-    lp_flat = logprobs.gather(-1, targets[sel][:, None])[:, 0]  # [M]
+    lp_flat, ent_flat = token_logp_entropy(
+        lm_head,
+        h_pred[sel],
+        targets[sel],
+        need_entropy=need_entropy,
+        spec=spec,
+        chunk_bytes=chunk_bytes,
+        min_blocks=min_blocks,
+    )
     logp = torch.zeros(mask.shape, dtype=lp_flat.dtype, device=mask.device)
     logp = logp.masked_scatter(sel, lp_flat)
     entropy = None
-    if need_entropy:
-        ent_flat = -(logprobs.exp() * logprobs).sum(-1)  # [M]
+    if ent_flat is not None:
         entropy = torch.zeros_like(logp).masked_scatter(sel, ent_flat)
     return logp, entropy
 
@@ -112,28 +224,68 @@ def _pool(h: Tensor, pred_pos: Tensor, mask: Tensor) -> Tensor:
     return (h_tok * m).sum(1) / m.sum(1).clamp_min(1)
 
 
-def policy_forward(model: nn.Module, batch: Batch, need_entropy: bool = True) -> PolicyOutput:
+def _hidden(model: nn.Module, batch: Batch) -> Tensor:
+    """Final-norm hidden states [N, L, H] of the base model; no KV cache (nothing decodes)."""
+    return model.model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    )[0]
+
+
+def policy_forward(
+    model: nn.Module,
+    batch: Batch,
+    need_entropy: bool = True,
+    *,
+    temperature: float = 1.0,
+    chunk_bytes: int = LOGITS_CHUNK_BYTES,
+    min_blocks: int = 1,
+) -> PolicyOutput:
     """ONE forward of a HF causal LM (`model.model` + `model.lm_head`) -> log-probs, entropies and
-    features of the completion tokens, all with grad."""
-    h = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]  # [N,L,H]
+    features of the completion tokens, all with grad (docs/architecture.md, Loss). Log-probs and entropies are those
+    of the sampling distribution at `temperature`; the vocabulary projection runs in blocks of at
+    most `chunk_bytes` of fp32 logits (`token_logp_entropy`)."""
+    h = _hidden(model, batch)  # [N, L, H]
     h_pred = _gather_positions(h, batch.pred_pos)  # [N, T, H]
     logp, entropy = _token_logp_entropy(
-        model.lm_head, h_pred, batch.targets, batch.mask, need_entropy
+        model.lm_head,
+        h_pred,
+        batch.targets,
+        batch.mask,
+        need_entropy,
+        logit_spec(model, temperature),
+        chunk_bytes,
+        min_blocks,
     )
     return PolicyOutput(logp, entropy, _pool(h, batch.pred_pos, batch.mask))
 
 
 @torch.no_grad()
 def ema_forward(
-    ema_model: nn.Module, batch: Batch, with_logp: bool = False
+    ema_model: nn.Module,
+    batch: Batch,
+    with_logp: bool = False,
+    *,
+    temperature: float = 1.0,
+    chunk_bytes: int = LOGITS_CHUNK_BYTES,
+    min_blocks: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
     """EMA siamese forward under no_grad: features f_ξ [N, H] from the base model's final hidden
-    states; lm_head (log π_ξ [N, T]) only when `with_logp` (KL-monitor steps)."""
-    h = ema_model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+    states; lm_head (log π_ξ [N, T] at `temperature`) only when `with_logp` (KL-monitor steps)."""
+    h = _hidden(ema_model, batch)
     logp = None
     if with_logp:
         h_pred = _gather_positions(h, batch.pred_pos)
-        logp, _ = _token_logp_entropy(ema_model.lm_head, h_pred, batch.targets, batch.mask, False)
+        spec = logit_spec(ema_model, temperature)
+        logp, _ = _token_logp_entropy(
+            ema_model.lm_head,
+            h_pred,
+            batch.targets,
+            batch.mask,
+            False,
+            spec,
+            chunk_bytes,
+            min_blocks,
+        )
     return _pool(h, batch.pred_pos, batch.mask), logp
 
 

@@ -28,7 +28,7 @@ def build_trainer(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer = Trainer(
         model, cfg.learner, cfg.algorithm, max_completion_len=cfg.actor.max_tokens,
-        pad_id=tokenizer.pad_token_id or 0, device=device,
+        temperature=cfg.actor.temperature, pad_id=tokenizer.pad_token_id or 0, device=device,
     )  # fmt: skip
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is not None:

@@ -50,11 +50,11 @@ class Learner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = RoleMetrics("learner", cfg.metrics, self.run_dir)
         self.stats = LearnerStats(self.metrics, cfg.learner.total_steps, cfg.learner.max_staleness)
-        self.stats.outcomes("trained", "too_stale", self._no_signal_reason())
         port = self.metrics.serve(role_port(cfg.metrics, "learner"))
         if port:
             log.info("learner metrics on http://%s:%d/metrics", cfg.metrics.host, port)
         self.trainer, tokenizer = build_trainer(cfg, self.run_dir, self.model_dir, self.device)
+        self.stats.outcomes("trained", "too_stale", self._no_signal_reason())
         if self.trainer.sharded:
             self.link = RankLink(self.trainer.device)
         self.orch = Orchestrator(cfg, self.run_dir, self.stats)
@@ -117,13 +117,10 @@ class Learner:
         return self.trainer.train_step(groups)
 
     def _has_signal(self, g: ScoredGroup) -> bool:
-        algo = self.cfg.algorithm.name
-        if algo == "popo":
-            return g.n_positive > 0
-        return 0 < g.n_positive < g.n_total  # GRPO-family and WAPO: zero advantage otherwise
+        return self.trainer.algorithm.has_signal(g)
 
     def _no_signal_reason(self) -> str:
-        return "all_negative" if self.cfg.algorithm.name == "popo" else "zero_advantage"
+        return self.trainer.algorithm.no_signal_reason
 
     def _record(
         self, m: dict[str, float], batch: list[Received], used: set[int], version: int

@@ -1,10 +1,11 @@
-"""One optimizer step of POPO or a baseline on a batch of `ScoredGroup`s (DESIGN §2).
+"""One optimizer step of POPO or a baseline on a batch of `ScoredGroup`s.
 
-The step: flatten the groups into sequences (positives only for POPO / WAPO), pack whole groups
-into micro-batches under a token budget, run one online forward per micro-batch (+ the EMA base
-model under no_grad for POPO), backward each micro-batch loss — normalised by step-level totals so
-that the accumulated gradient is exactly the full-batch gradient — clip the global grad norm, AdamW,
-cosine-with-warm-up LR, then the siamese momentum update ξ ← τξ + (1−τ)θ.
+The step: flatten the groups into the sequences the algorithm trains (`popo.learner.algorithms`),
+pack whole groups into micro-batches under a token budget, run one online forward per micro-batch
+(+ whatever auxiliary forward the algorithm needs, e.g. POPO's EMA base model under no_grad), and
+backward each micro-batch loss — normalised by step-level totals so that the accumulated gradient
+is exactly the full-batch gradient —, clip the policy's grad norm (a predictor head's apart), AdamW,
+cosine-with-warm-up LR, then the algorithm's post-step update (POPO: ξ ← τξ + (1−τ)θ).
 """
 
 from __future__ import annotations
@@ -15,19 +16,19 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from popo.common.config import AlgorithmConfig, LearnerConfig
+from popo.common.config import LearnerConfig
 from popo.common.messages import ScoredGroup, unpack_f32, unpack_ids
-from popo.learner import losses
+from popo.learner.algorithms import Algorithm, MicroBatch, make_algorithm
 from popo.learner.model import (
     Batch,
-    Predictor,
+    block_rows,
     collate,
-    ema_forward,
     policy_forward,
     reshard_all,
     sequence_logprobs,
@@ -48,18 +49,18 @@ class Sequence_:
     version: int  # oldest policy version that produced the group
 
 
-def flatten_groups(groups: Sequence[ScoredGroup], algorithm: str) -> list[Sequence_]:
-    """ScoredGroups -> trainable sequences. POPO trains on positives only (reward > 0, whatever the
-    verifier forwarded); WAPO on positives of mixed groups; GRPO / Dr. GRPO need every completion."""
+def flatten_groups(groups: Sequence[ScoredGroup], algorithm: Algorithm | str) -> list[Sequence_]:
+    """ScoredGroups -> the sequences `algorithm` trains (e.g. POPO: the positives, whatever the
+    verifier forwarded; GRPO: every completion). Empty completions are dropped."""
+    algo = make_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
     out: list[Sequence_] = []
     for gi, g in enumerate(groups):
-        if algorithm in ("grpo", "dr_grpo") and g.forwarded != "all":
-            raise ValueError(f"{algorithm} needs negatives; group {g.prompt_id} has positives only")
-        if algorithm == "wapo" and not (0 < g.n_positive < g.n_total):
-            continue  # A = 1 − n⁺/G is 0 for an all-positive group
+        algo.check_group(g)
+        if not algo.trains_group(g):
+            continue
         prompt = unpack_ids(g.prompt_token_ids).astype(np.int64)
         for c in g.completions:
-            if algorithm in ("popo", "wapo") and c.reward <= 0:
+            if not algo.trains_completion(c):
                 continue
             ids = unpack_ids(c.token_ids).astype(np.int64)
             if len(ids) == 0:
@@ -129,6 +130,11 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _full(t: Tensor) -> Tensor:
+    """A norm as a plain tensor (clip_grad_norm_ returns a DTensor under FSDP2)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _shard(module: nn.Module) -> None:
     """FSDP2: each decoder layer is its own unit (all-gathered just in time); the base model and
     lm_head are units too, because the forwards call `model.model` and `model.lm_head` directly
@@ -161,14 +167,18 @@ class Trainer:
         self,
         model: nn.Module,
         learner: LearnerConfig,
-        algorithm: AlgorithmConfig,
+        algorithm: Any,
         *,
         max_completion_len: int,
+        temperature: float = 1.0,
         pad_id: int = 0,
         device: str | torch.device | None = None,
     ):
         self.cfg, self.algo = learner, algorithm
         self.max_completion_len = max_completion_len
+        # π is the distribution the actors sample from: logits / T (TRL does the same)
+        self.temperature = temperature
+        self.chunk_bytes = learner.logits_chunk_mib << 20
         self.pad_id = pad_id
         if device is None:
             device = learner.device
@@ -181,29 +191,29 @@ class Trainer:
         self.rank, self.world = _world()
         self.sharded = self.world > 1
         self.policy = model.to(self.device).train()
+        self.algorithm = make_algorithm(algorithm)
         self.ema: nn.Module | None = None
         self.predictor: nn.Module | None = None
         self.reference: nn.Module | None = None
-        if algorithm.name == "popo":
+        if self.algorithm.needs_ema:
             self.ema = copy.deepcopy(self.policy).eval().requires_grad_(False)
-            hidden = self.policy.config.hidden_size
-            # seeded init (identical on every FSDP rank) without touching the global RNG
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(learner.seed)
-                predictor = Predictor(
-                    hidden, algorithm.predictor_hidden, algorithm.predictor_layers
-                )
+        # seeded init (identical on every FSDP rank) without touching the global RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(learner.seed)
+            predictor = self.algorithm.make_predictor(self.policy.config.hidden_size)
+        if predictor is not None:
             self.predictor = predictor.to(self.device)
-        if algorithm.name == "grpo" and algorithm.kl_coef > 0:
+        if self.algorithm.needs_reference:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         if self.sharded:
             # the copies are taken before sharding, so each is sharded like the policy
             for m in (self.policy, self.ema, self.reference, self.predictor):
                 if m is not None:
                     _shard(m)
-        params = list(self.policy.parameters())
-        if self.predictor is not None:
-            params += list(self.predictor.parameters())
+        self.policy_params = list(self.policy.parameters())
+        params = list(self.policy_params)
+        self.predictor_params = [] if self.predictor is None else list(self.predictor.parameters())
+        params += self.predictor_params
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=learner.lr, weight_decay=learner.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -220,16 +230,11 @@ class Trainer:
         """One optimizer step on `groups`. Returns the step's metrics; with nothing trainable
         (e.g. all groups all-negative) no update happens and `tokens` is 0."""
         t0 = time.perf_counter()
-        algo = self.algo.name
-        seqs = flatten_groups(groups, algo)
+        seqs = flatten_groups(groups, self.algorithm)
         if not seqs:
             return {"step": float(self.step), "tokens": 0.0, "sequences": 0.0, "skipped": 1.0}
         totals = self._step_totals(seqs)
-        kl_step = (
-            self.ema is not None
-            and self.algo.kl_monitor_every > 0
-            and self.step % self.algo.kl_monitor_every == 0
-        )
+        kl_step = self.algorithm.kl_monitor(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         acc: dict[str, Tensor] = {}
         mine = [i for i, s in enumerate(seqs) if s.group % self.world == self.rank]
@@ -261,15 +266,19 @@ class Trainer:
             for key, v in metrics.items():
                 acc[key] = acc.get(key, 0.0) + v.detach().float() * scale
         acc = self._sum_over_ranks(acc)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
-            grad_norm = grad_norm.full_tensor()
+        # the policy's norm on its own: a large predictor gradient must not shrink the policy's step
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy_params, self.cfg.grad_clip))
+        if self.predictor_params:
+            pred_clip = getattr(self.algo, "predictor_grad_clip", None)
+            pred_norm = _full(
+                torch.nn.utils.clip_grad_norm_(self.predictor_params, pred_clip or math.inf)
+            )
+            acc["predictor_grad_norm"] = pred_norm
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            losses.ema_update(self.ema, self.policy, self.algo.ema_tau)
+        self.algorithm.after_step(self)
         self.step += 1
         out = {k: float(v) for k, v in acc.items()}
         out.update(
@@ -308,107 +317,26 @@ class Trainer:
         groups = len({s.group for s in seqs})
         return {"tokens": tokens, "groups": float(groups), "seqs": float(len(seqs))}
 
+    def forward_kwargs(self, batch: Batch) -> dict[str, Any]:
+        """Keyword arguments of every training forward of `batch` (policy, EMA, reference)."""
+        fwd: dict[str, Any] = {"temperature": self.temperature, "chunk_bytes": self.chunk_bytes}
+        if self.sharded:
+            # every FSDP rank must call lm_head (an FSDP unit) as often as the others
+            rows = block_rows(self.policy.lm_head, batch.n_tokens, self.chunk_bytes)
+            fwd["min_blocks"] = self._max_over_ranks(-(-batch.n_tokens // rows))
+        return fwd
+
     def _micro_batch_loss(
         self, mb: Sequence[Sequence_], batch: Batch, totals: dict[str, float], kl_step: bool
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        algo = self.algo
-        dev = self.device
-        group_ids = torch.tensor([s.group for s in mb], device=dev)
-        out = policy_forward(self.policy, batch, need_entropy=algo.name == "popo")
-        logp, mask = out.logp, batch.mask
-        if algo.name == "popo":
-            assert self.ema is not None and self.predictor is not None
-            lengths = mask.sum(-1)
-            # ℓ̄ from the training forward itself: no extra forward (§2)
-            lbar = (logp.detach() * mask).sum(-1) / lengths
-            positive = torch.ones(len(mb), dtype=torch.bool, device=dev)
-            w = losses.popo_weights(
-                lbar,
-                positive,
-                group_ids,
-                algo.weight_temperature,
-                algo.weight_mode,
-                lengths if algo.length_norm else None,
-            )
-            pred = ema_feat = noise = None
-            ema_logp = None
-            if algo.alpha > 0 or kl_step:
-                ema_feat, ema_logp = ema_forward(self.ema, batch, with_logp=kl_step)
-            if algo.alpha > 0:
-                pred = self.predictor(out.features)
-                if algo.feature_noise_std > 0:
-                    noise = torch.randn(ema_feat.shape, generator=self.generator, device=dev)
-                    noise = noise * algo.feature_noise_std
-            loss, m = losses.popo_loss(
-                logp,
-                batch.behaviour_logp,
-                mask,
-                w,
-                out.entropy,
-                pred,
-                ema_feat,
-                alpha=algo.alpha,
-                beta_ent=algo.beta_ent,
-                is_level=algo.is_level,
-                is_cap=algo.is_cap,
-                feature_noise=noise,
-                n_tokens=totals["tokens"],
-                w_total=totals["groups"],
-            )
-            n_groups_mb = len(set(group_ids.tolist()))
-            m["weight_entropy"] = (
-                losses.weight_entropy(w, group_ids) * n_groups_mb / totals["groups"]
-            )
-            if ema_logp is not None:
-                m["ema_kl"] = (losses.k3_kl(logp.detach(), ema_logp) * mask).sum() / totals[
-                    "tokens"
-                ]
-            return loss, m
-        if algo.name == "grpo":
-            rewards = torch.tensor([s.reward for s in mb], device=dev)
-            adv = losses.group_advantages(rewards, group_ids).to(logp.dtype)
-            ref_logp = None
-            if self.reference is not None:
-                with torch.no_grad():
-                    ref_logp = policy_forward(self.reference, batch, need_entropy=False).logp
-            return losses.grpo_loss(
-                logp,
-                batch.behaviour_logp,
-                mask,
-                adv,
-                clip_low=algo.clip_low,
-                clip_high=algo.clip_high,
-                ref_logp=ref_logp,
-                kl_coef=algo.kl_coef,
-                n_tokens=totals["tokens"],
-            )
-        if algo.name == "dr_grpo":
-            rewards = torch.tensor([s.reward for s in mb], device=dev)
-            adv = losses.group_advantages(rewards, group_ids, normalize_std=False).to(logp.dtype)
-            return losses.dr_grpo_loss(
-                logp,
-                batch.behaviour_logp,
-                mask,
-                adv,
-                self.max_completion_len,
-                clip_low=algo.clip_low,
-                clip_high=algo.clip_high,
-                n_seqs=totals["seqs"],
-                n_tokens=totals["tokens"],
-            )
-        if algo.name == "wapo":
-            n_pos = torch.tensor([s.n_positive for s in mb], device=dev)
-            n_tot = torch.tensor([s.n_total for s in mb], device=dev)
-            return losses.wapo_loss(
-                logp,
-                batch.behaviour_logp,
-                mask,
-                n_pos,
-                n_tot,
-                eps=algo.wapo_eps,
-                n_tokens=totals["tokens"],
-            )
-        raise ValueError(f"unknown algorithm {algo.name!r}")
+        out = policy_forward(
+            self.policy,
+            batch,
+            need_entropy=self.algorithm.needs_entropy,
+            **self.forward_kwargs(batch),
+        )
+        group_ids = torch.tensor([s.group for s in mb], device=self.device)
+        return self.algorithm.loss(self, MicroBatch(mb, batch, group_ids, out, totals, kl_step))
 
     def sequence_logprobs(self, prompt: np.ndarray, completion: np.ndarray) -> np.ndarray:
         """log π_θ of `completion` after `prompt` under the current policy -> [C] float32."""

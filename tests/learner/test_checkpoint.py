@@ -9,7 +9,7 @@ import torch
 from learner_helpers import make_groups, tiny_qwen2
 from safetensors import safe_open
 
-from popo.common.config import AlgorithmConfig, LearnerConfig
+from popo.common.config import LearnerConfig, algorithm_config
 from popo.learner.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -21,7 +21,8 @@ from popo.learner.trainer import Trainer
 
 def _trainer(algo: str = "popo", seed: int = 0, **kw) -> Trainer:
     lc = LearnerConfig(lr=1e-2, total_steps=6, device="cpu", seed=3)
-    ac = AlgorithmConfig(name=algo, predictor_hidden=16, ema_tau=0.9, **kw)
+    popo = {"predictor_hidden": 16, "ema_tau": 0.9} if algo == "popo" else {}
+    ac = algorithm_config(name=algo, **popo, **kw)
     return Trainer(tiny_qwen2(seed=seed), lc, ac, max_completion_len=8)
 
 

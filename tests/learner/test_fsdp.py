@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from learner_helpers import make_groups, tiny_qwen2
+from learner_helpers import VOCAB, make_groups, tiny_qwen2
 from safetensors.torch import load_file, save_file
 
-from popo.common.config import AlgorithmConfig, LearnerConfig
+from popo.common.config import LearnerConfig, algorithm_config
 from popo.learner.publish import hf_state_dict, publish_weights
 from popo.learner.trainer import Trainer
 
@@ -31,8 +31,10 @@ KEYS = (
 
 def _trainer(micro_batch_tokens: int) -> Trainer:
     lc = LearnerConfig(lr=1e-4, total_steps=4, device="cpu", micro_batch_tokens=micro_batch_tokens)
-    ac = AlgorithmConfig(predictor_hidden=16, feature_noise_std=0.0, ema_tau=0.5)
-    return Trainer(tiny_qwen2(seed=0), lc, ac, max_completion_len=8)
+    ac = algorithm_config(predictor_hidden=16, feature_noise_std=0.0, ema_tau=0.5)
+    tr = Trainer(tiny_qwen2(seed=0), lc, ac, max_completion_len=8)
+    tr.chunk_bytes = 3 * 4 * VOCAB  # vocabulary projection in blocks (FSDP calls lm_head per block)
+    return tr
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:

@@ -394,3 +394,25 @@ def test_ema_update_tau_0_copies_tau_1_freezes_and_mixes():
     for p, o in zip(target.parameters(), online.parameters(), strict=True):
         assert torch.equal(p, o)
     assert all(p.grad is None for p in online.parameters())
+
+
+def test_popo_loss_sequence_normalization_hand_computed():
+    # two positives: lengths 1 and 2, w = [0.25, 0.75], ρ = 1 (is_level none);
+    # per-sequence NLL means: 1 and (2 + 4) / 2 = 3 -> L_NLL = (0.25·1 + 0.75·3) / 2 = 1.25
+    logp = t([[-1.0, 0.0], [-2.0, -4.0]])
+    mask = t([[1.0, 0.0], [1.0, 1.0]])
+    w = t([0.25, 0.75])
+    pred = t([[1.0, 0.0], [1.0, 0.0]])
+    ema = t([[1.0, 0.0], [0.0, 1.0]])  # cosines 1 and 0
+    kw = dict(alpha=1.0, beta_ent=0.0, is_level="none", normalization="sequence")
+    loss, m = popo_loss(logp, logp, mask, w, torch.zeros_like(logp), pred, ema, **kw)
+    assert m["loss_nll"].item() == pytest.approx(1.25)
+    # similarity: each sequence's own cosine, unweighted: −(1 + 0) / 2
+    assert m["loss_sim"].item() == pytest.approx(-0.5)
+    assert loss.item() == pytest.approx(0.75)
+    # step normalisation of the same batch: token mean Σ w ρ (−log π) / 3, weighted similarity
+    _, m = popo_loss(
+        logp, logp, mask, w, torch.zeros_like(logp), pred, ema, **{**kw, "normalization": "step"}
+    )
+    assert m["loss_nll"].item() == pytest.approx((0.25 * 1 + 0.75 * 6) / 3)
+    assert m["loss_sim"].item() == pytest.approx(-0.25)

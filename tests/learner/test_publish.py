@@ -9,7 +9,7 @@ from learner_helpers import make_groups, tiny_qwen2
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from popo.common.config import AlgorithmConfig, LearnerConfig
+from popo.common.config import LearnerConfig, algorithm_config
 from popo.common.demo_model import save_random_model
 from popo.common.messages import WeightsReady, decode, encode, unpack_f32, unpack_ids
 from popo.common.weights import verify_weights
@@ -23,7 +23,7 @@ def _trained(model_dir, steps=2, lr=3e-2):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     lc = LearnerConfig(lr=lr, warmup_ratio=0.0, total_steps=10, device="cpu")
-    ac = AlgorithmConfig(predictor_hidden=16, ema_tau=0.5)
+    ac = algorithm_config(predictor_hidden=16, ema_tau=0.5)
     tr = Trainer(model, lc, ac, max_completion_len=8)
     for s in range(steps):
         tr.train_step(make_groups(4, 4, seed=s))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from learner_helpers import make_groups, tiny_qwen2
 
-from popo.common.config import AlgorithmConfig, LearnerConfig
+from popo.common.config import LearnerConfig, algorithm_config
 from popo.learner.model import Predictor, collate, ema_forward, policy_forward
 from popo.learner.trainer import Trainer, flatten_groups, pack_micro_batches
 
@@ -100,13 +100,15 @@ def _cfgs(algo="popo", **kw):
     lc = LearnerConfig(
         lr=1e-2, total_steps=10, warmup_ratio=0.1, micro_batch_tokens=4096, device="cpu"
     )
-    ac = AlgorithmConfig(name=algo, predictor_hidden=16, **kw)
+    if algo == "popo":
+        kw = {"predictor_hidden": 16, **kw}
+    ac = algorithm_config(name=algo, **kw)
     return lc, ac
 
 
 @pytest.mark.parametrize("algo", ["popo", "grpo", "dr_grpo", "wapo"])
 def test_train_step_every_algorithm(algo):
-    lc, ac = _cfgs(algo, kl_coef=0.05 if algo == "grpo" else 0.0)
+    lc, ac = _cfgs(algo, **({"kl_coef": 0.05} if algo == "grpo" else {}))
     tr = Trainer(tiny_qwen2(), lc, ac, max_completion_len=8)
     before = [p.detach().clone() for p in tr.policy.parameters()]
     groups = make_groups(4, 4, seed=1)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from learner_helpers import make_groups, tiny_qwen2
 
-from popo.common.config import AlgorithmConfig, LearnerConfig
+from popo.common.config import LearnerConfig, algorithm_config
 from popo.common.weights import WEIGHTS_FILE, retry_write, verify_weights
 from popo.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from popo.learner.publish import list_versions, publish_weights
@@ -104,7 +104,7 @@ def test_publish_that_keeps_failing_announces_nothing(tmp_path):
 
 def _trainer() -> Trainer:
     lc = LearnerConfig(lr=1e-2, total_steps=6, device="cpu", seed=3)
-    ac = AlgorithmConfig(name="popo", predictor_hidden=16)
+    ac = algorithm_config(name="popo", predictor_hidden=16)
     return Trainer(tiny_qwen2(), lc, ac, max_completion_len=8)
 
 

@@ -1,0 +1,155 @@
+"""Block-wise vocabulary projection: same log-probs, entropies and gradients as the whole-batch
+log-softmax, on tiny random Qwen2 and Llama (tied embeddings) models from transformers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from learner_helpers import VOCAB, tiny_qwen2
+
+from popo.learner.model import (
+    LogitSpec,
+    collate,
+    ema_forward,
+    logit_spec,
+    policy_forward,
+    token_logp_entropy,
+)
+
+
+def tiny_llama_tied(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).float()
+
+
+def _batch(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, VOCAB, int(n)) for n in rng.integers(2, 6, 5)]
+    comps = [rng.integers(1, VOCAB, int(n)) for n in rng.integers(1, 9, 5)]
+    return collate(prompts, comps, [np.zeros(len(c)) for c in comps])
+
+
+def _loss_and_grads(model, batch, chunk_bytes, temperature=1.0):
+    model.zero_grad(set_to_none=True)
+    out = policy_forward(model, batch, temperature=temperature, chunk_bytes=chunk_bytes)
+    # a loss touching every output with distinct weights, so a wrong block shows in the gradients
+    w = torch.linspace(0.5, 1.5, out.logp.numel()).view_as(out.logp)
+    loss = (w * out.logp).sum() + 0.3 * (w.flip(0) * out.entropy).sum() + out.features.sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("make", [tiny_qwen2, tiny_llama_tied], ids=["qwen2", "llama_tied"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_blocks_match_whole_batch_values_and_gradients(make, temperature):
+    model = make()
+    batch = _batch(1)
+    whole, g_whole = _loss_and_grads(model, batch, chunk_bytes=0, temperature=temperature)
+    # 3 rows of V fp32 logits per block: many blocks, the last one partial
+    blocks, g_blocks = _loss_and_grads(model, batch, 3 * 4 * VOCAB, temperature=temperature)
+    assert batch.n_tokens > 3 * 3
+    torch.testing.assert_close(blocks.logp, whole.logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(blocks.entropy, whole.entropy, rtol=0, atol=1e-5)
+    assert g_whole.keys() == g_blocks.keys() and model.lm_head.weight.grad is not None
+    for name, g in g_whole.items():
+        torch.testing.assert_close(g_blocks[name], g, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_values_equal_the_models_own_logits_at_temperature():
+    model = tiny_llama_tied().eval()
+    batch = _batch(2)
+    t = 0.6
+    out = policy_forward(model, batch, temperature=t, chunk_bytes=2 * 4 * VOCAB)
+    full = model(batch.input_ids, attention_mask=batch.attention_mask).logits
+    lsm = torch.log_softmax(full.float() / t, -1)
+    want = lsm.gather(1, batch.pred_pos[..., None].expand(-1, -1, VOCAB))  # [N, T, V]
+    want_lp = want.gather(-1, batch.targets[..., None])[..., 0] * batch.mask
+    want_ent = -(want.exp() * want).sum(-1) * batch.mask
+    torch.testing.assert_close(out.logp, want_lp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.entropy, want_ent, rtol=0, atol=1e-5)
+
+
+def test_no_grad_and_ema_paths_are_blockwise_too():
+    model = tiny_qwen2()
+    batch = _batch(3)
+    with torch.no_grad():
+        want = policy_forward(model, batch, need_entropy=False, chunk_bytes=0).logp
+    _, lp = ema_forward(model, batch, with_logp=True, chunk_bytes=4 * VOCAB)
+    torch.testing.assert_close(lp, want, rtol=0, atol=1e-6)
+    assert not lp.requires_grad
+
+
+def test_training_forwards_build_no_kv_cache():
+    model = tiny_qwen2()
+    seen = []
+    model.model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("use_cache")), with_kwargs=True
+    )
+    batch = _batch(4)
+    policy_forward(model, batch)
+    ema_forward(model, batch, with_logp=True)
+    assert seen == [False, False]
+
+
+def test_logit_spec_reads_the_models_final_transforms():
+    assert logit_spec(tiny_qwen2()) == LogitSpec()
+    model = tiny_qwen2()
+    model.config.final_logit_softcapping = 30.0
+    model.config.logit_scale = 0.5
+    spec = logit_spec(model, temperature=2.0)
+    assert spec == LogitSpec(0.5, 30.0, 2.0)
+    z = torch.tensor([[10.0, -100.0]])
+    torch.testing.assert_close(spec.apply(z), torch.tanh(z * 0.5 / 30.0) * 30.0 / 2.0)
+    with pytest.raises(ValueError, match="temperature"):
+        logit_spec(model, temperature=0.0)
+
+
+def test_token_logp_entropy_hand_computed():
+    # lm_head = identity on 2 logits: z = h; log-softmax of [0, ln 3] = [ln 1/4, ln 3/4]
+    head = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+    h = torch.tensor([[0.0, np.log(3.0)], [0.0, 0.0]], dtype=torch.float32)
+    lp, ent = token_logp_entropy(head, h, torch.tensor([1, 0]), chunk_bytes=4 * 2)
+    torch.testing.assert_close(lp, torch.tensor([np.log(0.75), np.log(0.5)], dtype=torch.float32))
+    h1 = -(0.25 * np.log(0.25) + 0.75 * np.log(0.75))
+    torch.testing.assert_close(ent, torch.tensor([h1, np.log(2.0)], dtype=torch.float32))
+
+
+def test_trainer_step_gradients_blockwise_equal_whole():
+    from learner_helpers import make_groups
+
+    from popo.common.config import LearnerConfig, algorithm_config
+    from popo.learner.trainer import Trainer
+
+    groups = make_groups(4, 4, seed=6)
+    results = []
+    for chunk_bytes in (0, 2 * 4 * VOCAB):
+        lc = LearnerConfig(lr=1e-3, total_steps=10, device="cpu")
+        ac = algorithm_config(predictor_hidden=16, feature_noise_std=0.0)
+        tr = Trainer(tiny_qwen2(), lc, ac, max_completion_len=8)
+        tr.chunk_bytes = chunk_bytes
+        grads: list[torch.Tensor] = []
+        tr.optimizer.register_step_pre_hook(
+            lambda opt, *_, grads=grads, tr=tr: grads.extend(p.grad.clone() for p in tr.params)
+        )
+        results.append((tr.train_step(groups), grads))
+    (m1, g1), (m2, g2) = results
+    for k in ("loss", "loss_nll", "loss_ent", "entropy", "ema_kl", "grad_norm"):
+        assert m2[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-6), k
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
