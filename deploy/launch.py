@@ -250,8 +250,9 @@ class Supervisor:
         tmp.write_text(json.dumps({"supervisor": os.getpid(), "roles": pids}))
         tmp.replace(self.run_dir / "pids.json")
 
-    def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM every role, then SIGKILL what is left of its process group after `grace_s`."""
+    def stop(self, grace_s: float = 20.0, finished: bool = False) -> None:
+        """SIGTERM every role, then SIGKILL what is left of its process group after `grace_s`
+        (`finished`: the run is over, so a kill is expected and not worth a warning)."""
         self._stopping = True
         # The role leader alone gets SIGTERM: it shuts down its own workers in order (a verifier
         # drains its pool, an actor its engine). Its process group is killed only afterwards.
@@ -265,7 +266,8 @@ class Supervisor:
             try:
                 role.proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0f s; killing it", role.name, grace_s)
+                log.log(logging.INFO if finished else logging.WARNING,
+                        "%s did not stop in %.0f s; killing it", role.name, grace_s)  # fmt: skip
                 role.signal(signal.SIGKILL)
                 role.proc.wait()
             # the role's own children (engine workers) live in its process group

@@ -17,6 +17,9 @@ from popo.deploy.progress import RunView
 
 log = logging.getLogger("popo.train")
 
+FINISHED_GRACE_S = 2.0
+"""Seconds the actors and verifiers get to exit after the learner finished the run."""
+
 
 def prepare_run_dir(
     cfg: RunConfig, resume: Path | None, state_here: bool = True
@@ -100,7 +103,12 @@ def train(
               f"`popo train --resume {run_dir}`)", flush=True)  # fmt: skip
     finally:
         view.close()
-        sup.stop()
+        # A finished run's state is durable (ledger closed, summary and checkpoint written): the
+        # other roles have nothing left to deliver, so they get a short grace, not a drain.
+        if code == 0:
+            sup.stop(grace_s=FINISHED_GRACE_S, finished=True)
+        else:
+            sup.stop()
     for role in sup.roles:
         for t, rc in role.history:
             if rc != 0 and not interrupted:
