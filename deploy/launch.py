@@ -1,4 +1,4 @@
-"""Local supervisor for `popo train`: every role in its own process on this machine (DESIGN §1, issue 6).
+"""Local supervisor for `popo train`: every role in its own process on this machine (docs/architecture.md, Processes and threads).
 
 The learner is the run: when it exits 0 the run is done and the others are stopped. A crashed actor
 or verifier is restarted with exponential back-off (the learner's leases cover its lost work) up to

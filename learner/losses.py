@@ -1,6 +1,6 @@
-"""Pure loss functions of the learner (DESIGN §2): tensors in, `(loss, metrics)` out, no I/O.
+"""Pure loss functions of the learner (docs/architecture.md, Loss): tensors in, `(loss, metrics)` out, no I/O.
 
-Notation follows §2. Shapes: N sequences (completions) in a micro-batch, T completion tokens
+Notation follows docs/architecture.md, Loss. Shapes: N sequences (completions) in a micro-batch, T completion tokens
 (right-padded), H hidden size. `mask` [N, T] is 1 on real completion tokens. Every loss takes optional
 step-level normalisers (`n_tokens`, `w_total`, `n_seqs`) so that a step split into micro-batches sums
 to exactly the full-batch loss under gradient accumulation; by default they are the micro-batch's own.
@@ -43,7 +43,7 @@ def popo_weights(
     mode: WeightMode = "softmax",
     length: Tensor | None = None,
 ) -> Tensor:
-    """Positive-set redistribution weights (DESIGN §2), detached.
+    """Positive-set redistribution weights, detached.
 
     seq_logp_mean [N]: ℓ̄_i, mean token log-prob of completion i under the current policy.
     positive [N] bool: r_i = 1. group_ids [N]: the prompt each completion belongs to.
@@ -75,7 +75,7 @@ def popo_weights(
 def truncated_is(
     logp: Tensor, behaviour_logp: Tensor, mask: Tensor, level: ISLevel, cap: float
 ) -> tuple[Tensor, Tensor]:
-    """Truncated importance ratio ρ = min(π_θ/μ, ρ̄), detached (DESIGN §2, staleness correction).
+    """Truncated importance ratio ρ = min(π_θ/μ, ρ̄), detached (staleness correction).
 
     logp, behaviour_logp, mask [N, T]. `token`: ρ_i,t = min(exp(log π − log μ), ρ̄) per token.
     `sequence`: one ρ_i per completion from the length-normalised (geometric-mean) ratio
@@ -97,7 +97,7 @@ def truncated_is(
 
 
 def bounded_cosine(pred: Tensor, target: Tensor, w: Tensor, w_total: Tensor | float | None = None):
-    """L_sim = −Σ_i w_i · cos(pred_i, sg(target_i)) / Σ_i w_i ∈ [−1, 1] (DESIGN §2).
+    """L_sim = −Σ_i w_i · cos(pred_i, sg(target_i)) / Σ_i w_i ∈ [−1, 1].
 
     pred [N, H] (predictor output, online branch), target [N, H] (EMA features, noise already added),
     w [N]. Returns (L_sim, mean cosine similarity weighted by w).
@@ -128,7 +128,7 @@ def popo_loss(
     normalization: Normalization = "step",
     n_seqs: Tensor | float | None = None,
 ) -> tuple[Tensor, Metrics]:
-    """POPO: L = L_NLL + α·L_sim + β_ent·L_ent (DESIGN §2).
+    """POPO: L = L_NLL + α·L_sim + β_ent·L_ent.
 
     logp [N, T]: log π_θ(y_i,t) of the completion tokens (with grad). behaviour_logp [N, T]: log μ.
     mask [N, T]. weights [N]: w_i from `popo_weights` (used detached; 0 for negatives).
@@ -205,7 +205,7 @@ def weight_entropy(weights: Tensor, group_ids: Tensor) -> Tensor:
 def group_advantages(
     rewards: Tensor, group_ids: Tensor, normalize_std: bool = True, eps: float = 1e-4
 ) -> Tensor:
-    """GRPO / Dr. GRPO advantages (DESIGN §2). rewards, group_ids [N] -> A [N].
+    """GRPO / Dr. GRPO advantages. rewards, group_ids [N] -> A [N].
 
     A_i = (r_i − mean_g) / (std_g + eps) with the unbiased (Bessel) group std as in DeepSeekMath/TRL
     (a group of one has std 0), or A_i = r_i − mean_g when `normalize_std` is False (Dr. GRPO).
@@ -253,7 +253,7 @@ def grpo_loss(
     kl_coef: float = 0.0,
     n_tokens: Tensor | float | None = None,
 ) -> tuple[Tensor, Metrics]:
-    """GRPO (DESIGN §2): token-mean of the asymmetric PPO-clipped surrogate against μ, + k3 KL.
+    """GRPO: token-mean of the asymmetric PPO-clipped surrogate against μ, + k3 KL.
 
     logp, behaviour_logp, mask [N, T]; advantages [N] from `group_advantages`; ref_logp [N, T]:
     frozen reference log-probs (only read when kl_coef > 0). n_tokens: tokens in the step's batch.
@@ -286,7 +286,7 @@ def dr_grpo_loss(
     n_seqs: Tensor | float | None = None,
     n_tokens: Tensor | float | None = None,
 ) -> tuple[Tensor, Metrics]:
-    """Dr. GRPO (DESIGN §2): A_i = r_i − mean (no std), clipped surrogate summed over tokens and
+    """Dr. GRPO: A_i = r_i − mean (no std), clipped surrogate summed over tokens and
     divided by the constant B · max_completion_len (no length bias).
 
     logp, behaviour_logp, mask [N, T]; advantages [N] (`group_advantages(..., normalize_std=False)`);
@@ -305,7 +305,7 @@ def dr_grpo_loss(
 
 
 def wapo_advantages(n_positive: Tensor, n_total: Tensor) -> Tensor:
-    """WAPO advantage of a positive (DESIGN §2): A = r − mean = 1 − n⁺/G. [N], [N] -> [N]."""
+    """WAPO advantage of a positive: A = r − mean = 1 − n⁺/G. [N], [N] -> [N]."""
     return 1.0 - n_positive.float() / n_total.float()
 
 
@@ -319,7 +319,7 @@ def wapo_loss(
     eps: float = 9.0,
     n_tokens: Tensor | float | None = None,
 ) -> tuple[Tensor, Metrics]:
-    """WAPO (DESIGN §2): positives of mixed groups only, A = 1 − n⁺/G ≥ 0, objective
+    """WAPO: positives of mixed groups only, A = 1 − n⁺/G ≥ 0, objective
     min(ρ, 1+ε)·A per token with ρ = π_θ/μ (one-sided clip: only the upper side matters as A ≥ 0);
     token-mean. Rows of all-positive groups (A = 0) are dropped from the loss and the token count.
 
@@ -351,7 +351,7 @@ def nll_loss(
 
 @torch.no_grad()
 def ema_update(target: torch.nn.Module, online: torch.nn.Module, tau: float) -> None:
-    """Siamese momentum update ξ ← τ·ξ + (1−τ)·θ (DESIGN §2), in place on `target`'s parameters
+    """Siamese momentum update ξ ← τ·ξ + (1−τ)·θ, in place on `target`'s parameters
     and floating buffers. τ = 0 copies θ exactly, τ = 1 leaves ξ exactly unchanged (lerp is exact at
     its end points)."""
     t_params = [p for p in target.parameters()]

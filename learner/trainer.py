@@ -109,7 +109,7 @@ def pack_micro_batches(seqs: Sequence[Sequence_], token_budget: int) -> list[lis
 
 
 def cosine_with_warmup(total_steps: int, warmup_ratio: float):
-    """LR multiplier: linear warm-up over ⌈ratio·total⌉ steps to 1, then cosine to 0 (§2)."""
+    """LR multiplier: linear warm-up over ⌈ratio·total⌉ steps to 1, then cosine to 0."""
     warmup = math.ceil(warmup_ratio * total_steps)
 
     def f(step: int) -> float:

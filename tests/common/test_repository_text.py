@@ -4,7 +4,6 @@ what and when; docs/architecture.md is the design reference."""
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import subprocess
 from pathlib import Path
@@ -19,14 +18,6 @@ FORBIDDEN: dict[str, re.Pattern[str]] = {
     "design document": re.compile(r"\bDESIGN\.md\b"),
     "folder outside the repository": re.compile(r"\.\./shared\b"),
 }
-
-PENDING: tuple[str, ...] = (
-    # Files being rewritten elsewhere that still carry such references; the test skips them
-    # until they land. Empty this once they are fixed.
-    "learner/trainer.py",
-    "learner/losses.py",
-    "deploy/launch.py",
-)
 
 
 def tracked_text_files() -> list[str]:
@@ -78,7 +69,6 @@ def test_no_issue_numbers_or_outside_references() -> None:
     found = [
         h
         for path in files
-        if not any(fnmatch.fnmatch(path, pat) for pat in PENDING)
         for h in hits((ROOT / path).read_text(encoding="utf-8", errors="replace"), path)
     ]
     assert not found, "\n".join(found)
