@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from popo.common.config import RunConfig
+from popo.common.metrics import RESTARTS_ENV
 from popo.deploy.restart_policy import RestartPolicy
 
 log = logging.getLogger("popo.ray")
@@ -417,9 +418,8 @@ class RayRun:
         """(Re)start role `name` pointed at its peers' current node IPs, with its CPU share's
         thread settings."""
         self.flags[name] = peer_flags(self.cfg, self.ips, name)
-        self.refs[name] = self.hosts[name].run.remote(
-            self.cfg.to_toml(), self.flags[name], self.envs[name]
-        )
+        env = {**self.envs[name], RESTARTS_ENV: str(self.policies[name].restarts)}
+        self.refs[name] = self.hosts[name].run.remote(self.cfg.to_toml(), self.flags[name], env)
         self.started[name] = time.time()
 
     def wait(self) -> int:
