@@ -194,8 +194,8 @@ def bench_default(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResu
             f"steps {'/'.join(map(str, steps))}: {acc}", r.fmt(),
         ])  # fmt: skip
     d = runs[DEFAULT]
-    learner_threads = next((r["placement"]["learner"]["threads"] for r in d
-                            if r.get("placement") and "learner" in r["placement"]), a.plain_threads)  # fmt: skip
+    learner_threads = next((x["threads"] for r in d for x in (r.get("placement") or {}).get("roles", [])
+                            if x["name"] == "learner"), a.plain_threads)  # fmt: skip
     alone = standalone_step(model_dir, cfg, cfg.learner.prompts_per_step,
                             med(r["seqs_per_step"] for r in d), med(r["tokens_per_step"] for r in d),
                             learner_threads, a.step_reps)  # fmt: skip
