@@ -193,9 +193,13 @@ class Actor:
         self._ctx = zmq.Context()
         # A fresh ZeroMQ identity per process: a restarted actor is a new peer for the learner.
         self.dispatch = transport.connect(
-            self._ctx, "dispatch", self.endpoints.dispatch, t, on_drop=self.stats.drop,
+            self._ctx,
+            "dispatch",
+            self.endpoints.dispatch,
+            t,
+            on_drop=self.stats.drop,
             identity=f"{self.actor_id}:{uuid.uuid4().hex[:8]}",
-        )  # fmt: skip
+        )
         self.rollouts = transport.connect(self._ctx, "rollouts", self.endpoints.rollouts, t)
         self.weights = transport.connect(
             self._ctx, "weights", self.endpoints.weights, t, on_drop=self.stats.drop
@@ -206,9 +210,12 @@ class Actor:
         if t.weights_mode != "shared" and self.endpoints.weightstream:
             cache = self.acfg.weights_cache_dir or default_cache_dir(self.run_dir)
             self._fetcher = WeightFetcher(
-                self.endpoints.weightstream, cache, t, keep=self.acfg.weights_cache_keep,
+                self.endpoints.weightstream,
+                cache,
+                t,
+                keep=self.acfg.weights_cache_keep,
                 on_retry=lambda _why: self.stats.stream_retried(),
-            )  # fmt: skip
+            )
         if self.run_dir is not None and (latest := latest_published(self.run_dir)) is not None:
             self._on_weights(latest)
 
@@ -252,8 +259,10 @@ class Actor:
         if self.inflight or self.pending:
             log.warning(
                 "%s: drain timed out; %d groups in flight and %d undelivered left to expire",
-                self.actor_id, len(self.inflight), len(self.pending),
-            )  # fmt: skip
+                self.actor_id,
+                len(self.inflight),
+                len(self.pending),
+            )
 
     def close(self) -> None:
         """Close sockets (flushing sent groups for up to linger_ms) and the engine if owned."""
@@ -326,9 +335,14 @@ class Actor:
             if len(held.prompt_ids) + self.acfg.max_tokens > self.cfg.model.max_model_len:
                 # The engine would reject it and fail the whole role; the learner filters such
                 # prompts, so this is a misconfiguration: drop the lease (it expires) and count it.
-                log.error("%s: lease %d: prompt of %d tokens + max_tokens %d exceeds max_model_len %d",
-                          self.actor_id, held.lease.lease_id, len(held.prompt_ids),
-                          self.acfg.max_tokens, self.cfg.model.max_model_len)  # fmt: skip
+                log.error(
+                    "%s: lease %d: prompt of %d tokens + max_tokens %d exceeds max_model_len %d",
+                    self.actor_id,
+                    held.lease.lease_id,
+                    len(held.prompt_ids),
+                    self.acfg.max_tokens,
+                    self.cfg.model.max_model_len,
+                )
                 self.stats.rejected()
                 continue
             fut = self.engine.sample(held.prompt_ids)
@@ -414,9 +428,12 @@ class Actor:
 
         t0 = time.perf_counter()
         local, mode = await asyncio.to_thread(
-            local_weights, msg, self.cfg.transport.weights_mode, self._fetcher,
+            local_weights,
+            msg,
+            self.cfg.transport.weights_mode,
+            self._fetcher,
             protect={self.engine.version},
-        )  # fmt: skip
+        )
         path = local / WEIGHTS_FILE
         await asyncio.to_thread(check_schema, path, self._schema)
         await self.engine.reload_async(str(local), msg.version)
@@ -447,8 +464,12 @@ class Actor:
             self.stats.reloaded(0.0, None, None)
         else:
             if r.mode != self._mode:
-                log.info("%s: weights mode %s (transport.weights_mode = %s)",
-                         self.actor_id, r.mode, self.cfg.transport.weights_mode)  # fmt: skip
+                log.info(
+                    "%s: weights mode %s (transport.weights_mode = %s)",
+                    self.actor_id,
+                    r.mode,
+                    self.cfg.transport.weights_mode,
+                )
                 self._mode = r.mode
             self.stats.weights_mode(r.mode)
             if self._fetcher is not None:
@@ -460,8 +481,11 @@ class Actor:
             self._next_ask = 0.0
             log.info(
                 "%s: serving version %d (%.3f s, mismatch_kl %s)",
-                self.actor_id, r.version, r.seconds, r.mismatch_kl,
-            )  # fmt: skip
+                self.actor_id,
+                r.version,
+                r.seconds,
+                r.mismatch_kl,
+            )
         if self._next_weights is not None:
             msg, self._next_weights = self._next_weights, None
             self._on_weights(msg)

@@ -72,10 +72,16 @@ def bench_actor(engine, cfg, model_dir: Path, prompts: list[str]) -> tuple[int, 
                 t0 = t0 or time.perf_counter()
                 give, todo = todo[: req.n], todo[req.n :]
                 leases = [
-                    Lease(lease_id=i, prompt_id=str(i), prompt=p, gold="0", dispatch_version=0,
-                          deadline=time.time() + 600)
+                    Lease(
+                        lease_id=i,
+                        prompt_id=str(i),
+                        prompt=p,
+                        gold="0",
+                        dispatch_version=0,
+                        deadline=time.time() + 600,
+                    )
                     for i, p in give
-                ]  # fmt: skip
+                ]
                 learner.send(Leases(leases=leases, learner_version=0, retry_after_s=0.05), ident)
             while verifier.sock in ready and (got := verifier.recv(0)) is not None:
                 g = got[1]
@@ -135,9 +141,14 @@ def random_model(out: Path, hidden: int, layers: int) -> Path:
 
     heads = max(1, hidden // (32 if hidden <= 128 else 64))
     return save_random_model(
-        out, seed=0, hidden_size=hidden, num_layers=layers, num_heads=heads,
-        num_kv_heads=max(1, heads // 2), intermediate_size=4 * hidden,
-    )  # fmt: skip
+        out,
+        seed=0,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=max(1, heads // 2),
+        intermediate_size=4 * hidden,
+    )
 
 
 def start_engine(model_dir: Path, cfg: RunConfig) -> tuple[RolloutEngine, float]:

@@ -73,8 +73,9 @@ def check_data_length(path: str | Path) -> None:
     except (OSError, ValueError, struct.error) as e:
         raise WeightsError(f"{p}: unreadable safetensors header: {e}") from None
     try:
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                  default=0)  # fmt: skip
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
     except (KeyError, TypeError, IndexError) as e:
         raise WeightsError(f"{p}: malformed safetensors header: {e}") from None
     if size != 8 + n + end:

@@ -64,9 +64,10 @@ class ActorStats:
         self.streamed_bytes = 0
         self.stream_retries = 0
         self._mode = m.gauge(
-            "actor_weights_mode", "1 for how the last version was obtained: shared or stream.",
+            "actor_weights_mode",
+            "1 for how the last version was obtained: shared or stream.",
             ["mode"],
-        )  # fmt: skip
+        )
         self._streamed = m.counter(
             "actor_weights_streamed_bytes_total", "Weight bytes streamed from the learner."
         )

@@ -90,8 +90,9 @@ def paired_ratio(
     target: `>= x` or `<= x`; recorded with whether the median meets it (never when refused).
     """
     if len(numerator) != len(denominator) or not numerator:
-        raise ValueError(f"paired ratio needs equal, non-empty runs: {len(numerator)} vs "
-                         f"{len(denominator)}")  # fmt: skip
+        raise ValueError(
+            f"paired ratio needs equal, non-empty runs: {len(numerator)} vs {len(denominator)}"
+        )
     rs = [float(a) / float(b) for a, b in zip(numerator, denominator, strict=True)]
     s = Summary.of(rs)
     refused = s.spread > max_spread

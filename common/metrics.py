@@ -63,9 +63,10 @@ class _AuthRejections(Collector):
 
     def collect(self) -> Any:
         fam = CounterMetricFamily(
-            PREFIX + "auth_rejections", "Curve handshakes refused (unknown client key)",
+            PREFIX + "auth_rejections",
+            "Curve handshakes refused (unknown client key)",
             labels=["endpoint"],
-        )  # fmt: skip
+        )
         for endpoint, n in sorted(transport.auth_rejections_by_endpoint().items()):
             fam.add_metric([endpoint], n)
         yield fam

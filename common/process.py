@@ -97,8 +97,10 @@ def free_port_flags() -> list[str]:
     names = [k for k in TransportConfig.model_fields if k.endswith("_port")]
     metrics = 8 * len(names)
     base = free_port_block(metrics + 40)
-    return [*(f"--transport.{k}={base + 8 * i}" for i, k in enumerate(names)),
-            f"--metrics.base_port={base + metrics}"]  # fmt: skip
+    return [
+        *(f"--transport.{k}={base + 8 * i}" for i, k in enumerate(names)),
+        f"--metrics.base_port={base + metrics}",
+    ]
 
 
 def process_start_time(pid: str | int = "self") -> float:

@@ -112,9 +112,13 @@ def bench_stream(
         data = (Path(msg.path) / WEIGHTS_FILE).read_bytes()
         total = sum(p.stat().st_size for p in Path(msg.path).iterdir())
         cfg = TransportConfig(
-            weightstream_port=0, linger_ms=0, stream_chunk_bytes=chunk_bytes,
-            stream_window=window, stream_retries=0, stream_timeout_s=60.0,
-        )  # fmt: skip
+            weightstream_port=0,
+            linger_ms=0,
+            stream_chunk_bytes=chunk_bytes,
+            stream_window=window,
+            stream_retries=0,
+            stream_timeout_s=60.0,
+        )
         ctx = zmq.Context()
         server = WeightServer(tmp / "weights", "tcp://127.0.0.1:*", cfg, ctx)
         server.start()
@@ -183,8 +187,9 @@ def table(res: dict[str, Any]) -> str:
         s = Summary.of(v["values"])
         rows.append([f"`{k}`", s.fmt(",.0f", 1e-6) + " MB/s", f"{s.spread:.2f}"])
     for name, r in res["ratios"].items():
-        rows.append([name, f"{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]",
-                     f"{r['spread']:.2f}"])  # fmt: skip
+        rows.append(
+            [name, f"{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]", f"{r['spread']:.2f}"]
+        )
     return markdown_table(["transfer", "median [min, max]", "spread"], rows)
 
 
@@ -198,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     res = bench_stream(a.mib << 20, a.reps, int(a.chunk_mib * (1 << 20)), a.window)
     print(table(res))
-    print(f"{res['cpus']} CPUs, 1-minute load average {res['load_average_1m'][0]:.1f} before, "
-          f"{res['load_average_1m'][1]:.1f} after")  # fmt: skip
+    print(
+        f"{res['cpus']} CPUs, 1-minute load average {res['load_average_1m'][0]:.1f} before, "
+        f"{res['load_average_1m'][1]:.1f} after"
+    )
     if a.json is not None:
         a.json.write_text(json.dumps(res, indent=1))
     return 0

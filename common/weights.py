@@ -53,11 +53,22 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 # safetensors' dtype names, keyed by torch's (`str(torch.float32)` without `torch.`), in the order
 # of safetensors' dtype enum: its writer lays tensors out by that rank, highest first, then name.
 _SAFETENSORS_DTYPES = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "float8_e5m2": "F8_E5M2",
-    "float8_e4m3fn": "F8_E4M3", "int16": "I16", "uint16": "U16", "float16": "F16",
-    "bfloat16": "BF16", "int32": "I32", "uint32": "U32", "float32": "F32", "float64": "F64",
-    "int64": "I64", "uint64": "U64",
-}  # fmt: skip
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fn": "F8_E4M3",
+    "int16": "I16",
+    "uint16": "U16",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int32": "I32",
+    "uint32": "U32",
+    "float32": "F32",
+    "float64": "F64",
+    "int64": "I64",
+    "uint64": "U64",
+}
 _RANK = {k: i for i, k in enumerate(_SAFETENSORS_DTYPES)}
 
 

@@ -53,8 +53,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small and fast: checks the harness")
     p.add_argument("--reps", type=int, help="repetitions of every measurement")
     p.add_argument("--out", type=Path, help="output directory (default runs/bench/<date>-<sub>)")
-    p.add_argument("--max-spread", type=float, default=DEFAULT_MAX_SPREAD,
-                   help="refuse a ratio whose repetitions spread more: (max-min)/median")  # fmt: skip
+    p.add_argument(
+        "--max-spread",
+        type=float,
+        default=DEFAULT_MAX_SPREAD,
+        help="refuse a ratio whose repetitions spread more: (max-min)/median",
+    )
     g = p.add_argument_group("generate / sync / learn model")
     g.add_argument("--hidden", type=int, help="hidden size of the random model")
     g.add_argument("--layers", type=int, help="layers of the random model")
@@ -64,8 +68,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens", type=int, help="generate: completion tokens at most")
     g.add_argument("--inflight", type=int, help="generate: actor.max_inflight_prompts")
     g.add_argument("--sizes", help="sync: comma-separated hidden sizes (one engine each)")
-    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="sync: the engine's dtype (model.dtype), which the learner publishes in")  # fmt: skip
+    g.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="sync: the engine's dtype (model.dtype), which the learner publishes in",
+    )
     v = p.add_argument_group("verify")
     v.add_argument("--workers", help="comma-separated worker counts")
     v.add_argument("--groups", type=int, help="prompts per repetition (verify), groups (learn)")
@@ -79,18 +87,35 @@ def add_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--steps", type=int, help="optimizer steps per run")
     e.add_argument("--warmup-steps", type=int, help="steps left out of the throughput window")
     e.add_argument("--prompts-per-step", type=int)
-    e.add_argument("--async-staleness", type=int, default=1,
-                   help="learner.max_staleness of the async pipeline (sync is 0)")  # fmt: skip
-    e.add_argument("--pin", default="learner=0;actor=1;verifier=1",
-                   help="role=cores;... (deploy.cpu_affinity); `none` pins nothing")  # fmt: skip
-    e.add_argument("--train-flags",
-                   help='extra `popo train` flags for every run, one string: '
-                        '--train-flags="--actor.reload_keeps_kv=true --learner.publish_every=2"')  # fmt: skip
+    e.add_argument(
+        "--async-staleness",
+        type=int,
+        default=1,
+        help="learner.max_staleness of the async pipeline (sync is 0)",
+    )
+    e.add_argument(
+        "--pin",
+        default="learner=0;actor=1;verifier=1",
+        help="role=cores;... (deploy.cpu_affinity); `none` pins nothing",
+    )
+    e.add_argument(
+        "--train-flags",
+        help="extra `popo train` flags for every run, one string: "
+        '--train-flags="--actor.reload_keeps_kv=true --learner.publish_every=2"',
+    )
     d = p.add_argument_group("default")
-    d.add_argument("--threshold", type=float, default=0.5,
-                   help="held-out accuracy whose first reaching is timed")  # fmt: skip
-    d.add_argument("--compare", action="append", metavar="NAME=FLAGS",
-                   help='another `popo train` side, e.g. --compare "previous=--learner.max_staleness=1"')  # fmt: skip
+    d.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="held-out accuracy whose first reaching is timed",
+    )
+    d.add_argument(
+        "--compare",
+        action="append",
+        metavar="NAME=FLAGS",
+        help='another `popo train` side, e.g. --compare "previous=--learner.max_staleness=1"',
+    )
     d.add_argument(
         "--plain-threads", type=int, default=2, help="torch threads of the plain trainer"
     )
@@ -101,37 +126,50 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "generate": {
-        "full": dict(reps=5, hidden=128, layers=4, prompts=64, group_size=8, max_tokens=64,
-                     inflight=16),
-        "quick": dict(reps=2, hidden=128, layers=1, prompts=8, group_size=2, max_tokens=16,
-                      inflight=4),
+        "full": dict(
+            reps=5, hidden=128, layers=4, prompts=64, group_size=8, max_tokens=64, inflight=16
+        ),
+        "quick": dict(
+            reps=2, hidden=128, layers=1, prompts=8, group_size=2, max_tokens=16, inflight=4
+        ),
     },
     "verify": {
         "full": dict(reps=5, workers="1,2", groups=60),
         "quick": dict(reps=2, workers="1", groups=4),
     },
     "learn": {
-        "full": dict(reps=7, hidden=128, layers=4, groups=16, group_size=8,
-                     pass_rates="0.125,0.25,0.5,0.75,1"),
-        "quick": dict(reps=2, hidden=32, layers=1, groups=2, group_size=4,
-                      pass_rates="0.25,0.5,1"),
+        "full": dict(
+            reps=7,
+            hidden=128,
+            layers=4,
+            groups=16,
+            group_size=8,
+            pass_rates="0.125,0.25,0.5,0.75,1",
+        ),
+        "quick": dict(reps=2, hidden=32, layers=1, groups=2, group_size=4, pass_rates="0.25,0.5,1"),
     },
     "sync": {
         "full": dict(reps=5, sizes="128,512,1024", layers=4),
         "quick": dict(reps=2, sizes="128", layers=1),
     },
     "e2e": {
-        "full": dict(reps=3, steps=40, warmup_steps=5, prompts_per_step=16, group_size=8,
-                     train_flags=""),
-        "quick": dict(reps=1, steps=3, warmup_steps=1, prompts_per_step=4, group_size=4,
-                      train_flags=""),
+        "full": dict(
+            reps=3, steps=40, warmup_steps=5, prompts_per_step=16, group_size=8, train_flags=""
+        ),
+        "quick": dict(
+            reps=1, steps=3, warmup_steps=1, prompts_per_step=4, group_size=4, train_flags=""
+        ),
     },
     "default": {
         "full": dict(reps=3, step_reps=10, train_flags=""),
-        "quick": dict(reps=1, step_reps=2, train_flags="--learner.total_steps=2 "
-                      "--learner.eval_every=1 --learner.prompts_per_step=4 --data.eval_size=8"),
+        "quick": dict(
+            reps=1,
+            step_reps=2,
+            train_flags="--learner.total_steps=2 "
+            "--learner.eval_every=1 --learner.prompts_per_step=4 --data.eval_size=8",
+        ),
     },
-}  # fmt: skip
+}
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -191,8 +229,12 @@ def bench_generate(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchRes
         ["actor (leases -> engine -> verifier, ZeroMQ)", Summary.of(runs["actor"]).fmt(), r.fmt()],
     ]
     res.ratios["actor_over_raw"] = r
-    res.figures = {"engine_start_s": start_s, "tokens_per_s": runs, "tokens": tokens,
-                   "model": str(model_dir)}  # fmt: skip
+    res.figures = {
+        "engine_start_s": start_s,
+        "tokens_per_s": runs,
+        "tokens": tokens,
+        "model": str(model_dir),
+    }
     return res
 
 
@@ -214,9 +256,13 @@ def bench_verify(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResul
         "verify",
         f"verifier service per worker vs math-verify direct ({n} completions per repetition, "
         f"{a.reps} alternating repetitions)",
-        ["setup", "verifications/s median [min, max]", "per worker/s",
-         "ratio per worker / direct (target >= 0.8)"],
-    )  # fmt: skip
+        [
+            "setup",
+            "verifications/s median [min, max]",
+            "per worker/s",
+            "ratio per worker / direct (target >= 0.8)",
+        ],
+    )
     figures: dict[str, Any] = {"completions_per_rep": n}
     k = 0
     for w in workers:
@@ -242,8 +288,9 @@ def bench_verify(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResul
             d = Summary.of(direct_rate)
             res.rows.append(["math-verify direct, 1 process", d.fmt(), d.fmt(), "1.00"])
         tot = Summary.of([x * w for x in svc_rate])
-        res.rows.append([f"service, {w} worker{'s' * (w > 1)}", tot.fmt(),
-                         Summary.of(svc_rate).fmt(), r.fmt()])  # fmt: skip
+        res.rows.append(
+            [f"service, {w} worker{'s' * (w > 1)}", tot.fmt(), Summary.of(svc_rate).fmt(), r.fmt()]
+        )
         figures[f"w{w}"] = {"direct_per_s": direct_rate, "service_per_worker_per_s": svc_rate}
     res.figures = figures
     return res
@@ -273,9 +320,11 @@ def bench_learn(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult
     )
     rates = [float(x) for x in str(a.pass_rates).split(",")]
     curve = alternate(
-        timers(pass_rate_variants(base, vocab, a.groups, a.group_size, a.micro_batch_tokens,
-                                  rates)), a.reps,
-    )  # fmt: skip
+        timers(
+            pass_rate_variants(base, vocab, a.groups, a.group_size, a.micro_batch_tokens, rates)
+        ),
+        a.reps,
+    )
     n_params = sum(p.numel() for p in base.parameters())
     res = BenchResult(
         "learn",
@@ -289,34 +338,76 @@ def bench_learn(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult
         r = paired_ratio(ts, steps[ref], a.max_spread)
         res.ratios[f"cost_over_nll/{name}"] = r
         s = Summary.of(ts)
-        res.rows.append([name, f"{tokens[name]:,.0f}", s.fmt(".3f"),
-                         f"{tokens[name] / s.median:,.0f}", f"{r.fmt()} (to NLL)"])  # fmt: skip
+        res.rows.append(
+            [
+                name,
+                f"{tokens[name]:,.0f}",
+                s.fmt(".3f"),
+                f"{tokens[name] / s.median:,.0f}",
+                f"{r.fmt()} (to NLL)",
+            ]
+        )
     grpo = curve["grpo"]
     s = Summary.of(grpo)
-    res.rows.append(["GRPO, full batch (pass-rate curve reference)", f"{tokens['grpo']:,.0f}",
-                     s.fmt(".3f"), f"{tokens['grpo'] / s.median:,.0f}", "1.00 (to GRPO)"])  # fmt: skip
+    res.rows.append(
+        [
+            "GRPO, full batch (pass-rate curve reference)",
+            f"{tokens['grpo']:,.0f}",
+            s.fmt(".3f"),
+            f"{tokens['grpo'] / s.median:,.0f}",
+            "1.00 (to GRPO)",
+        ]
+    )
     points = []
     for p in rates:
         name = f"popo@{p:g}"
         r = paired_ratio(curve[name], grpo, a.max_spread)
         res.ratios[f"popo_over_grpo/pass_rate={p:g}"] = r
         s = Summary.of(curve[name])
-        res.rows.append([f"POPO, pass rate {p:g} (positives only)", f"{tokens[name]:,.0f}",
-                         s.fmt(".3f"), f"{tokens[name] / s.median:,.0f}",
-                         f"{r.fmt()} (to GRPO)"])  # fmt: skip
-        points.append({"pass_rate": p, "tokens": tokens[name], "ratio": r.median,
-                       "min": r.min, "max": r.max, "refused": r.refused,
-                       "token_fraction": tokens[name] / tokens["grpo"]})  # fmt: skip
-    res.figures = {"step_seconds": steps, "pass_rate_seconds": curve, "tokens": tokens,
-                   "pass_rate_curve": points, "params": n_params}  # fmt: skip
-    res.notes.append("POPO's saving at pass rate p = 1 - (cost ratio to GRPO); its token fraction "
-                     "of GRPO's batch is the ideal (a step costing exactly its tokens).")  # fmt: skip
-    _plot(out / "learn.png", "POPO step cost vs GRPO on the full batch",
-          "pass rate (positive fraction of each group)", "POPO step time / GRPO step time",
-          {"POPO / GRPO (median, min-max)": points,
-           "token fraction (ideal)": [{"pass_rate": q["pass_rate"], "ratio": q["token_fraction"]}
-                                      for q in points]},
-          x="pass_rate")  # fmt: skip
+        res.rows.append(
+            [
+                f"POPO, pass rate {p:g} (positives only)",
+                f"{tokens[name]:,.0f}",
+                s.fmt(".3f"),
+                f"{tokens[name] / s.median:,.0f}",
+                f"{r.fmt()} (to GRPO)",
+            ]
+        )
+        points.append(
+            {
+                "pass_rate": p,
+                "tokens": tokens[name],
+                "ratio": r.median,
+                "min": r.min,
+                "max": r.max,
+                "refused": r.refused,
+                "token_fraction": tokens[name] / tokens["grpo"],
+            }
+        )
+    res.figures = {
+        "step_seconds": steps,
+        "pass_rate_seconds": curve,
+        "tokens": tokens,
+        "pass_rate_curve": points,
+        "params": n_params,
+    }
+    res.notes.append(
+        "POPO's saving at pass rate p = 1 - (cost ratio to GRPO); its token fraction "
+        "of GRPO's batch is the ideal (a step costing exactly its tokens)."
+    )
+    _plot(
+        out / "learn.png",
+        "POPO step cost vs GRPO on the full batch",
+        "pass rate (positive fraction of each group)",
+        "POPO step time / GRPO step time",
+        {
+            "POPO / GRPO (median, min-max)": points,
+            "token fraction (ideal)": [
+                {"pass_rate": q["pass_rate"], "ratio": q["token_fraction"]} for q in points
+            ],
+        },
+        x="pass_rate",
+    )
     return res
 
 
@@ -366,8 +457,13 @@ def _sync_size(
     tok = AutoTokenizer.from_pretrained(model_dir)
     probe = (tok("12+34=")["input_ids"], tok("\\boxed{46}")["input_ids"])
     root = Path(tempfile.mkdtemp(prefix="weights-", dir=out))
-    parts: dict[str, list[float]] = {"publish": [], "reload": [], "kl": [], "engine_load": [],
-                                     "pause_resume": []}  # fmt: skip
+    parts: dict[str, list[float]] = {
+        "publish": [],
+        "reload": [],
+        "kl": [],
+        "engine_load": [],
+        "pause_resume": [],
+    }
     nbytes = 0
     gen = torch.Generator().manual_seed(hidden)
 
@@ -378,8 +474,16 @@ def _sync_size(
                 p.add_(1e-3 * torch.randn(p.shape, generator=gen))
         version = engine.version + 1
         t0 = time.perf_counter()
-        msg = publish_weights(model, root, version, source_dir=model_dir, keep=2, probe=probe,
-                              pad_id=tok.pad_token_id or 0, dtype=dtype)  # fmt: skip
+        msg = publish_weights(
+            model,
+            root,
+            version,
+            source_dir=model_dir,
+            keep=2,
+            probe=probe,
+            pad_id=tok.pad_token_id or 0,
+            dtype=dtype,
+        )
         t1 = time.perf_counter()
         _, kl = reloader.reload(msg)
         t2 = time.perf_counter()
@@ -430,8 +534,10 @@ def publish_steps(
 
     path = version_dir / WEIGHTS_FILE
     schema = model_schema(version_dir)
-    out: dict[str, list[float]] = {k: [] for k in ("state_dict", "probe", "write_hash_fsync",
-                                                   "actor_sha256", "actor_header_check")}  # fmt: skip
+    out: dict[str, list[float]] = {
+        k: []
+        for k in ("state_dict", "probe", "write_hash_fsync", "actor_sha256", "actor_header_check")
+    }
     scratch = version_dir.parent / "steps.safetensors"
     prompt, cont = (np.asarray(p) for p in probe)
     for _ in range(reps):
@@ -459,9 +565,18 @@ def bench_sync(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
         "sync",
         f"learner publish + actor reload vs raw write+fsync+read of the same bytes "
         f"({a.reps} alternating repetitions per size)",
-        ["model", "dtype", "MiB", "raw write+fsync+read ms", "publish ms", "actor reload ms",
-         "publish+reload ms", "publish+reload MiB/s", "ratio to raw (target <= 2)"],
-    )  # fmt: skip
+        [
+            "model",
+            "dtype",
+            "MiB",
+            "raw write+fsync+read ms",
+            "publish ms",
+            "actor reload ms",
+            "publish+reload ms",
+            "publish+reload MiB/s",
+            "ratio to raw (target <= 2)",
+        ],
+    )
     from popo.actors.engine import resolve_dtype
 
     resolved = resolve_dtype(a.dtype)
@@ -469,41 +584,71 @@ def bench_sync(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
     for hidden in _ints(a.sizes):
         runs, parts, nbytes = _sync_size(hidden, a, out)
         breakdown = {k: f"{Summary.of(v).median * 1e3:.1f}" for k, v in parts.items() if k != "kl"}
-        res.notes.append(f"hidden {hidden}, median ms: " + ", ".join(f"{k} {v}" for k, v in
-                                                                   breakdown.items()))  # fmt: skip
+        res.notes.append(
+            f"hidden {hidden}, median ms: " + ", ".join(f"{k} {v}" for k, v in breakdown.items())
+        )
         r = paired_ratio(runs["sync"], runs["raw"], a.max_spread, "<= 2")
         res.ratios[f"sync_over_raw/h{hidden}"] = r
         mib = nbytes / 2**20
         sync_s = Summary.of(runs["sync"])
-        res.rows.append([
-            f"hidden {hidden} x {a.layers}", resolved, f"{mib:.1f}",
-            Summary.of(runs["raw"]).fmt(".1f", 1e3),
-            Summary.of(parts["publish"]).fmt(".1f", 1e3), Summary.of(parts["reload"]).fmt(".1f", 1e3),
-            sync_s.fmt(".1f", 1e3), f"{mib / sync_s.median:,.0f}", r.fmt(),
-        ])  # fmt: skip
-        points.append({"hidden": hidden, "dtype": resolved, "mib": mib, "nbytes": nbytes,
-                       "raw_s": runs["raw"],
-                       "sync_s": runs["sync"], **{f"{k}_s" if k != "kl" else "mismatch_kl": v
-                                                  for k, v in parts.items()},
-                       "ratio": r.median, "min": r.min, "max": r.max})  # fmt: skip
+        res.rows.append(
+            [
+                f"hidden {hidden} x {a.layers}",
+                resolved,
+                f"{mib:.1f}",
+                Summary.of(runs["raw"]).fmt(".1f", 1e3),
+                Summary.of(parts["publish"]).fmt(".1f", 1e3),
+                Summary.of(parts["reload"]).fmt(".1f", 1e3),
+                sync_s.fmt(".1f", 1e3),
+                f"{mib / sync_s.median:,.0f}",
+                r.fmt(),
+            ]
+        )
+        points.append(
+            {
+                "hidden": hidden,
+                "dtype": resolved,
+                "mib": mib,
+                "nbytes": nbytes,
+                "raw_s": runs["raw"],
+                "sync_s": runs["sync"],
+                **{f"{k}_s" if k != "kl" else "mismatch_kl": v for k, v in parts.items()},
+                "ratio": r.median,
+                "min": r.min,
+                "max": r.max,
+            }
+        )
     res.figures = {"sizes": points}
-    res.notes.append("publish = the learner's publish_weights (state dict, probe log-probs, "
-                     "safetensors write, fsync, sha256, atomic rename); actor reload = sha256 "
-                     "check + header check + vLLM in-place reload (pause, load, resume) + "
-                     "parity probe. Per-step medians (notes below, `sizes[].*_s` in the JSON): "
-                     "engine_load and pause_resume from the reloads themselves; state_dict, probe, "
-                     "write_hash_fsync, actor_sha256 and actor_header_check timed one at a time "
-                     "after the rounds.")  # fmt: skip
+    res.notes.append(
+        "publish = the learner's publish_weights (state dict, probe log-probs, "
+        "safetensors write, fsync, sha256, atomic rename); actor reload = sha256 "
+        "check + header check + vLLM in-place reload (pause, load, resume) + "
+        "parity probe. Per-step medians (notes below, `sizes[].*_s` in the JSON): "
+        "engine_load and pause_resume from the reloads themselves; state_dict, probe, "
+        "write_hash_fsync, actor_sha256 and actor_header_check timed one at a time "
+        "after the rounds."
+    )
     if len(points) > 1:
         import statistics
 
         med = statistics.median
-        _plot(out / "sync.png", "weight sync latency vs model size", "MiB (safetensors)",
-              "seconds (median)",
-              {name: [{"mib": q["mib"], "ratio": med(q[key])} for q in points]
-               for name, key in (("publish + reload", "sync_s"), ("publish", "publish_s"),
-                                 ("actor reload", "reload_s"), ("raw write+fsync+read", "raw_s"))},
-              x="mib", log=True)  # fmt: skip
+        _plot(
+            out / "sync.png",
+            "weight sync latency vs model size",
+            "MiB (safetensors)",
+            "seconds (median)",
+            {
+                name: [{"mib": q["mib"], "ratio": med(q[key])} for q in points]
+                for name, key in (
+                    ("publish + reload", "sync_s"),
+                    ("publish", "publish_s"),
+                    ("actor reload", "reload_s"),
+                    ("raw write+fsync+read", "raw_s"),
+                )
+            },
+            x="mib",
+            log=True,
+        )
     return res
 
 
@@ -532,8 +677,10 @@ def step_times(run_dir: Path) -> dict[int, dict[str, float]]:
         ).fetchall()
     finally:
         db.close()
-    return {int(s): {"end": e, "first_issued": i, "positives": float(p), "groups": float(n)}
-            for s, e, i, p, n in rows}  # fmt: skip
+    return {
+        int(s): {"end": e, "first_issued": i, "positives": float(p), "groups": float(n)}
+        for s, e, i, p, n in rows
+    }
 
 
 def overlap_fraction(steps: dict[int, dict[str, float]]) -> float:
@@ -590,9 +737,14 @@ def idle_fractions(
 
 # Set by the e2e harness itself: the comparison is only sync vs async if both runs share them.
 E2E_OWN_KEYS = (
-    "deploy.run_dir", "model.path", "learner.max_staleness", "learner.total_steps",
-    "learner.prompts_per_step", "actor.group_size", "deploy.cpu_affinity",
-)  # fmt: skip
+    "deploy.run_dir",
+    "model.path",
+    "learner.max_staleness",
+    "learner.total_steps",
+    "learner.prompts_per_step",
+    "actor.group_size",
+    "deploy.cpu_affinity",
+)
 
 
 def train_flags(spec: str) -> list[str]:
@@ -601,8 +753,10 @@ def train_flags(spec: str) -> list[str]:
     for f in flags:
         key = f.removeprefix("--").split("=", 1)[0]
         if f.startswith("--") and key in E2E_OWN_KEYS:
-            raise SystemExit(f"popo bench e2e: --train-flags may not set {key} (a bench option "
-                             "or the harness sets it)")  # fmt: skip
+            raise SystemExit(
+                f"popo bench e2e: --train-flags may not set {key} (a bench option "
+                "or the harness sets it)"
+            )
     return flags
 
 
@@ -640,8 +794,12 @@ def overlap_ceiling(step_s: float, busy_s: dict[str, float]) -> dict[str, Any]:
     part gets slower when overlapped, which is what the measured async row is compared against."""
     bottleneck = max(busy_s, key=busy_s.__getitem__)
     period = busy_s[bottleneck]
-    return {"busy_s": dict(busy_s), "bottleneck": bottleneck, "period_s": period,
-            "ratio": step_s / period}  # fmt: skip
+    return {
+        "busy_s": dict(busy_s),
+        "bottleneck": bottleneck,
+        "period_s": period,
+        "ratio": step_s / period,
+    }
 
 
 def sync_ceilings(
@@ -669,23 +827,37 @@ def run_train(
 ) -> Path:
     """One short `popo train` (a real run: every role its own process) on free loopback ports."""
     args = [
-        f"--deploy.run_dir={run_dir}", f"--model.path={model_dir}",
-        f"--learner.max_staleness={staleness}", f"--learner.total_steps={a.steps}",
-        f"--learner.prompts_per_step={a.prompts_per_step}", f"--actor.group_size={a.group_size}",
-        f"--learner.checkpoint_every={a.steps}", "--learner.eval_every=0", "--data.eval_size=16",
+        f"--deploy.run_dir={run_dir}",
+        f"--model.path={model_dir}",
+        f"--learner.max_staleness={staleness}",
+        f"--learner.total_steps={a.steps}",
+        f"--learner.prompts_per_step={a.prompts_per_step}",
+        f"--actor.group_size={a.group_size}",
+        f"--learner.checkpoint_every={a.steps}",
+        "--learner.eval_every=0",
+        "--data.eval_size=16",
         f"--deploy.cpu_affinity={json.dumps(pin)}",
         *([] if pin else ["--deploy.placement=off"]),  # `--pin none`: no automatic placement either
-        *free_port_flags(), "--metrics.jsonl_every_s=0.5", *train_flags(a.train_flags),
-    ]  # fmt: skip
+        *free_port_flags(),
+        "--metrics.jsonl_every_s=0.5",
+        *train_flags(a.train_flags),
+    ]
     cmd = [sys.executable, "-m", "popo.deploy.cli", "train", *args]
     log_path = run_dir.parent / f"{run_dir.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=1800,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1"))  # fmt: skip
+        proc = subprocess.run(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=1800,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
     if proc.returncode != 0:
-        raise RuntimeError(f"popo train failed ({proc.returncode}); see {log_path}:\n"
-                           + "\n".join(log_path.read_text().splitlines()[-20:]))  # fmt: skip
+        raise RuntimeError(
+            f"popo train failed ({proc.returncode}); see {log_path}:\n"
+            + "\n".join(log_path.read_text().splitlines()[-20:])
+        )
     return run_dir
 
 
@@ -709,15 +881,20 @@ def bench_e2e(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
             ks = sorted(steps)
             t0, t1 = steps[ks[a.warmup_steps - 1]]["end"], steps[ks[-1]]["end"]
             info = {
-                "run_dir": str(run_dir), "positives_per_s": rate, "positives": pos,
-                "seconds": secs, "steps": len(ks), "overlap_fraction": overlap_fraction(steps),
+                "run_dir": str(run_dir),
+                "positives_per_s": rate,
+                "positives": pos,
+                "seconds": secs,
+                "steps": len(ks),
+                "overlap_fraction": overlap_fraction(steps),
                 "idle": idle_fractions(run_dir, t0, t1, cfg.verifier.num_workers),
                 "step_seconds": secs / (len(ks) - a.warmup_steps),
                 "learner_split": learner_split(run_dir, t0, t1),
-            }  # fmt: skip
+            }
             if mode == "sync":
-                info["ceilings"] = sync_ceilings(info["step_seconds"],
-                                                 info["learner_split"]["wait"], info["idle"])  # fmt: skip
+                info["ceilings"] = sync_ceilings(
+                    info["step_seconds"], info["learner_split"]["wait"], info["idle"]
+                )
             # The synchronous baseline must really alternate, or the comparison means nothing.
             if mode == "sync" and info["overlap_fraction"] > 0:
                 raise RuntimeError(f"{run_dir}: max_staleness 0 overlapped generation and training")
@@ -732,9 +909,15 @@ def bench_e2e(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
         f"(max_staleness 0); {a.steps} steps x {a.prompts_per_step} prompts x G={a.group_size}, "
         f"first {a.warmup_steps} steps excluded, pinned cores: {pin_txt}, {a.reps} alternating "
         f"repetitions" + (f", train flags `{a.train_flags}`" if a.train_flags.strip() else ""),
-        ["pipeline", "positives/s median [min, max]", "s per step", "overlap of gen. and training",
-         "idle: actor / verifier / learner", "ratio to sync (target >= 1.6)"],
-    )  # fmt: skip
+        [
+            "pipeline",
+            "positives/s median [min, max]",
+            "s per step",
+            "overlap of gen. and training",
+            "idle: actor / verifier / learner",
+            "ratio to sync (target >= 1.6)",
+        ],
+    )
     import statistics
 
     for mode in modes:
@@ -743,33 +926,50 @@ def bench_e2e(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
             vals = [x["idle"].get(role) for x in runs[mode]]
             vals = [v for v in vals if v is not None]
             idle[role] = f"{statistics.median(vals):.0%}" if vals else "n/a"
-        res.rows.append([
-            "synchronous (max_staleness 0)" if mode == "sync"
-            else f"async (max_staleness {a.async_staleness})",
-            Summary.of(tput[mode]).fmt(".1f"),
-            f"{statistics.median(x['step_seconds'] for x in runs[mode]):.2f}",
-            f"{statistics.median(x['overlap_fraction'] for x in runs[mode]):.0%}",
-            " / ".join(idle.values()), "1.00" if mode == "sync" else r.fmt(),
-        ])  # fmt: skip
+        res.rows.append(
+            [
+                "synchronous (max_staleness 0)"
+                if mode == "sync"
+                else f"async (max_staleness {a.async_staleness})",
+                Summary.of(tput[mode]).fmt(".1f"),
+                f"{statistics.median(x['step_seconds'] for x in runs[mode]):.2f}",
+                f"{statistics.median(x['overlap_fraction'] for x in runs[mode]):.0%}",
+                " / ".join(idle.values()),
+                "1.00" if mode == "sync" else r.fmt(),
+            ]
+        )
     # What ideal overlap would give, from each synchronous run's own timings.
     ceil: dict[str, Summary] = {}
-    for kind, label in (("halves", "ceiling: generation side overlapped with the learner"),
-                        ("stages", "ceiling: every role overlapped")):  # fmt: skip
+    for kind, label in (
+        ("halves", "ceiling: generation side overlapped with the learner"),
+        ("stages", "ceiling: every role overlapped"),
+    ):
         cs = [x["ceilings"][kind] for x in runs["sync"]]
         ceil[kind] = Summary.of([c["ratio"] for c in cs])
-        res.rows.append([
-            label,
-            Summary.of([t * c["ratio"] for t, c in zip(tput["sync"], cs, strict=True)]).fmt(".1f"),
-            f"{statistics.median(c['period_s'] for c in cs):.2f}", "100%", "n/a",
-            f"{ceil[kind].fmt('.2f')} (bound: {cs[0]['bottleneck']})",
-        ])  # fmt: skip
+        res.rows.append(
+            [
+                label,
+                Summary.of([t * c["ratio"] for t, c in zip(tput["sync"], cs, strict=True)]).fmt(
+                    ".1f"
+                ),
+                f"{statistics.median(c['period_s'] for c in cs):.2f}",
+                "100%",
+                "n/a",
+                f"{ceil[kind].fmt('.2f')} (bound: {cs[0]['bottleneck']})",
+            ]
+        )
 
     step = statistics.median(x["step_seconds"] for x in runs["sync"])
-    split = {k: statistics.median(x["learner_split"][k] for x in runs["sync"])
-             for k in ("wait", "train", "publish")}  # fmt: skip
+    split = {
+        k: statistics.median(x["learner_split"][k] for x in runs["sync"])
+        for k in ("wait", "train", "publish")
+    }
     busy_runs = [x["ceilings"]["stages"]["busy_s"] for x in runs["sync"]]
-    busy = {k: statistics.median(b[k] for b in busy_runs)
-            for k in busy_runs[0] if all(k in b for b in busy_runs)}  # fmt: skip
+    busy = {
+        k: statistics.median(b[k] for b in busy_runs)
+        for k in busy_runs[0]
+        if all(k in b for b in busy_runs)
+    }
     res.notes.append(
         "Ceilings = sync s per step / the longest part once the parts overlap. Sync runs, median "
         f"s per step: step {step:.3f} = learner wait {split['wait']:.3f} + learner work "
@@ -780,9 +980,13 @@ def bench_e2e(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
         f"vs learner), {r.median / ceil['stages'].median:.0%} (every role)."
     )
     res.ratios["async_over_sync"] = r
-    res.figures = {"runs": runs, "pin": pin, "model": str(model_dir),
-                   "ceilings": {k: v.to_json() for k, v in ceil.items()},
-                   "train_flags": a.train_flags}  # fmt: skip
+    res.figures = {
+        "runs": runs,
+        "pin": pin,
+        "model": str(model_dir),
+        "ceilings": {k: v.to_json() for k, v in ceil.items()},
+        "train_flags": a.train_flags,
+    }
     return res
 
 
@@ -790,9 +994,14 @@ def bench_e2e(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
 
 
 def _plot(
-    path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, list[dict]], x: str,
+    path: Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    series: dict[str, list[dict]],
+    x: str,
     log: bool = False,
-) -> None:  # fmt: skip
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -803,8 +1012,10 @@ def _plot(
         xs = [p[x] for p in pts]
         ys = [p["ratio"] for p in pts]
         if pts and "min" in pts[0]:
-            err = [[y - p["min"] for y, p in zip(ys, pts, strict=True)],
-                   [p["max"] - y for y, p in zip(ys, pts, strict=True)]]  # fmt: skip
+            err = [
+                [y - p["min"] for y, p in zip(ys, pts, strict=True)],
+                [p["max"] - y for y, p in zip(ys, pts, strict=True)],
+            ]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
         else:
             ax.plot(xs, ys, marker=".", linestyle="--", label=name)
@@ -864,19 +1075,24 @@ def run(cfg: RunConfig, args: argparse.Namespace, argv: list[str] | None = None)
         "quick": a.quick,
         "machine": before,
         "load_average_after": os.getloadavg(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
-                 if k not in ("overrides", "config")},
+        "args": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(a).items()
+            if k not in ("overrides", "config")
+        },
         **res.to_json(),
-    }  # fmt: skip
+    }
     (out / f"{a.sub}.json").write_text(json.dumps(doc, indent=1))
     print(f"\n{res.title}\n")
     print(res.table())
     for note in res.notes:
         print(f"\n{note}")
     load = ", ".join(f"{x:.2f}" for x in before["load_average"])
-    print(f"\ncommand: {command}\nload average before: {load}; "
-          f"written: {out / (a.sub + '.json')}" + (
-              f", {out / (a.sub + '.png')}" if (out / f"{a.sub}.png").exists() else ""))  # fmt: skip
+    print(
+        f"\ncommand: {command}\nload average before: {load}; "
+        f"written: {out / (a.sub + '.json')}"
+        + (f", {out / (a.sub + '.png')}" if (out / f"{a.sub}.png").exists() else "")
+    )
     return 0
 
 

@@ -45,8 +45,13 @@ def _run(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> f
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as f:
         t0 = time.time()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=3600,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})  # fmt: skip
+        proc = subprocess.run(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=3600,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-20:])
         raise RuntimeError(
@@ -55,27 +60,51 @@ def _run(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> f
     return t0
 
 
-def one_run(name: str, flags: list[str] | None, model_dir: Path, run_dir: Path,
-            a: argparse.Namespace, extra: list[str]) -> dict[str, Any]:  # fmt: skip
+def one_run(
+    name: str,
+    flags: list[str] | None,
+    model_dir: Path,
+    run_dir: Path,
+    a: argparse.Namespace,
+    extra: list[str],
+) -> dict[str, Any]:
     """Run one side to the end; its figures."""
     common = [f"--model.path={model_dir}", *extra]
     env = dict(f.split("=", 1) for f in flags or [] if "=" in f and not f.startswith("-"))
     flags = None if flags is None else [f for f in flags if f.startswith("-") or "=" not in f]
     if flags is None:
-        cmd = [sys.executable, "-m", "popo.deploy.plain_trainer", "--out", str(run_dir),
-               "--threads", str(a.plain_threads), *common]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "popo.deploy.plain_trainer",
+            "--out",
+            str(run_dir),
+            "--threads",
+            str(a.plain_threads),
+            *common,
+        ]
     else:
-        cmd = [sys.executable, "-m", "popo.deploy.cli", "train", f"--deploy.run_dir={run_dir}",
-               *free_port_flags(), *common, *flags]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "popo.deploy.cli",
+            "train",
+            f"--deploy.run_dir={run_dir}",
+            *free_port_flags(),
+            *common,
+            *flags,
+        ]
     t0 = _run(cmd, run_dir.parent / f"{run_dir.name}.log", env)
     wall = time.time() - t0
     evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
     hit = next((e for e in evals if e["accuracy"] >= a.threshold), None)
     info: dict[str, Any] = {
-        "name": name, "run_dir": str(run_dir), "wall_s": wall,
+        "name": name,
+        "run_dir": str(run_dir),
+        "wall_s": wall,
         "to_threshold_s": hit["t"] - t0 if hit else None,
         "accuracy": {int(e["step"]): e["accuracy"] for e in evals},
-    }  # fmt: skip
+    }
     if flags is not None:
         info.update(_train_figures(run_dir))
     return info
@@ -91,10 +120,14 @@ def _train_figures(run_dir: Path) -> dict[str, Any]:
     steps = step_times(run_dir)
     ks = sorted(steps)
     cfg = RunConfig.model_validate(_toml(run_dir / "config.toml"))
-    idle = idle_fractions(run_dir, steps[ks[0]]["end"], steps[ks[-1]]["end"],
-                          cfg.verifier.num_workers)  # fmt: skip
-    cpu = {r["instance"]: r["process_cpu_seconds_total"] for r in recs
-           if "process_cpu_seconds_total" in r}  # fmt: skip
+    idle = idle_fractions(
+        run_dir, steps[ks[0]]["end"], steps[ks[-1]]["end"], cfg.verifier.num_workers
+    )
+    cpu = {
+        r["instance"]: r["process_cpu_seconds_total"]
+        for r in recs
+        if "process_cpu_seconds_total" in r
+    }
     return {
         "startup": summary.get("startup", {}),
         "step_s": last["popo_learner_step_seconds_sum"] / n if n else None,
@@ -120,8 +153,15 @@ def _json(path: Path) -> Any:
         return None
 
 
-def standalone_step(model_dir: Path, cfg: RunConfig, groups: int, seqs: float, tokens: float,
-                    threads: int, reps: int) -> list[float]:  # fmt: skip
+def standalone_step(
+    model_dir: Path,
+    cfg: RunConfig,
+    groups: int,
+    seqs: float,
+    tokens: float,
+    threads: int,
+    reps: int,
+) -> list[float]:
     """Seconds of `Trainer.train_step` alone on batches shaped like the run's mean step:
     `groups` groups holding `seqs` trained completions of `tokens / seqs` tokens on average."""
     import torch
@@ -163,20 +203,29 @@ def bench_default(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResu
         for name, flags in plan.items():  # alternating, so load drifts hit every side alike
             slug = name.replace(" ", "_").replace("(", "").replace(")", "")
             seeds = [f"--learner.seed={rep}", f"--actor.seed={rep}"]  # repetitions are seeds
-            info = one_run(name, flags, model_dir, out / "runs" / f"{slug}-{rep}", a,
-                           [*seeds, *extra])  # fmt: skip
+            info = one_run(
+                name, flags, model_dir, out / "runs" / f"{slug}-{rep}", a, [*seeds, *extra]
+            )
             runs[name].append(info)
-            print(f"{name} rep {rep}: whole command {info['wall_s']:.1f}s, to "
-                  f">= {a.threshold:.0%}: {info['to_threshold_s']}", flush=True)  # fmt: skip
+            print(
+                f"{name} rep {rep}: whole command {info['wall_s']:.1f}s, to "
+                f">= {a.threshold:.0%}: {info['to_threshold_s']}",
+                flush=True,
+            )
 
     res = BenchResult(
         "default",
         f"`popo train` vs the plain synchronous trainer, same model / task / hyper-parameters "
         f"(extra flags: `{a.train_flags or 'none'}`), {a.reps} alternating repetitions; "
         f"threshold: held-out avg@G >= {a.threshold:.0%}",
-        ["run", "whole command s", f"to >= {a.threshold:.0%} s", "held-out accuracy by step",
-         "ratio of whole command to plain"],
-    )  # fmt: skip
+        [
+            "run",
+            "whole command s",
+            f"to >= {a.threshold:.0%} s",
+            "held-out accuracy by step",
+            "ratio of whole command to plain",
+        ],
+    )
     wall = {k: [r["wall_s"] for r in v] for k, v in runs.items()}
     for name, rs in runs.items():
         hits = [r["to_threshold_s"] for r in rs if r["to_threshold_s"] is not None]
@@ -187,18 +236,37 @@ def bench_default(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResu
         )
         r = paired_ratio(wall[name], wall[PLAIN], a.max_spread)
         res.ratios[f"wall_over_plain/{name}"] = r
-        res.rows.append([
-            name, Summary.of(wall[name]).fmt(".1f"),
-            Summary.of(hits).fmt(".1f") + ("" if len(hits) == len(rs) else f" ({len(hits)} of "
-                                           f"{len(rs)} reached it)") if hits else "not reached",
-            f"steps {'/'.join(map(str, steps))}: {acc}", r.fmt(),
-        ])  # fmt: skip
+        res.rows.append(
+            [
+                name,
+                Summary.of(wall[name]).fmt(".1f"),
+                Summary.of(hits).fmt(".1f")
+                + ("" if len(hits) == len(rs) else f" ({len(hits)} of {len(rs)} reached it)")
+                if hits
+                else "not reached",
+                f"steps {'/'.join(map(str, steps))}: {acc}",
+                r.fmt(),
+            ]
+        )
     d = runs[DEFAULT]
-    learner_threads = next((x["threads"] for r in d for x in (r.get("placement") or {}).get("roles", [])
-                            if x["name"] == "learner"), a.plain_threads)  # fmt: skip
-    alone = standalone_step(model_dir, cfg, cfg.learner.prompts_per_step,
-                            med(r["seqs_per_step"] for r in d), med(r["tokens_per_step"] for r in d),
-                            learner_threads, a.step_reps)  # fmt: skip
+    learner_threads = next(
+        (
+            x["threads"]
+            for r in d
+            for x in (r.get("placement") or {}).get("roles", [])
+            if x["name"] == "learner"
+        ),
+        a.plain_threads,
+    )
+    alone = standalone_step(
+        model_dir,
+        cfg,
+        cfg.learner.prompts_per_step,
+        med(r["seqs_per_step"] for r in d),
+        med(r["tokens_per_step"] for r in d),
+        learner_threads,
+        a.step_reps,
+    )
     in_sys = med(r["step_s"] for r in d)
     phases = {k: med(r["startup"].get(k) for r in d) for k in d[0]["startup"]}
     idle = {k: med(r["idle"].get(k) for r in d) for k in d[0]["idle"]}
@@ -211,6 +279,10 @@ def bench_default(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResu
         f"{statistics.median(alone) / in_sys:.2f}); idle fraction while training: "
         + ", ".join(f"{k} {v:.0%}" for k, v in idle.items() if v is not None)
     )
-    res.figures = {"runs": runs, "standalone_step_s": alone, "model": str(model_dir),
-                   "threshold": a.threshold}  # fmt: skip
+    res.figures = {
+        "runs": runs,
+        "standalone_step_s": alone,
+        "model": str(model_dir),
+        "threshold": a.threshold,
+    }
     return res

@@ -92,9 +92,11 @@ def _keys(cfg: RunConfig, args: argparse.Namespace) -> int:
         return 1
     for path in written:
         print(path)
-    print(f"set transport.curve_keys_dir = {str(out)!r} on every node; copy the *.key files to "
-          "all nodes and each <role>.key_secret only to the nodes that run that role",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"set transport.curve_keys_dir = {str(out)!r} on every node; copy the *.key files to "
+        "all nodes and each <role>.key_secret only to the nodes that run that role",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -39,9 +39,13 @@ def load_benchmark(cfg: RunConfig, benchmark: str, limit: int | None) -> list[Pr
         return load_problems(path, limit=limit, **known)
     d = cfg.data
     return load_problems(
-        path, prompt_field=d.prompt_field, answer_field=d.answer_field,
-        answer_format=d.answer_format, id_field=d.id_field, limit=limit,
-    )  # fmt: skip
+        path,
+        prompt_field=d.prompt_field,
+        answer_field=d.answer_field,
+        answer_format=d.answer_format,
+        id_field=d.id_field,
+        limit=limit,
+    )
 
 
 def score(cfg: RunConfig, golds: list[str], texts: list[str]) -> list[bool]:
@@ -49,8 +53,10 @@ def score(cfg: RunConfig, golds: list[str], texts: list[str]) -> list[bool]:
     from popo.verifier.pool import PoolLimits, ScoringPool
 
     v = cfg.verifier
-    pool = ScoringPool(v.num_workers, PoolLimits(v.timeout_s, v.max_completion_chars,
-                                                 v.max_brace_depth, v.worker_memory_mib))  # fmt: skip
+    pool = ScoringPool(
+        v.num_workers,
+        PoolLimits(v.timeout_s, v.max_completion_chars, v.max_brace_depth, v.worker_memory_mib),
+    )
     pool.start()
     try:
         for i, (g, t) in enumerate(zip(golds, texts, strict=True)):
@@ -82,8 +88,11 @@ def evaluate(
     budget = cfg.model.max_model_len - a.max_tokens
     problems, too_long = drop_too_long(problems, lambda t: len(tokenizer(t)["input_ids"]), budget)
     if too_long:
-        log.warning("%d prompts are longer than max_model_len - max_tokens = %d tokens: skipped",
-                    too_long, budget)  # fmt: skip
+        log.warning(
+            "%d prompts are longer than max_model_len - max_tokens = %d tokens: skipped",
+            too_long,
+            budget,
+        )
     if not problems:
         raise ValueError(
             f"no prompt of {benchmark} fits in {budget} tokens (raise --model.max_model_len)"
@@ -93,18 +102,28 @@ def evaluate(
     # The CPU engine sizes its KV cache from the environment (GiB, whole numbers); as in the actor.
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(a.kv_cache_gib)))
     llm = LLM(
-        model=str(model_dir), dtype=resolve_dtype(cfg.model.dtype), enforce_eager=a.enforce_eager,
-        max_model_len=cfg.model.max_model_len, seed=a.seed,
-        tensor_parallel_size=a.tensor_parallel_size, gpu_memory_utilization=a.gpu_memory_utilization,
-    )  # fmt: skip
+        model=str(model_dir),
+        dtype=resolve_dtype(cfg.model.dtype),
+        enforce_eager=a.enforce_eager,
+        max_model_len=cfg.model.max_model_len,
+        seed=a.seed,
+        tensor_parallel_size=a.tensor_parallel_size,
+        gpu_memory_utilization=a.gpu_memory_utilization,
+    )
     greedy = llm.generate(
         prompts, SamplingParams(n=1, temperature=0.0, max_tokens=a.max_tokens, stop=a.stop or None)
     )
     sampled = llm.generate(
         prompts,
-        SamplingParams(n=k, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens,
-                       stop=a.stop or None, seed=a.seed),
-    )  # fmt: skip
+        SamplingParams(
+            n=k,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            max_tokens=a.max_tokens,
+            stop=a.stop or None,
+            seed=a.seed,
+        ),
+    )
     gen_s = time.time() - t0
     golds = [p.gold for p in problems]
     g_ok = score(cfg, golds, [o.outputs[0].text for o in greedy])

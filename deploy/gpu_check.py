@@ -58,24 +58,54 @@ NEEDED = ("pydantic", "pydantic_settings", "msgspec")
 
 # Published config.json values of the two models (random-init here: only the shapes matter).
 SHAPES: dict[str, dict[str, Any]] = {
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                 max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6,
-                 tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-               num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-               max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6,
-               tie_word_embeddings=False),
-    "dry": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-6,
-                tie_word_embeddings=True),
-}  # fmt: skip
+    "1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+    "7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    "dry": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+}
 NAMES = {"1.5b": "Qwen2.5-Math-1.5B", "7b": "Qwen2.5-Math-7B", "dry": "tiny Qwen2 (dry run)"}
 
-PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 SXM", 989.4), ("H100 80GB HBM3", 989.4),
-                    ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 756.0),
-                    ("A100", 312.0))  # fmt: skip
+PEAK_BF16_TFLOPS = (
+    ("H200", 989.4),
+    ("H100 SXM", 989.4),
+    ("H100 80GB HBM3", 989.4),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 756.0),
+    ("A100", 312.0),
+)
 """Dense bf16 tensor-core peaks by device-name substring, first match wins."""
 
 BYTES_PER_PARAM = 20
@@ -98,9 +128,21 @@ def bootstrap() -> None:
                 f"gpu_check: missing {', '.join(missing)} and no wheels in {WHEELS}; run "
                 "deploy/gpu_check_wheels.sh on a machine with a package registry first"
             )
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-               "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(SITE),
-               *map(str, wheels)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-cache-dir",
+            "--upgrade",
+            "--target",
+            str(SITE),
+            *map(str, wheels),
+        ]
         subprocess.run(cmd, check=True)
         sys.path.insert(0, str(SITE))
         importlib.invalidate_caches()
@@ -221,19 +263,29 @@ def run_model(
     from popo.learner.trainer import Trainer, flatten_groups, pack_micro_batches
 
     shape = SHAPES[key]
-    lc = LearnerConfig(device=str(device), lr=1e-6, total_steps=1000, warmup_ratio=0.0,
-                       micro_batch_tokens=a.micro_batch_tokens)  # fmt: skip
+    lc = LearnerConfig(
+        device=str(device),
+        lr=1e-6,
+        total_steps=1000,
+        warmup_ratio=0.0,
+        micro_batch_tokens=a.micro_batch_tokens,
+    )
     ac = default_algorithm()
     seqs = flatten_groups(batch, ac.name)
     micro = pack_micro_batches(seqs, lc.micro_batch_tokens)
-    micro_tokens = max(len(ix) * max(len(seqs[j].prompt) + len(seqs[j].completion) for j in ix)
-                       for ix in micro)  # fmt: skip
+    micro_tokens = max(
+        len(ix) * max(len(seqs[j].prompt) + len(seqs[j].completion) for j in ix) for ix in micro
+    )
     layers = shape["num_hidden_layers"]
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         layers = layers_that_fit(shape, free, micro_tokens)
-    row: dict[str, Any] = {"model": key, "name": NAMES[key], "layers": layers,
-                           "of_layers": shape["num_hidden_layers"]}  # fmt: skip
+    row: dict[str, Any] = {
+        "model": key,
+        "name": NAMES[key],
+        "layers": layers,
+        "of_layers": shape["num_hidden_layers"],
+    }
     while True:
         trainer = model = None
         oom = False
@@ -254,10 +306,19 @@ def run_model(
                 m = trainer.train_step(batch)
                 sync(device)
                 dt = time.perf_counter() - t0
-                steps.append({"seconds": dt, "loss": m["loss"], "grad_norm": m["grad_norm"],
-                              "tokens": m["tokens"], "kl_step": kl_step})  # fmt: skip
-                print(f"  {NAMES[key]} ({layers} layers) step {s}: {dt:.2f} s, "
-                      f"loss {m['loss']:.4f}", flush=True)  # fmt: skip
+                steps.append(
+                    {
+                        "seconds": dt,
+                        "loss": m["loss"],
+                        "grad_norm": m["grad_norm"],
+                        "tokens": m["tokens"],
+                        "kl_step": kl_step,
+                    }
+                )
+                print(
+                    f"  {NAMES[key]} ({layers} layers) step {s}: {dt:.2f} s, loss {m['loss']:.4f}",
+                    flush=True,
+                )
         except torch.OutOfMemoryError:
             if layers == 1:
                 raise
@@ -307,15 +368,21 @@ def loss_agreement(a: argparse.Namespace, device: Any, batch: list) -> dict:
 
     key = "dry" if a.dry else "1.5b"
     shape = SHAPES[key]
-    lc = LearnerConfig(device=str(device), lr=1e-6, total_steps=1000, warmup_ratio=0.0,
-                       micro_batch_tokens=a.micro_batch_tokens)  # fmt: skip
+    lc = LearnerConfig(
+        device=str(device),
+        lr=1e-6,
+        total_steps=1000,
+        warmup_ratio=0.0,
+        micro_batch_tokens=a.micro_batch_tokens,
+    )
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, not TF32
     torch.backends.cudnn.allow_tf32 = False
     out: dict[str, Any] = {"model": key, "name": NAMES[key]}
     for precision in ("bf16", "fp32"):
         model = build_model(shape, shape["num_hidden_layers"], device, a.seed)  # same seed
-        trainer = Trainer(model, lc, default_algorithm(), max_completion_len=a.completion_tokens,
-                          device=device)  # fmt: skip
+        trainer = Trainer(
+            model, lc, default_algorithm(), max_completion_len=a.completion_tokens, device=device
+        )
         del model
         set_precision(trainer, precision)
         m = trainer.train_step(batch)
@@ -338,25 +405,50 @@ def report(res: dict) -> str:
         s = r["step_s"]
         mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a (peak unknown)"
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
-        rows.append([
-            f"{r['name']}-shaped, {r['layers']} of {r['of_layers']} layers",
-            f"{r['params'] / 1e9:.3f} B" if r["params"] >= 1e8 else f"{r['params']:,}", f"{r['completion_tokens']:,}",
-            f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]", f"{r['tokens_per_s']:,.0f}",
-            f"{r['achieved_tflops']:,.1f}", mfu, mem,
-        ])  # fmt: skip
+        rows.append(
+            [
+                f"{r['name']}-shaped, {r['layers']} of {r['of_layers']} layers",
+                f"{r['params'] / 1e9:.3f} B" if r["params"] >= 1e8 else f"{r['params']:,}",
+                f"{r['completion_tokens']:,}",
+                f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]",
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['achieved_tflops']:,.1f}",
+                mfu,
+                mem,
+            ]
+        )
     text = markdown_table(
-        ["model", "params", "completion tokens / step", "step s median [min, max]",
-         "completion tokens/s", "model TFLOP/s", "MFU", "peak GiB"], rows,
-    )  # fmt: skip
+        [
+            "model",
+            "params",
+            "completion tokens / step",
+            "step s median [min, max]",
+            "completion tokens/s",
+            "model TFLOP/s",
+            "MFU",
+            "peak GiB",
+        ],
+        rows,
+    )
     la = res.get("loss_agreement")
     if la:
         text += "\n\n" + markdown_table(
             ["first step, same weights and batch", "bf16 autocast", "fp32", "relative difference"],
-            [["loss", f"{la['bf16']['loss']:.6f}", f"{la['fp32']['loss']:.6f}",
-              f"{la['loss_rel_diff']:.2e}"],
-             ["grad norm", f"{la['bf16']['grad_norm']:.5f}", f"{la['fp32']['grad_norm']:.5f}",
-              f"{la['grad_norm_rel_diff']:.2e}"]],
-        )  # fmt: skip
+            [
+                [
+                    "loss",
+                    f"{la['bf16']['loss']:.6f}",
+                    f"{la['fp32']['loss']:.6f}",
+                    f"{la['loss_rel_diff']:.2e}",
+                ],
+                [
+                    "grad norm",
+                    f"{la['bf16']['grad_norm']:.5f}",
+                    f"{la['fp32']['grad_norm']:.5f}",
+                    f"{la['grad_norm_rel_diff']:.2e}",
+                ],
+            ],
+        )
     return text
 
 
@@ -369,8 +461,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, help="completions per group (default 8; dry 4)")
     p.add_argument("--completion-tokens", type=int, help="tokens per completion (1024; dry 32)")
     p.add_argument("--agreement-groups", type=int, help="groups of the bf16/fp32 check (2)")
-    p.add_argument("--micro-batch-tokens", type=int, default=4096,
-                   help="learner.micro_batch_tokens (whole groups per micro-batch)")  # fmt: skip
+    p.add_argument(
+        "--micro-batch-tokens",
+        type=int,
+        default=4096,
+        help="learner.micro_batch_tokens (whole groups per micro-batch)",
+    )
     p.add_argument("--no-agreement", action="store_true", help="skip the bf16 vs fp32 check")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the GPU, TFLOP/s")
     p.add_argument("--seed", type=int, default=0)
@@ -407,29 +503,51 @@ def main(argv: list[str] | None = None) -> int:
     total_mem = (
         torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     )
-    print(f"gpu_check: {name}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"peak bf16 {peak} TFLOP/s", flush=True)  # fmt: skip
+    print(
+        f"gpu_check: {name}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"peak bf16 {peak} TFLOP/s",
+        flush=True,
+    )
     res: dict[str, Any] = {
-        "device": name, "device_memory_gib": total_mem / 2**30 if total_mem else None,
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "peak_bf16_tflops": peak,
+        "device": name,
+        "device_memory_gib": total_mem / 2**30 if total_mem else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "peak_bf16_tflops": peak,
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "batch": {"groups": a.groups, "group_size": a.group_size,
-                  "completion_tokens": a.completion_tokens, "prompt_tokens": "16-32 (uniform)",
-                  "micro_batch_tokens": a.micro_batch_tokens},
+        "batch": {
+            "groups": a.groups,
+            "group_size": a.group_size,
+            "completion_tokens": a.completion_tokens,
+            "prompt_tokens": "16-32 (uniform)",
+            "micro_batch_tokens": a.micro_batch_tokens,
+        },
         "flops_formula": __doc__.split("MFU counts")[1].split("\n\n")[0].strip(),
         "models": [],
-    }  # fmt: skip
+    }
     for key in keys:
         vocab = SHAPES[key]["vocab_size"]
-        batch = make_batch(a.groups, a.group_size, vocab, a.seed, pass_rate=1.0,
-                           completion_len=(a.completion_tokens, a.completion_tokens))  # fmt: skip
+        batch = make_batch(
+            a.groups,
+            a.group_size,
+            vocab,
+            a.seed,
+            pass_rate=1.0,
+            completion_len=(a.completion_tokens, a.completion_tokens),
+        )
         print(f"{NAMES[key]}-shaped model:", flush=True)
         res["models"].append(run_model(key, a, device, batch, peak))
     if not a.no_agreement:
         vocab = SHAPES["dry" if a.dry else "1.5b"]["vocab_size"]
-        batch = make_batch(a.agreement_groups, a.group_size, vocab, a.seed + 1, pass_rate=1.0,
-                           completion_len=(a.completion_tokens, a.completion_tokens))  # fmt: skip
+        batch = make_batch(
+            a.agreement_groups,
+            a.group_size,
+            vocab,
+            a.seed + 1,
+            pass_rate=1.0,
+            completion_len=(a.completion_tokens, a.completion_tokens),
+        )
         print("bf16 vs fp32, first step:", flush=True)
         res["loss_agreement"] = loss_agreement(a, device, batch)
     res["total_s"] = time.perf_counter() - t_start

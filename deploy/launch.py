@@ -183,8 +183,9 @@ class Supervisor:
                 if now >= role.next_start and not self._stopping:
                     role.start(self.env)
                     self._write_pids()
-                    log.info("restarted %s (restart %d, pid %d)", role.name, role.restarts,
-                             role.proc.pid)  # type: ignore[union-attr]  # fmt: skip
+                    log.info(
+                        "restarted %s (restart %d, pid %d)", role.name, role.restarts, role.proc.pid
+                    )  # type: ignore[union-attr]
                 continue
             code = role.proc.poll()
             if code is None:
@@ -266,8 +267,12 @@ class Supervisor:
             try:
                 role.proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                log.log(logging.INFO if finished else logging.WARNING,
-                        "%s did not stop in %.0f s; killing it", role.name, grace_s)  # fmt: skip
+                log.log(
+                    logging.INFO if finished else logging.WARNING,
+                    "%s did not stop in %.0f s; killing it",
+                    role.name,
+                    grace_s,
+                )
                 role.signal(signal.SIGKILL)
                 role.proc.wait()
             # the role's own children (engine workers) live in its process group

@@ -62,8 +62,11 @@ class Plan:
 
     def table(self) -> str:
         """A few lines for the start of `popo train`: one per role."""
-        unit = {"learner": "torch threads", "verifier": "scoring workers",
-                "actor": "engine threads"}  # fmt: skip
+        unit = {
+            "learner": "torch threads",
+            "verifier": "scoring workers",
+            "actor": "engine threads",
+        }
         head = f"placement on cores {cpu_list(self.cpus)}"
         head += f" and GPUs {','.join(self.gpus)}:" if self.gpus else ":"
         lines = [head]
@@ -137,14 +140,18 @@ def plan_placement(
     cpus = sorted(set(cpus))
     if not cpus:
         raise PlacementError("no cores to place the roles on")
-    names = ["learner", *(f"verifier-{r}" for r in range(verifier_replicas)),
-             *(f"actor-{i}" for i in range(num_actors))]  # fmt: skip
+    names = [
+        "learner",
+        *(f"verifier-{r}" for r in range(verifier_replicas)),
+        *(f"actor-{i}" for i in range(num_actors)),
+    ]
     role_gpus = _gpu_split(list(gpus), num_actors, learner_ranks, tensor_parallel_size)
     if affinity:
         share = {n: sorted(set(role_cpus(affinity, n) or cpus)) for n in names}
     elif gpus:
-        share = _gpu_node_cpus(cpus, num_actors, verifier_replicas, learner_ranks,
-                               tensor_parallel_size)  # fmt: skip
+        share = _gpu_node_cpus(
+            cpus, num_actors, verifier_replicas, learner_ranks, tensor_parallel_size
+        )
     else:
         share = _cpu_node_cpus(cpus, num_actors, verifier_replicas)
     roles = []

@@ -44,12 +44,18 @@ def generate_groups(
         for plen, idx in sorted(by_len.items()):
             prompt = torch.tensor([encoded[i] for i in idx]).repeat_interleave(g, 0)
             out = model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                temperature=cfg.actor.temperature, top_k=0, top_p=cfg.actor.top_p,
-                max_new_tokens=cfg.actor.max_tokens, eos_token_id=eos,
-                pad_token_id=tokenizer.pad_token_id, output_logits=True,
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                temperature=cfg.actor.temperature,
+                top_k=0,
+                top_p=cfg.actor.top_p,
+                max_new_tokens=cfg.actor.max_tokens,
+                eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
+                output_logits=True,
                 return_dict_in_generate=True,
-            )  # fmt: skip
+            )
             seqs = out.sequences[:, plen:]
             logp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1)
             logp = logp.gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
@@ -58,19 +64,31 @@ def generate_groups(
                 n = ids.index(eos) + 1 if eos in ids else len(ids)
                 text = tokenizer.decode(ids[:n], skip_special_tokens=True)
                 ok = score_text(problems[i].gold, text) == "positive"
-                comp = ScoredCompletion(token_ids=pack_ids(ids[:n]),
-                                        logprobs=pack_f32(logp[row, :n].numpy()), reward=1.0,
-                                        verdict="positive")  # fmt: skip
+                comp = ScoredCompletion(
+                    token_ids=pack_ids(ids[:n]),
+                    logprobs=pack_f32(logp[row, :n].numpy()),
+                    reward=1.0,
+                    verdict="positive",
+                )
                 prev = groups.get(i)
                 comps = ([*prev.completions] if prev else []) + ([comp] if ok else [])
                 groups[i] = ScoredGroup(
-                    lease_id=first_id + i, prompt_id=problems[i].prompt_id,
-                    prompt_token_ids=pack_ids(encoded[i]), completions=comps,
-                    forwarded="positives", n_total=g, n_positive=len(comps),
-                    verdicts={"positive": len(comps), "negative": g - len(comps)}, version_min=0,
-                    version_max=0, actor_id="plain", t_leased=0.0, t_generated=0.0,
-                    t_verified=0.0, verify_seconds=0.0,
-                )  # fmt: skip
+                    lease_id=first_id + i,
+                    prompt_id=problems[i].prompt_id,
+                    prompt_token_ids=pack_ids(encoded[i]),
+                    completions=comps,
+                    forwarded="positives",
+                    n_total=g,
+                    n_positive=len(comps),
+                    verdicts={"positive": len(comps), "negative": g - len(comps)},
+                    version_min=0,
+                    version_max=0,
+                    actor_id="plain",
+                    t_leased=0.0,
+                    t_generated=0.0,
+                    t_verified=0.0,
+                    verify_seconds=0.0,
+                )
     return [groups[i] for i in range(len(problems))]
 
 
@@ -100,35 +118,54 @@ def run(cfg: RunConfig, out: Path, threads: int) -> dict[str, Any]:
 
     def evaluate(step: int) -> None:
         correct = sample_and_score(
-            trainer.policy, tokenizer, evals, n_samples=g, seed=step,
+            trainer.policy,
+            tokenizer,
+            evals,
+            n_samples=g,
+            seed=step,
             score=lambda gold, text: score_text(gold, text) == "positive",
             max_new_tokens=cfg.actor.max_tokens,
-        )  # fmt: skip
+        )
         acc = sum(map(sum, correct)) / (len(evals) * g)
         rec = {"step": step, "accuracy": acc, "t": time.time()}
         with open(out / "eval.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
-        print(f"eval at step {step}: held-out accuracy {100 * acc:.1f}% "
-              f"({time.time() - t0:.1f}s from start)", flush=True)  # fmt: skip
+        print(
+            f"eval at step {step}: held-out accuracy {100 * acc:.1f}% "
+            f"({time.time() - t0:.1f}s from start)",
+            flush=True,
+        )
 
     evaluate(0)
     t_train = time.time()
     for step in range(1, lc.total_steps + 1):
         k = (step - 1) * lc.prompts_per_step
         batch = [train[order[(k + j) % len(order)]] for j in range(lc.prompts_per_step)]
-        trainer.train_step([x for x in generate_groups(trainer.policy, tokenizer, batch, cfg, k)
-                            if x.n_positive > 0])  # fmt: skip
+        trainer.train_step(
+            [
+                x
+                for x in generate_groups(trainer.policy, tokenizer, batch, cfg, k)
+                if x.n_positive > 0
+            ]
+        )
         if (lc.eval_every and step % lc.eval_every == 0) or step == lc.total_steps:
             evaluate(step)
-    summary = {"steps": lc.total_steps, "threads": threads, "start_to_first_step": t_train - t0,
-               "wall_seconds": time.time() - t0}  # fmt: skip
+    summary = {
+        "steps": lc.total_steps,
+        "threads": threads,
+        "start_to_first_step": t_train - t0,
+        "wall_seconds": time.time() - t0,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m popo.deploy.plain_trainer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m popo.deploy.plain_trainer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--config", type=Path, help="TOML config (the same tree as `popo train`)")

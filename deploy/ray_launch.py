@@ -74,19 +74,34 @@ def placements(cfg: RunConfig) -> list[Placement]:
     learner_gpus = cfg.learner.devices if r.use_gpus else 0  # one GPU per FSDP rank
     actor_gpus = cfg.actor.tensor_parallel_size if r.use_gpus else 0
     out = [
-        Placement("learner", "learner", 0, r.learner_cpus, learner_gpus, r.learner_resources,
-                  r.learner_labels)
-    ]  # fmt: skip
+        Placement(
+            "learner",
+            "learner",
+            0,
+            r.learner_cpus,
+            learner_gpus,
+            r.learner_resources,
+            r.learner_labels,
+        )
+    ]
     out += [
-        Placement(f"verifier-{i}", "verifier", i, r.verifier_cpus, 0, r.verifier_resources,
-                  r.verifier_labels)
+        Placement(
+            f"verifier-{i}",
+            "verifier",
+            i,
+            r.verifier_cpus,
+            0,
+            r.verifier_resources,
+            r.verifier_labels,
+        )
         for i in range(cfg.verifier.replicas)
-    ]  # fmt: skip
+    ]
     out += [
-        Placement(f"actor-{i}", "actor", i, r.actor_cpus, actor_gpus, r.actor_resources,
-                  r.actor_labels)
+        Placement(
+            f"actor-{i}", "actor", i, r.actor_cpus, actor_gpus, r.actor_resources, r.actor_labels
+        )
         for i in range(cfg.actor.num_actors)
-    ]  # fmt: skip
+    ]
     return out
 
 
@@ -115,8 +130,9 @@ def prometheus_targets(cfg: RunConfig, ips: dict[str, str], run: str) -> list[di
     for p in placements(cfg):
         host = ips[p.name] if cfg.deploy.ray.bind_node_ip else cfg.metrics.host
         labels = {"role": p.role, "replica": str(p.index), "run": run, "node": ips[p.name]}
-        groups.append({"targets": [f"{host}:{role_port(cfg.metrics, p.role, p.index)}"],
-                       "labels": labels})  # fmt: skip
+        groups.append(
+            {"targets": [f"{host}:{role_port(cfg.metrics, p.role, p.index)}"], "labels": labels}
+        )
     return groups
 
 
@@ -232,8 +248,13 @@ class RoleHost:
             tmp.write_text(config_toml)
             tmp.replace(config)
         argv = role_argv(self.role, config, self.run_dir, self.index) + flags
-        self._role = Role(self.name, argv, self.role != "learner",
-                          self.run_dir / "logs" / f"{self.name}.log", env=env or {})  # fmt: skip
+        self._role = Role(
+            self.name,
+            argv,
+            self.role != "learner",
+            self.run_dir / "logs" / f"{self.name}.log",
+            env=env or {},
+        )
         self._role.start(dict(os.environ))
         pid_file = self.run_dir / "pids" / f"{self.name}.pid"
         pid_file.parent.mkdir(exist_ok=True)
@@ -290,9 +311,12 @@ class RayRun:
         self.targets_files: list[Path] = []
         """The Prometheus file-SD files `write_targets` wrote."""
         d = cfg.deploy
-        self.policies = {p.name: RestartPolicy.of(d, d.learner_max_restarts if p.role == "learner"
-                                                  else d.max_restarts)
-                         for p in self.places}  # fmt: skip
+        self.policies = {
+            p.name: RestartPolicy.of(
+                d, d.learner_max_restarts if p.role == "learner" else d.max_restarts
+            )
+            for p in self.places
+        }
 
     def connect(self) -> None:
         import ray
@@ -307,8 +331,11 @@ class RayRun:
                 for k, v in p.resources.items():
                     custom[k] = custom.get(k, 0.0) + v
             cpus = sum(p.cpus for p in self.places)
-            local = {"num_cpus": max(os.cpu_count() or 1, math.ceil(cpus)), "resources": custom,
-                     "include_dashboard": False}  # fmt: skip
+            local = {
+                "num_cpus": max(os.cpu_count() or 1, math.ceil(cpus)),
+                "resources": custom,
+                "include_dashboard": False,
+            }
         ray.init(
             address=r.address,
             namespace=r.namespace,
@@ -364,8 +391,10 @@ class RayRun:
         """Ask every host for its node IP (a host Ray is bringing back answers once it is up)."""
         import ray
 
-        found = ray.get([h.node.remote() for h in self.hosts.values()],
-                        timeout=self.cfg.deploy.ray.ready_timeout_s)  # fmt: skip
+        found = ray.get(
+            [h.node.remote() for h in self.hosts.values()],
+            timeout=self.cfg.deploy.ray.ready_timeout_s,
+        )
         nodes = dict(zip(self.hosts, found, strict=True))
         for name, n in nodes.items():
             log.info("ray: %s on node %s (%s)", name, n["ip"], n["node_id"][:12])
@@ -374,8 +403,14 @@ class RayRun:
     def write_targets(self) -> None:
         """The Prometheus file-SD targets of the roles where they run now."""
         targets = prometheus_targets(self.cfg, self.ips, self.run_dir.name)
-        self.targets_files = [Path(p) for p in [self.run_dir / "prometheus-targets.json",
-                                                self.cfg.deploy.ray.prometheus_targets] if p]  # fmt: skip
+        self.targets_files = [
+            Path(p)
+            for p in [
+                self.run_dir / "prometheus-targets.json",
+                self.cfg.deploy.ray.prometheus_targets,
+            ]
+            if p
+        ]
         for path in self.targets_files:
             _write_json(path, targets)
 
@@ -473,8 +508,13 @@ class RayRun:
         policy = self.policies[name]
         delay = policy.next_delay(time.time())
         if delay is None:
-            log.error("ray: %s %s after %d restarts within %.0f s; stopping the run", name, what,
-                      policy.in_window(time.time()), d.restart_window_s)  # fmt: skip
+            log.error(
+                "ray: %s %s after %d restarts within %.0f s; stopping the run",
+                name,
+                what,
+                policy.in_window(time.time()),
+                d.restart_window_s,
+            )
         else:
             log.warning("ray: %s %s; restart %d in %.1f s", name, what, policy.restarts, delay)
         return delay
@@ -492,8 +532,11 @@ class RayRun:
         log.warning("ray: %s moved to %s", ", ".join(moved), [self.ips[n] for n in moved])
         self.write_targets()
         grace = self.cfg.deploy.ray.stop_grace_s
-        follow = {n for n in self.refs
-                  if n not in names and peer_flags(self.cfg, self.ips, n) != self.flags[n]}  # fmt: skip
+        follow = {
+            n
+            for n in self.refs
+            if n not in names and peer_flags(self.cfg, self.ips, n) != self.flags[n]
+        }
         for n in sorted(follow):
             log.warning("ray: restarting %s to follow its peers", n)
             self.hosts[n].stop.remote(grace)
@@ -533,8 +576,10 @@ def ray_train(cfg: RunConfig, resume: Path | None) -> int:
     if cfg.transport.scheme != "tcp":
         raise SystemExit("popo ray: transport.scheme must be tcp (ipc sockets do not cross nodes)")
     run = RayRun(cfg, run_dir)
-    print(f"run directory: {run_dir}  (role logs in {run_dir / 'logs'} on each role's node)",
-          flush=True)  # fmt: skip
+    print(
+        f"run directory: {run_dir}  (role logs in {run_dir / 'logs'} on each role's node)",
+        flush=True,
+    )
 
     def on_term(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
@@ -562,8 +607,10 @@ def ray_train(cfg: RunConfig, resume: Path | None) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
         code = 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: stopping every role (resume with `popo ray --resume {run_dir}`)",
-              flush=True)  # fmt: skip
+        print(
+            f"\ninterrupted: stopping every role (resume with `popo ray --resume {run_dir}`)",
+            flush=True,
+        )
         code = 130
     finally:
         t0 = time.monotonic()
@@ -576,6 +623,9 @@ def ray_train(cfg: RunConfig, resume: Path | None) -> int:
     if summary is not None:
         print_summary(json.loads(summary))
     elif tail is not None:
-        print(f"popo ray: exit {code}; last lines of the learner's log ({run.ips['learner']}:"
-              f"{run_dir / 'logs' / 'learner.log'}):\n{tail}", flush=True)  # fmt: skip
+        print(
+            f"popo ray: exit {code}; last lines of the learner's log ({run.ips['learner']}:"
+            f"{run_dir / 'logs' / 'learner.log'}):\n{tail}",
+            flush=True,
+        )
     return code

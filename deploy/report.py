@@ -108,13 +108,17 @@ def time_to_accuracy(run_dir: Path, threshold: float) -> float | None:
 
 def markdown_table(run_dirs: list[Path]) -> str:
     rows = [summary_row(d) for d in run_dirs]
-    out = ["| run | algorithm | held-out before | after | steps | wall-clock s | tokens trained | pass rate |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    out = [
+        "| run | algorithm | held-out before | after | steps | wall-clock s | tokens trained | pass rate |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     pct = lambda x: "-" if x is None else f"{100 * x:.1f} %"  # noqa: E731
     num = lambda x: "-" if x is None else f"{x:,.0f}"  # noqa: E731
     for r in rows:
-        out.append(f"| {r['run']} | {r['algorithm']} | {pct(r['acc_before'])} | {pct(r['acc_after'])} | "
-                   f"{r['steps']} | {num(r['wall_s'])} | {num(r['tokens'])} | {pct(r['pass_rate'])} |")  # fmt: skip
+        out.append(
+            f"| {r['run']} | {r['algorithm']} | {pct(r['acc_before'])} | {pct(r['acc_after'])} | "
+            f"{r['steps']} | {num(r['wall_s'])} | {num(r['tokens'])} | {pct(r['pass_rate'])} |"
+        )
     return "\n".join(out)
 
 
@@ -131,10 +135,19 @@ def report(run_dirs: list[Path], out: Path) -> Path:
         color = f"C{i % 10}"
         ev = run["evals"]
         if ev:
-            ax_acc_step.plot([e["step"] for e in ev], [100 * e["accuracy"] for e in ev], "o-",
-                             color=color, label=run["label"])  # fmt: skip
-            ax_acc_time.plot([e["t"] - run["t0"] for e in ev], [100 * e["accuracy"] for e in ev],
-                             "o-", color=color)  # fmt: skip
+            ax_acc_step.plot(
+                [e["step"] for e in ev],
+                [100 * e["accuracy"] for e in ev],
+                "o-",
+                color=color,
+                label=run["label"],
+            )
+            ax_acc_time.plot(
+                [e["t"] - run["t0"] for e in ev],
+                [100 * e["accuracy"] for e in ev],
+                "o-",
+                color=color,
+            )
         learner = run["by_inst"].get("learner", [])
         s, y = _by_step(learner, "popo_learner_pass_rate")
         ax_pass.plot(s, [100 * v for v in y], color=color)

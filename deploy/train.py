@@ -99,8 +99,10 @@ def train(
             view.update()
     except KeyboardInterrupt:
         interrupted = True
-        print("\ninterrupted: stopping every role (resume with "
-              f"`popo train --resume {run_dir}`)", flush=True)  # fmt: skip
+        print(
+            f"\ninterrupted: stopping every role (resume with `popo train --resume {run_dir}`)",
+            flush=True,
+        )
     finally:
         view.close()
         # A finished run's state is durable (ledger closed, summary and checkpoint written): the
@@ -121,8 +123,11 @@ def train(
     if interrupted:
         return 130
     if code != 0:
-        print(f"the learner failed (exit {code}); last lines of {sup.learner.log_path}:\n"
-              + sup.tail(sup.learner), flush=True)  # fmt: skip
+        print(
+            f"the learner failed (exit {code}); last lines of {sup.learner.log_path}:\n"
+            + sup.tail(sup.learner),
+            flush=True,
+        )
         return 1
     _print_summary(run_dir)
     return 0
@@ -134,15 +139,22 @@ def _print_metrics_endpoints(cfg: RunConfig) -> None:
     if not cfg.metrics.enabled:
         return
     if cfg.metrics.base_port == 0:  # role_port would print ":0"; each role picks its own port
-        print("metrics: on OS-assigned ports (metrics.base_port = 0), not scrapeable by the shipped "
-              "Prometheus config", flush=True)  # fmt: skip
+        print(
+            "metrics: on OS-assigned ports (metrics.base_port = 0), not scrapeable by the shipped "
+            "Prometheus config",
+            flush=True,
+        )
         return
     h = cfg.metrics.host
     lines = [f"  learner     http://{h}:{role_port(cfg.metrics, 'learner')}/metrics"]
-    lines += [f"  verifier-{r}  http://{h}:{role_port(cfg.metrics, 'verifier', r)}/metrics"
-              for r in range(cfg.verifier.replicas)]  # fmt: skip
-    lines += [f"  actor-{i}     http://{h}:{role_port(cfg.metrics, 'actor', i)}/metrics"
-              for i in range(cfg.actor.num_actors)]  # fmt: skip
+    lines += [
+        f"  verifier-{r}  http://{h}:{role_port(cfg.metrics, 'verifier', r)}/metrics"
+        for r in range(cfg.verifier.replicas)
+    ]
+    lines += [
+        f"  actor-{i}     http://{h}:{role_port(cfg.metrics, 'actor', i)}/metrics"
+        for i in range(cfg.actor.num_actors)
+    ]
     print("metrics:\n" + "\n".join(lines), flush=True)
 
 

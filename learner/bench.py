@@ -27,9 +27,13 @@ PASS_RATES = (0.125, 0.25, 0.5, 0.75, 1.0)
 
 
 def make_batch(
-    n_groups: int, g: int, vocab: int, seed: int, pass_rate: float | None = None,
+    n_groups: int,
+    g: int,
+    vocab: int,
+    seed: int,
+    pass_rate: float | None = None,
     completion_len: tuple[int, int] = (24, 64),
-) -> list[ScoredGroup]:  # fmt: skip
+) -> list[ScoredGroup]:
     """Synthetic groups: prompts 16–32 tokens, completions `completion_len` (inclusive) tokens.
 
     pass_rate None: random rewards with at least one positive and one negative per group;
@@ -113,9 +117,14 @@ def base_model(hidden: int, layers: int) -> tuple[torch.nn.Module, int]:
     tok = build_tokenizer()
     heads = max(1, hidden // 64)  # head size 64 (32 below hidden 64): one vLLM supports
     model = make_model(
-        tok, seed=0, hidden_size=hidden, num_layers=layers, num_heads=heads,
-        num_kv_heads=max(1, heads // 2), intermediate_size=4 * hidden,
-    )  # fmt: skip
+        tok,
+        seed=0,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=max(1, heads // 2),
+        intermediate_size=4 * hidden,
+    )
     return model, len(tok)
 
 
@@ -123,8 +132,9 @@ def step_variants(
     base: torch.nn.Module, vocab: int, groups: int, g: int, micro_batch_tokens: int
 ) -> dict[str, tuple[object, list[ScoredGroup]]]:
     """name -> (trainer, batch): NLL, GRPO and three POPO settings, each on its own model copy."""
-    lc = LearnerConfig(lr=1e-4, device="cpu", micro_batch_tokens=micro_batch_tokens,
-                       total_steps=10_000)  # fmt: skip
+    lc = LearnerConfig(
+        lr=1e-4, device="cpu", micro_batch_tokens=micro_batch_tokens, total_steps=10_000
+    )
     mixed = make_batch(groups, g, vocab, 0)
     positive = make_batch(groups, g, vocab, 0, pass_rate=1.0)
 
@@ -150,8 +160,9 @@ def pass_rate_variants(
 ) -> dict[str, tuple[object, list[ScoredGroup]]]:
     """GRPO on the full batch, and POPO on the batch of each pass rate (it trains its positives
     only: what the verifier forwards). Same sequences throughout (same seed)."""
-    lc = LearnerConfig(lr=1e-4, device="cpu", micro_batch_tokens=micro_batch_tokens,
-                       total_steps=10_000)  # fmt: skip
+    lc = LearnerConfig(
+        lr=1e-4, device="cpu", micro_batch_tokens=micro_batch_tokens, total_steps=10_000
+    )
     out: dict[str, tuple[object, list[ScoredGroup]]] = {
         "grpo": (
             Trainer(copy.deepcopy(base), lc, algorithm_config(name="grpo"), max_completion_len=64),

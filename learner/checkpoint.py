@@ -152,8 +152,11 @@ def save_checkpoint(
     if trainer.rank == 0:
         retry_write(
             lambda: _write(root, final, tensors, meta, keep),
-            f"checkpoint {final.name}", retries, backoff_s, on_failure,
-        )  # fmt: skip
+            f"checkpoint {final.name}",
+            retries,
+            backoff_s,
+            on_failure,
+        )
     if trainer.sharded:
         import torch.distributed as dist
 

@@ -27,9 +27,14 @@ def build_trainer(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer = Trainer(
-        model, cfg.learner, cfg.algorithm, max_completion_len=cfg.actor.max_tokens,
-        temperature=cfg.actor.temperature, pad_id=tokenizer.pad_token_id or 0, device=device,
-    )  # fmt: skip
+        model,
+        cfg.learner,
+        cfg.algorithm,
+        max_completion_len=cfg.actor.max_tokens,
+        temperature=cfg.actor.temperature,
+        pad_id=tokenizer.pad_token_id or 0,
+        device=device,
+    )
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is not None:
         load_checkpoint(trainer, ckpt)
@@ -38,9 +43,15 @@ def build_trainer(
 
 
 def write_weights(
-    trainer: Any, cfg: RunConfig, run_dir: Path, model_dir: Path, version: int,
-    protect: set[int], probe: tuple[list[int], list[int]] | None, on_failure: Any = None,
-) -> WeightsReady | None:  # fmt: skip
+    trainer: Any,
+    cfg: RunConfig,
+    run_dir: Path,
+    model_dir: Path,
+    version: int,
+    protect: set[int],
+    probe: tuple[list[int], list[int]] | None,
+    on_failure: Any = None,
+) -> WeightsReady | None:
     """Publish the policy as `weights/v{version}` (every rank calls; rank 0 writes and returns the
     announcement)."""
     from popo.learner.publish import publish_dtype, publish_weights
@@ -48,10 +59,19 @@ def write_weights(
     lc = cfg.learner
     dtype = publish_dtype(lc.publish_dtype, cfg.model.dtype, trainer.device.type)
     return publish_weights(
-        trainer.policy, run_dir / "weights", version, source_dir=model_dir, keep=lc.keep_weights,
-        protect=protect, dtype=dtype, probe=probe, pad_id=trainer.pad_id,
-        retries=lc.write_retries, backoff_s=lc.write_retry_backoff_s, on_failure=on_failure,
-    )  # fmt: skip
+        trainer.policy,
+        run_dir / "weights",
+        version,
+        source_dir=model_dir,
+        keep=lc.keep_weights,
+        protect=protect,
+        dtype=dtype,
+        probe=probe,
+        pad_id=trainer.pad_id,
+        retries=lc.write_retries,
+        backoff_s=lc.write_retry_backoff_s,
+        on_failure=on_failure,
+    )
 
 
 def write_checkpoint(trainer: Any, cfg: RunConfig, run_dir: Path, on_failure: Any = None) -> None:
@@ -60,6 +80,10 @@ def write_checkpoint(trainer: Any, cfg: RunConfig, run_dir: Path, on_failure: An
 
     lc = cfg.learner
     save_checkpoint(
-        trainer, run_dir / "checkpoints", keep=lc.keep_checkpoints, retries=lc.write_retries,
-        backoff_s=lc.write_retry_backoff_s, on_failure=on_failure,
-    )  # fmt: skip
+        trainer,
+        run_dir / "checkpoints",
+        keep=lc.keep_checkpoints,
+        retries=lc.write_retries,
+        backoff_s=lc.write_retry_backoff_s,
+        on_failure=on_failure,
+    )

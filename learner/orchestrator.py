@@ -76,28 +76,39 @@ class Orchestrator:
         )
         t = cfg.transport
         self.dispatcher = Dispatcher(
-            cfg, self.ledger, train, order, self.evals, self.state,
+            cfg,
+            self.ledger,
+            train,
+            order,
+            self.evals,
+            self.state,
             transport.address(t, "dispatch", run_dir=self.run_dir),
             transport.address(t, "ingest", run_dir=self.run_dir),
-            on_group=self._on_group, on_duplicate=self.stats.duplicate, on_drop=self.stats.drop,
+            on_group=self._on_group,
+            on_duplicate=self.stats.duplicate,
+            on_drop=self.stats.drop,
             vocab_size=vocab_size,
-        )  # fmt: skip
+        )
         self.dispatcher.start()
         self.dispatcher.ready.wait()
         if self.dispatcher.error is not None:
             raise self.dispatcher.error
         self.pub = transport.bind(
-            zmq.Context.instance(), "weights",
-            transport.address(t, "weights", run_dir=self.run_dir), t,
-        )  # fmt: skip
+            zmq.Context.instance(),
+            "weights",
+            transport.address(t, "weights", run_dir=self.run_dir),
+            t,
+        )
         self.weight_server = None
         if t.weights_mode != "shared":  # actors without our weights/ stream them from here
             from popo.common.weight_stream import WeightServer
 
             self.weight_server = WeightServer(
-                self.run_dir / "weights", transport.address(t, "weightstream", run_dir=self.run_dir),
-                t, on_drop=self.stats.drop,
-            )  # fmt: skip
+                self.run_dir / "weights",
+                transport.address(t, "weightstream", run_dir=self.run_dir),
+                t,
+                on_drop=self.stats.drop,
+            )
             self.weight_server.start()
         self._write_endpoints()
 
@@ -116,8 +127,14 @@ class Orchestrator:
         raw = [Problem(p.prompt_id, apply_template(p.problem, template), p.gold) for p in raw]
         kept, dropped = drop_too_long(raw, lambda t: len(tokenizer(t)["input_ids"]), budget)
         if dropped:
-            log.warning("%s split: %d of %d prompts are longer than max_model_len - max_tokens"
-                        " = %d tokens and are never leased", split, dropped, len(raw), budget)  # fmt: skip
+            log.warning(
+                "%s split: %d of %d prompts are longer than max_model_len - max_tokens"
+                " = %d tokens and are never leased",
+                split,
+                dropped,
+                len(raw),
+                budget,
+            )
         if not kept:
             raise LearnerError(f"no {split} prompt fits in {budget} tokens")
         return kept
@@ -200,8 +217,9 @@ class Orchestrator:
         if not self.evals or self.state.eval is not None:
             return
         n = len(self.evals)
-        self.state.eval = EvalRound(version=self.state.version, pending=list(range(n))[::-1],
-                                    size=n, step=step)  # fmt: skip
+        self.state.eval = EvalRound(
+            version=self.state.version, pending=list(range(n))[::-1], size=n, step=step
+        )
 
     def finish_eval(self, stop: threading.Event) -> dict[str, Any] | None:
         """Wait for the round in progress, then record it (eval.jsonl); None if there was none or
@@ -217,14 +235,28 @@ class Orchestrator:
         g = self.cfg.actor.group_size
         acc = ev.n_positive / max(1, ev.n_total)
         pk = sum(pass_at_k(n, c, min(g, n)) for c, n in ev.per_prompt.values()) / len(ev.per_prompt)
-        rec = {"step": ev.step, "version": ev.version, "accuracy": acc, f"pass@{g}": pk,
-               "prompts": ev.size, "seconds": time.monotonic() - ev.started, "t": time.time()}  # fmt: skip
+        rec = {
+            "step": ev.step,
+            "version": ev.version,
+            "accuracy": acc,
+            f"pass@{g}": pk,
+            "prompts": ev.size,
+            "seconds": time.monotonic() - ev.started,
+            "t": time.time(),
+        }
         self.eval_history.append(rec)
         with open(self.run_dir / "eval.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         self.stats.evaluated(acc, pk)
-        log.info("eval at step %d: held-out accuracy %.1f%%, pass@%d %.1f%% (%d prompts, %.0fs)",
-                 ev.step, 100 * acc, g, 100 * pk, ev.size, rec["seconds"])  # fmt: skip
+        log.info(
+            "eval at step %d: held-out accuracy %.1f%%, pass@%d %.1f%% (%d prompts, %.0fs)",
+            ev.step,
+            100 * acc,
+            g,
+            100 * pk,
+            ev.size,
+            rec["seconds"],
+        )
         self.stats.metrics.write_jsonl()
         return rec
 

@@ -117,8 +117,11 @@ def publish_weights(
     out_dir = Path(weights_root) / f"v{version}"
     _, digest, nbytes = retry_write(
         lambda: write_version_dir(out_dir, tensors, link_files=links),
-        f"weights v{version}", retries, backoff_s, on_failure,
-    )  # fmt: skip
+        f"weights v{version}",
+        retries,
+        backoff_s,
+        on_failure,
+    )
     prune_versions(weights_root, keep, protect={*protect, version})
     msg = WeightsReady(version=version, path=str(out_dir), sha256=digest, nbytes=nbytes)
     if probe is not None and learner_lp is not None:

@@ -42,8 +42,12 @@ def launch(argv: Sequence[str], world: int) -> int:
     """Run `argv` as `world` ranks on this machine and wait for them. A rank that fails stops the
     others; SIGTERM/SIGINT are forwarded to rank 0, which stops the group after its current step.
     Returns the first non-zero exit code, else 0."""
-    env = {**os.environ, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_ports(1)[0])}  # fmt: skip
+    env = {
+        **os.environ,
+        "WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_ports(1)[0]),
+    }
     procs = [
         subprocess.Popen(
             list(argv),

@@ -62,8 +62,10 @@ class Learner:
         p = self.orch.probe_problem
         # A fixed (prompt, continuation) whose log-probs learner and actors compare after each
         # reload: the first held-out prompt followed by its boxed gold answer.
-        self.probe = (tokenizer(p.problem)["input_ids"],
-                      tokenizer(f"\\boxed{{{p.gold}}}")["input_ids"])  # fmt: skip
+        self.probe = (
+            tokenizer(p.problem)["input_ids"],
+            tokenizer(f"\\boxed{{{p.gold}}}")["input_ids"],
+        )
         if self.trainer.step > 0 or self.orch.resumed_weights:
             # A resumed learner announces its restored weights as a new version: actors may
             # hold versions from the lost steps, which must not be reused.
@@ -132,9 +134,14 @@ class Learner:
             self._phase("first_step")
         log.info(
             "step %d/%d  loss %.4f  groups %d/%d  tokens %d  %.2fs",
-            self.trainer.step, self.cfg.learner.total_steps, m.get("loss", float("nan")),
-            len(used), len(batch), m["tokens"], m["step_seconds"],
-        )  # fmt: skip
+            self.trainer.step,
+            self.cfg.learner.total_steps,
+            m.get("loss", float("nan")),
+            len(used),
+            len(batch),
+            m["tokens"],
+            m["step_seconds"],
+        )
         self.metrics.tick()
 
     def _phase(self, name: str) -> None:
@@ -157,18 +164,30 @@ class Learner:
         version = self.orch.version + 1
         protect = self.orch.served_versions()
         if self.link is not None:
-            self.link.send(RankCommand(op="publish", version=version, protect=sorted(protect),
-                                       probe=list(self.probe)))  # fmt: skip
-        msg = write_weights(self.trainer, self.cfg, self.run_dir, self.model_dir, version, protect,
-                            self.probe, on_failure=lambda _e: self.stats.publish_failures.inc())  # fmt: skip
+            self.link.send(
+                RankCommand(
+                    op="publish", version=version, protect=sorted(protect), probe=list(self.probe)
+                )
+            )
+        msg = write_weights(
+            self.trainer,
+            self.cfg,
+            self.run_dir,
+            self.model_dir,
+            version,
+            protect,
+            self.probe,
+            on_failure=lambda _e: self.stats.publish_failures.inc(),
+        )
         self.orch.announce(msg)
         self.stats.published(version, time.perf_counter() - t0)
 
     def checkpoint(self) -> None:
         if self.link is not None:
             self.link.send(RankCommand(op="checkpoint"))
-        write_checkpoint(self.trainer, self.cfg, self.run_dir,
-                         lambda _e: self.stats.checkpoint_failures.inc())  # fmt: skip
+        write_checkpoint(
+            self.trainer, self.cfg, self.run_dir, lambda _e: self.stats.checkpoint_failures.inc()
+        )
         self.orch.ledger.checkpointed(self.trainer.step)
 
     def _write_summary(self) -> None:

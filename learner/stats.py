@@ -85,9 +85,10 @@ class LearnerStats:
             "learner_staleness_max_versions", "Largest version lag among the last step's groups"
         )
         self._startup = m.gauge(
-            "learner_startup_seconds", "Seconds from the run's launch to a start-up phase",
+            "learner_startup_seconds",
+            "Seconds from the run's launch to a start-up phase",
             ["phase"],
-        )  # fmt: skip
+        )
 
     def started(self, phase: str, seconds: float) -> None:
         self._startup.labels(phase).set(seconds)

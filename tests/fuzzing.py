@@ -42,25 +42,51 @@ FUZZ = settings(
 
 
 def completion(i: int) -> Completion:
-    return Completion(token_ids=pack_ids([5 + i, 6]), logprobs=pack_f32([-0.5, -0.25]),
-                      text=f"\\boxed{{{i}}}", finish_reason="stop")  # fmt: skip
+    return Completion(
+        token_ids=pack_ids([5 + i, 6]),
+        logprobs=pack_f32([-0.5, -0.25]),
+        text=f"\\boxed{{{i}}}",
+        finish_reason="stop",
+    )
 
 
 def rollout(lease_id: int = 10**9) -> RolloutGroup:
-    return RolloutGroup(lease_id=lease_id, prompt_id="p", prompt_token_ids=pack_ids([1, 2, 3]),
-                        gold="1", completions=[completion(i) for i in range(3)], version_min=0,
-                        version_max=0, actor_id="fuzz", t_leased=0.0, t_started=0.0,
-                        t_finished=0.0)  # fmt: skip
+    return RolloutGroup(
+        lease_id=lease_id,
+        prompt_id="p",
+        prompt_token_ids=pack_ids([1, 2, 3]),
+        gold="1",
+        completions=[completion(i) for i in range(3)],
+        version_min=0,
+        version_max=0,
+        actor_id="fuzz",
+        t_leased=0.0,
+        t_started=0.0,
+        t_finished=0.0,
+    )
 
 
 def scored(lease_id: int = 10**9) -> ScoredGroup:
-    c = ScoredCompletion(token_ids=pack_ids([5, 6]), logprobs=pack_f32([-0.5, -0.25]), reward=1.0,
-                         verdict="positive")  # fmt: skip
-    return ScoredGroup(lease_id=lease_id, prompt_id="p", prompt_token_ids=pack_ids([1, 2]),
-                       completions=[c], forwarded="positives", n_total=4, n_positive=1,
-                       verdicts={"positive": 1, "negative": 3}, version_min=0, version_max=0,
-                       actor_id="fuzz", t_leased=0.0, t_generated=0.0, t_verified=0.0,
-                       verify_seconds=0.0)  # fmt: skip
+    c = ScoredCompletion(
+        token_ids=pack_ids([5, 6]), logprobs=pack_f32([-0.5, -0.25]), reward=1.0, verdict="positive"
+    )
+    return ScoredGroup(
+        lease_id=lease_id,
+        prompt_id="p",
+        prompt_token_ids=pack_ids([1, 2]),
+        completions=[c],
+        forwarded="positives",
+        n_total=4,
+        n_positive=1,
+        verdicts={"positive": 1, "negative": 3},
+        version_min=0,
+        version_max=0,
+        actor_id="fuzz",
+        t_leased=0.0,
+        t_generated=0.0,
+        t_verified=0.0,
+        verify_seconds=0.0,
+    )
 
 
 def ready(version: int = 10**6) -> WeightsReady:
@@ -103,8 +129,13 @@ SEMANTIC_BAD = [
 ]
 
 # msgpack headers that announce far more than the frame holds (str32, bin32, array32, map32).
-HUGE_HEADERS = [b"\xdb\xff\xff\xff\xff", b"\xc6\xff\xff\xff\xff", b"\xdd\xff\xff\xff\xff",
-                b"\xdf\xff\xff\xff\xff", b"\xcf\xff\xff\xff\xff\xff\xff\xff\xff"]  # fmt: skip
+HUGE_HEADERS = [
+    b"\xdb\xff\xff\xff\xff",
+    b"\xc6\xff\xff\xff\xff",
+    b"\xdd\xff\xff\xff\xff",
+    b"\xdf\xff\xff\xff\xff",
+    b"\xcf\xff\xff\xff\xff\xff\xff\xff\xff",
+]
 
 
 @st.composite

@@ -131,18 +131,29 @@ class ServiceBench:
         msgs = []
         for gold, texts in groups:
             comp = [
-                Completion(token_ids=pack_ids(range(64)), logprobs=pack_f32([-0.5] * 64),
-                           text=t, finish_reason="stop")
+                Completion(
+                    token_ids=pack_ids(range(64)),
+                    logprobs=pack_f32([-0.5] * 64),
+                    text=t,
+                    finish_reason="stop",
+                )
                 for t in texts
-            ]  # fmt: skip
+            ]
             msgs.append(
                 RolloutGroup(
-                    lease_id=self._lease, prompt_id=str(self._lease),
-                    prompt_token_ids=pack_ids(range(32)), gold=gold, completions=comp,
-                    version_min=0, version_max=0, actor_id="bench",
-                    t_leased=0.0, t_started=0.0, t_finished=0.0,
+                    lease_id=self._lease,
+                    prompt_id=str(self._lease),
+                    prompt_token_ids=pack_ids(range(32)),
+                    gold=gold,
+                    completions=comp,
+                    version_min=0,
+                    version_max=0,
+                    actor_id="bench",
+                    t_leased=0.0,
+                    t_started=0.0,
+                    t_finished=0.0,
                 )
-            )  # fmt: skip
+            )
             self._lease += 1
         first = msgs[0].lease_id
         got: dict[int, ScoredGroup] = {}

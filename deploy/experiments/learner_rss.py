@@ -44,8 +44,13 @@ def main(mode: str, steps: int, out: str) -> None:
     trainer, tokenizer = build_trainer(cfg, run_dir, model_dir, "cpu")
     rows, release_s, t0 = [], 0.0, time.time()
     for s in range(1, steps + 1):
-        groups = make_batch(cfg.learner.prompts_per_step, cfg.actor.group_size, len(tokenizer),
-                            seed=s, completion_len=(1, cfg.actor.max_tokens))  # fmt: skip
+        groups = make_batch(
+            cfg.learner.prompts_per_step,
+            cfg.actor.group_size,
+            len(tokenizer),
+            seed=s,
+            completion_len=(1, cfg.actor.max_tokens),
+        )
         trainer.train_step(groups)
         write_weights(trainer, cfg, run_dir, model_dir, s, set(), None)
         if s % cfg.learner.checkpoint_every == 0:
@@ -54,10 +59,14 @@ def main(mode: str, steps: int, out: str) -> None:
             release_s += release_free_memory()
         rows.append({"step": s, "t": time.time() - t0, "rss_mib": rss_mib()})
         if s % 50 == 0:
-            print(f"{mode} step {s}: RSS {rows[-1]['rss_mib']:.0f} MiB, "
-                  f"release {1000 * release_s / s:.1f} ms/step", flush=True)  # fmt: skip
-    Path(out).write_text(json.dumps({"mode": mode, "release_ms_per_step": 1000 * release_s / steps,
-                                     "rows": rows}))  # fmt: skip
+            print(
+                f"{mode} step {s}: RSS {rows[-1]['rss_mib']:.0f} MiB, "
+                f"release {1000 * release_s / s:.1f} ms/step",
+                flush=True,
+            )
+    Path(out).write_text(
+        json.dumps({"mode": mode, "release_ms_per_step": 1000 * release_s / steps, "rows": rows})
+    )
 
 
 if __name__ == "__main__":

@@ -95,8 +95,12 @@ def sample(run_dir: Path, t0: float) -> dict:
         if leader is None:
             continue
         tree, n = group_rss_kb(pid)
-        rec["roles"][role] = {"pid": pid, "rss_mb": leader / 1024, "group_rss_mb": tree / 1024,
-                              "processes": n}  # fmt: skip
+        rec["roles"][role] = {
+            "pid": pid,
+            "rss_mb": leader / 1024,
+            "group_rss_mb": tree / 1024,
+            "processes": n,
+        }
     metrics = last_records(run_dir / "metrics.jsonl")
     learner = metrics.get("learner", {})
     rec["learner_step"] = learner.get("popo_learner_step")
@@ -116,8 +120,11 @@ def window_mean(samples: list[dict], lo_s: float, hi_s: float, key) -> float | N
 
 def rate(samples: list[dict], lo_s: float, hi_s: float, field: str) -> float | None:
     """Per-second increase of a cumulative figure over a window (None across a restart reset)."""
-    pts = [(s["elapsed_s"], s[field]) for s in samples
-           if lo_s <= s["elapsed_s"] <= hi_s and s.get(field) is not None]  # fmt: skip
+    pts = [
+        (s["elapsed_s"], s[field])
+        for s in samples
+        if lo_s <= s["elapsed_s"] <= hi_s and s.get(field) is not None
+    ]
     if len(pts) < 2 or pts[-1][1] < pts[0][1]:
         return None
     return (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0])
@@ -143,8 +150,15 @@ def summarize(samples: list[dict], warm: tuple[float, float], final_min: float, 
         for f in ("learner_step", "learner_tokens", "actor_tokens")
     }
     ok = all(r["growth"] is not None and r["growth"] < max_growth for r in rows.values())
-    return {"duration_s": end, "warm_window_s": [w0, w1], "final_window_s": [f0, end],
-            "rss": rows, "throughput_per_s": thr, "max_growth": max_growth, "pass": ok}  # fmt: skip
+    return {
+        "duration_s": end,
+        "warm_window_s": [w0, w1],
+        "final_window_s": [f0, end],
+        "rss": rows,
+        "throughput_per_s": thr,
+        "max_growth": max_growth,
+        "pass": ok,
+    }
 
 
 def plot(samples: list[dict], out: Path, summary: dict) -> None:
@@ -158,7 +172,10 @@ def plot(samples: list[dict], out: Path, summary: dict) -> None:
     for role in summary["rss"]:
         ys = [s["roles"].get(role, {}).get("group_rss_mb") for s in samples]
         ax1.plot(minutes, [y if y is not None else float("nan") for y in ys], label=role)
-    for lo, hi, c in ((*summary["warm_window_s"], "tab:green"), (*summary["final_window_s"], "tab:red")):  # fmt: skip
+    for lo, hi, c in (
+        (*summary["warm_window_s"], "tab:green"),
+        (*summary["final_window_s"], "tab:red"),
+    ):
         ax1.axvspan(lo / 60, hi / 60, color=c, alpha=0.1)
     ax1.set_ylabel("RSS of the role's process group (MiB)")
     ax1.legend(loc="upper left", fontsize=8)
@@ -205,23 +222,32 @@ def main(argv: list[str] | None = None) -> int:
         if run_dir.exists():
             raise SystemExit(f"{run_dir} exists; pick another --out")
         out.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "popo.deploy.cli", "train", f"--deploy.run_dir={run_dir}",
-               "--learner.total_steps=1000000", *args.train_args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "popo.deploy.cli",
+            "train",
+            f"--deploy.run_dir={run_dir}",
+            "--learner.total_steps=1000000",
+            *args.train_args,
+        ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         from popo.deploy.cli import OFFLINE_ENV
 
         env.update(OFFLINE_ENV)
         print("soak:", " ".join(cmd), flush=True)
         with open(out / "train.log", "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         t0 = time.time()
         try:
             with open(samples_path, "w") as f:
                 while time.time() - t0 < args.minutes * 60:
                     if proc.poll() is not None:
-                        raise SystemExit(f"popo train exited early ({proc.returncode}); see "
-                                         f"{out / 'train.log'}")  # fmt: skip
+                        raise SystemExit(
+                            f"popo train exited early ({proc.returncode}); see {out / 'train.log'}"
+                        )
                     rec = sample(run_dir, t0)
                     f.write(json.dumps(rec) + "\n")
                     f.flush()
@@ -237,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(samples, warm, args.final, args.max_growth)  # type: ignore[arg-type]
     (out / "soak_summary.json").write_text(json.dumps(summary, indent=1))
     plot(samples, out / "soak.png", summary)
-    print(f"| role | RSS min {warm[0]:g}-{warm[1]:g} (MiB) | RSS last {args.final:g} min (MiB) "
-          "| growth |\n| --- | --- | --- | --- |")  # fmt: skip
+    print(
+        f"| role | RSS min {warm[0]:g}-{warm[1]:g} (MiB) | RSS last {args.final:g} min (MiB) "
+        "| growth |\n| --- | --- | --- | --- |"
+    )
     for role, r in summary["rss"].items():
         g = "n/a" if r["growth"] is None else f"{100 * r['growth']:+.1f} %"
         a = "n/a" if r["warm_rss_mb"] is None else f"{r['warm_rss_mb']:.0f}"

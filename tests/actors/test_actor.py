@@ -176,10 +176,14 @@ def test_new_version_reloads_in_place_and_matches_learner(
     probe_cont = list(b"12")
     probe_lp = reference.logprobs(prompt_ids, probe_cont)
     msg = WeightsReady(
-        version=version, path=str(vdir), sha256=sha, nbytes=nbytes,
-        probe_token_ids=pack_ids(prompt_ids + probe_cont), probe_prompt_len=len(prompt_ids),
+        version=version,
+        path=str(vdir),
+        sha256=sha,
+        nbytes=nbytes,
+        probe_token_ids=pack_ids(prompt_ids + probe_cont),
+        probe_prompt_len=len(prompt_ids),
         probe_logprobs=pack_f32(probe_lp),
-    )  # fmt: skip
+    )
     try:
         with running(actor):
             # keep groups in flight across the reload: it must not drop them
@@ -193,8 +197,12 @@ def test_new_version_reloads_in_place_and_matches_learner(
             wait_for(lambda: len(peers.requests) > n, 30, "a lease request after reload", peers)
             req: LeaseRequest = peers.requests[-1]
             assert req.policy_version == version and req.mismatch_kl == actor.stats.mismatch_kl
-            wait_for(lambda: any(g.version_min == version for g in peers.received), 60,
-                     "a group of the new version", peers)  # fmt: skip
+            wait_for(
+                lambda: any(g.version_min == version for g in peers.received),
+                60,
+                "a group of the new version",
+                peers,
+            )
         new = assert_serves(engine, reference, prompt_ids)  # matches the learner's new weights
     except BaseException:
         reference.load(prev_state)

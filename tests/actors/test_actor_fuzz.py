@@ -62,8 +62,10 @@ def test_fuzz_actor_weights_sub_and_dispatch(engine, model_dir, peers, tmp_path)
                 assert isinstance(msg, WeightsReady)
                 if msg.version > served:  # a newer version whose file is not there: rejected
                     sent["reload_bad"] += 1
-                    settle(lambda: actor.stats.reload_failures - f0 >= sent["reload_bad"],
-                           "a rejected version counted")  # fmt: skip
+                    settle(
+                        lambda: actor.stats.reload_failures - f0 >= sent["reload_bad"],
+                        "a rejected version counted",
+                    )
             else:
                 sent["bad"] += 1
                 settle(lambda: actor.stats.dropped - d0 >= sent["bad"], "a bad frame counted")

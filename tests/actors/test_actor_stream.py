@@ -29,8 +29,9 @@ def test_actor_streams_a_version_it_cannot_see_and_serves_it(
     server = WeightServer(root, "tcp://127.0.0.1:*", cfg.transport, ctx)
     server.start()
     peers.bind_pub()
-    eps = ActorEndpoints(peers.dispatch_addr, [peers.rollouts_addr], peers.weights_addr,
-                         weightstream=server.address)  # fmt: skip
+    eps = ActorEndpoints(
+        peers.dispatch_addr, [peers.rollouts_addr], peers.weights_addr, weightstream=server.address
+    )
     actor = Actor(cfg, model_dir, eps, engine=engine)
     actor.setup()
     prompt_ids = engine.encode("5+6=")
@@ -41,8 +42,11 @@ def test_actor_streams_a_version_it_cannot_see_and_serves_it(
             v1 = engine.version + 1
             s1 = reference.perturbed(seed=4000 + v1)
             d1, sha1, n1 = publish(root, f"v{v1}", s1)
-            announce_until(peers, WeightsReady(version=v1, path=str(d1), sha256=sha1, nbytes=n1),
-                           lambda: actor.stats.version == v1)  # fmt: skip
+            announce_until(
+                peers,
+                WeightsReady(version=v1, path=str(d1), sha256=sha1, nbytes=n1),
+                lambda: actor.stats.version == v1,
+            )
             assert actor.stats.mode == "shared" and actor.stats.streamed_bytes == 0
 
             # 2. the learner's path does not exist here (another node): stream, verify, reload
@@ -51,8 +55,11 @@ def test_actor_streams_a_version_it_cannot_see_and_serves_it(
             d2, sha2, n2 = publish(root, f"v{v2}", s2)
             elsewhere = f"/learner-node{d2}"
             assert not Path(elsewhere).exists()
-            announce_until(peers, WeightsReady(version=v2, path=elsewhere, sha256=sha2, nbytes=n2),
-                           lambda: actor.stats.version == v2)  # fmt: skip
+            announce_until(
+                peers,
+                WeightsReady(version=v2, path=elsewhere, sha256=sha2, nbytes=n2),
+                lambda: actor.stats.version == v2,
+            )
             assert engine.version == v2 and actor.stats.reload_failures == 0
             assert actor.stats.mode == "stream"
             cached = tmp_path / "node-cache" / f"v{v2}"

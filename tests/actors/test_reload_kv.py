@@ -29,9 +29,13 @@ async def _generate_across_reload(engine, prompt: list[int], weights_dir: str, v
     from vllm.sampling_params import RequestOutputKind
 
     params = SamplingParams(
-        n=1, temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0,
+        n=1,
+        temperature=1.0,
+        max_tokens=MAX_TOKENS,
+        ignore_eos=True,
+        logprobs=0,
         output_kind=RequestOutputKind.CUMULATIVE,
-    )  # fmt: skip
+    )
     seen = [0] * SEQUENCES
     finals: list = [None] * SEQUENCES
 

@@ -186,9 +186,23 @@ def worker(conn: Connection):
 q = mp.get_context("spawn").Queue()
 """
     rules = sorted(h.rule for h in scan_source(bad, "bad.py"))
-    assert rules == sorted(["import", "import", "import", "torch.load", "torch.load", "torch.save",
-                            "np.load", "np.save", "pickling-call", "pickling-call", "connection",
-                            "connection", "mp-queue"])  # fmt: skip
+    assert rules == sorted(
+        [
+            "import",
+            "import",
+            "import",
+            "torch.load",
+            "torch.load",
+            "torch.save",
+            "np.load",
+            "np.save",
+            "pickling-call",
+            "pickling-call",
+            "connection",
+            "connection",
+            "mp-queue",
+        ]
+    )
     good = """
 import multiprocessing as mp
 import queue
@@ -224,7 +238,9 @@ def test_boundary_modules_use_the_safe_formats(path: str) -> None:
     # The modules that cross a process or disk boundary name their format explicitly.
     src = (ROOT / path).read_text()
     assert scan_source(src, path) == []
-    expected = {"verifier/pool.py": ("send_bytes", "recv_bytes", "msgspec"),
-                "learner/checkpoint.py": ("safetensors",),
-                "common/weights.py": ("safetensors",)}[path]  # fmt: skip
+    expected = {
+        "verifier/pool.py": ("send_bytes", "recv_bytes", "msgspec"),
+        "learner/checkpoint.py": ("safetensors",),
+        "common/weights.py": ("safetensors",),
+    }[path]
     assert all(token in src for token in expected)

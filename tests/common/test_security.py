@@ -75,16 +75,39 @@ def _cfg(keys_dir: Path | None) -> TransportConfig:
 
 
 def _group(lease_id: int = 1) -> RolloutGroup:
-    return RolloutGroup(lease_id=lease_id, prompt_id="p", prompt_token_ids=b"", gold="4",
-                        completions=[], version_min=0, version_max=0, actor_id="actor-0",
-                        t_leased=0.0, t_started=0.0, t_finished=0.0)  # fmt: skip
+    return RolloutGroup(
+        lease_id=lease_id,
+        prompt_id="p",
+        prompt_token_ids=b"",
+        gold="4",
+        completions=[],
+        version_min=0,
+        version_max=0,
+        actor_id="actor-0",
+        t_leased=0.0,
+        t_started=0.0,
+        t_finished=0.0,
+    )
 
 
 def _scored(lease_id: int = 1) -> ScoredGroup:
-    return ScoredGroup(lease_id=lease_id, prompt_id="p", prompt_token_ids=b"", completions=[],
-                       forwarded="positives", n_total=8, n_positive=0, verdicts={"negative": 8},
-                       version_min=0, version_max=0, actor_id="actor-0", t_leased=0.0,
-                       t_generated=0.0, t_verified=0.0, verify_seconds=0.0)  # fmt: skip
+    return ScoredGroup(
+        lease_id=lease_id,
+        prompt_id="p",
+        prompt_token_ids=b"",
+        completions=[],
+        forwarded="positives",
+        n_total=8,
+        n_positive=0,
+        verdicts={"negative": 8},
+        version_min=0,
+        version_max=0,
+        actor_id="actor-0",
+        t_leased=0.0,
+        t_generated=0.0,
+        t_verified=0.0,
+        verify_seconds=0.0,
+    )
 
 
 def _ready(version: int = 1) -> WeightsReady:
@@ -138,16 +161,18 @@ def test_keys_loading_refuses_bad_files(tmp_path: Path) -> None:
 def test_popo_keys_cli(tmp_path: Path) -> None:
     d = tmp_path / "cluster-keys"
     run = [sys.executable, "-m", "popo.deploy.cli", "keys"]
-    first = subprocess.run([*run, "--transport.curve_keys_dir", str(d)], capture_output=True,
-                           text=True, timeout=60)  # fmt: skip
+    first = subprocess.run(
+        [*run, "--transport.curve_keys_dir", str(d)], capture_output=True, text=True, timeout=60
+    )
     assert first.returncode == 0, first.stderr
     assert sorted(Path(p).name for p in first.stdout.split()) == sorted(
         f"{r}.key{s}" for r in ROLES for s in ("", "_secret")
     )
     again = subprocess.run([*run, "--out", str(d)], capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and "already exists" in again.stderr and "--force" in again.stderr
-    forced = subprocess.run([*run, "--out", str(d), "--force"], capture_output=True, text=True,
-                            timeout=60)  # fmt: skip
+    forced = subprocess.run(
+        [*run, "--out", str(d), "--force"], capture_output=True, text=True, timeout=60
+    )
     assert forced.returncode == 0
     none = subprocess.run(run, capture_output=True, text=True, timeout=60)
     assert none.returncode == 2 and "--out" in none.stderr
@@ -377,8 +402,12 @@ def test_wildcard_bind_refused_at_the_socket_too(ctx: zmq.Context) -> None:
 
 
 def test_popo_cli_rejects_wildcard_bind_with_one_line() -> None:
-    r = subprocess.run([sys.executable, "-m", "popo.deploy.cli", "config", "--transport.host",
-                        "0.0.0.0"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "popo.deploy.cli", "config", "--transport.host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "transport.host" in lines[0] and r.stdout == ""

@@ -38,9 +38,13 @@ from popo.learner.publish import prune_versions
 
 # Small chunks so a ~1 MB file takes many pipelined requests and the last one is partial.
 CFG = TransportConfig(
-    weightstream_port=0, linger_ms=0, stream_chunk_bytes=64 << 10, stream_window=4,
-    stream_timeout_s=2.0, stream_retries=2,
-)  # fmt: skip
+    weightstream_port=0,
+    linger_ms=0,
+    stream_chunk_bytes=64 << 10,
+    stream_window=4,
+    stream_timeout_s=2.0,
+    stream_retries=2,
+)
 
 
 def publish(root: Path, version: int, seed: int = 0) -> WeightsReady:
@@ -140,12 +144,26 @@ def test_only_files_of_the_version_are_served(weights, server, tmp_path):
         manifest = _ask(ch, ManifestRequest(version=1))
         assert isinstance(manifest, Manifest)
         assert sorted(f.name for f in manifest.files) == [
-            "config.json", WEIGHTS_FILE, f"{WEIGHTS_FILE}.sha256", "tokenizer.json",
-        ]  # fmt: skip
+            "config.json",
+            WEIGHTS_FILE,
+            f"{WEIGHTS_FILE}.sha256",
+            "tokenizer.json",
+        ]
         bad_names = [
-            "../../secret.txt", str(secret), "/etc/passwd", "../v2/config.json", "link.txt",
-            ".probe-run", "sub/x", "sub", "", ".", "..", "config.json/", "./config.json",
-        ]  # fmt: skip
+            "../../secret.txt",
+            str(secret),
+            "/etc/passwd",
+            "../v2/config.json",
+            "link.txt",
+            ".probe-run",
+            "sub/x",
+            "sub",
+            "",
+            ".",
+            "..",
+            "config.json/",
+            "./config.json",
+        ]
         for name in bad_names:
             reply = _ask(ch, FetchRequest(version=1, file=name, offset=0, length=100))
             assert isinstance(reply, StreamError), name
@@ -296,7 +314,7 @@ def test_auto_streams_when_the_weights_dir_is_hidden_on_this_node(weights, serve
         local, mode = local_weights(msg, "auto", f)
         f.close()
         print(mode, local)
-    """)  # fmt: skip
+    """)
     (tmp_path / "child.py").write_text(child)
     script = f"mount -t tmpfs tmpfs {weights} && exec {sys.executable} {tmp_path / 'child.py'}"
     out = subprocess.run(
@@ -312,8 +330,14 @@ def test_bench_stream_measures_every_side(tmp_path):
     from popo.common.weight_stream_bench import bench_stream, table
 
     res = bench_stream(8 << 20, reps=1, chunk_bytes=1 << 20, window=4, work_dir=tmp_path)
-    assert set(res["bytes_per_s"]) == {"sha256 (in memory)", "raw", "raw->tmpfs", "raw->disk", "stream->tmpfs",
-                                       "stream->disk"}  # fmt: skip
+    assert set(res["bytes_per_s"]) == {
+        "sha256 (in memory)",
+        "raw",
+        "raw->tmpfs",
+        "raw->disk",
+        "stream->tmpfs",
+        "stream->disk",
+    }
     assert all(v["median"] > 0 for v in res["bytes_per_s"].values())
     r = res["ratios"]["stream->tmpfs / raw"]
     assert r["median"] == pytest.approx(

@@ -17,8 +17,12 @@ from popo.deploy.cli import OFFLINE_ENV
 def popo_train(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "popo.deploy.cli", "train", *args],
-        capture_output=True, text=True, timeout=120, cwd=cwd, env={**os.environ, **OFFLINE_ENV},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env={**os.environ, **OFFLINE_ENV},
+    )
 
 
 def _error_line(r: subprocess.CompletedProcess[str]) -> str:

@@ -80,8 +80,10 @@ def test_alternate_is_round_robin_after_warmup():
 
 def test_parse_pin():
     assert parse_pin("learner=0;actor=1;verifier=1,2") == {
-        "learner": [0], "actor": [1], "verifier": [1, 2]
-    }  # fmt: skip
+        "learner": [0],
+        "actor": [1],
+        "verifier": [1, 2],
+    }
     assert parse_pin("none") == {}
 
 
@@ -95,8 +97,9 @@ def test_ceilings_by_hand():
     assert halves["ratio"] == pytest.approx(1.3684, abs=1e-4)
     # every role overlapped: the actor's 0.52 * 0.48 = 0.2496 s bounds it -> 0.52 / 0.2496
     assert stages["bottleneck"] == "actor-0"
-    assert stages["busy_s"] == pytest.approx({"actor-0": 0.2496, "verifier-0": 0.052,
-                                              "learner": 0.14})  # fmt: skip
+    assert stages["busy_s"] == pytest.approx(
+        {"actor-0": 0.2496, "verifier-0": 0.052, "learner": 0.14}
+    )
     assert stages["ratio"] == pytest.approx(2.0833, abs=1e-4)
     # training-bound: 1.0 s = 0.4 s wait + 0.6 s learner -> 1.0 / 0.6; equal halves: 2x
     bound = overlap_ceiling(1.0, {"gen": 0.4, "learner": 0.6})
@@ -111,15 +114,32 @@ def test_learner_split_from_metrics(tmp_path):
     the learner's step histogram counted in it; other roles' and out-of-window records ignored."""
     recs = [
         {"role": "learner", "instance": "learner", "t": 90.0, "popo_learner_step_seconds_count": 1},
-        {"role": "learner", "instance": "learner", "t": 100.0,
-         "popo_learner_step_seconds_count": 5, "popo_learner_step_seconds_sum": 1.0,
-         "popo_learner_wait_seconds_total": 2.0, "popo_learner_publish_seconds_sum": 0.5},
+        {
+            "role": "learner",
+            "instance": "learner",
+            "t": 100.0,
+            "popo_learner_step_seconds_count": 5,
+            "popo_learner_step_seconds_sum": 1.0,
+            "popo_learner_wait_seconds_total": 2.0,
+            "popo_learner_publish_seconds_sum": 0.5,
+        },
         {"role": "actor", "instance": "actor-0", "t": 101.0, "popo_actor_idle_seconds_total": 9.0},
-        {"role": "learner", "instance": "learner", "t": 104.0,
-         "popo_learner_step_seconds_count": 9, "popo_learner_step_seconds_sum": 1.8,
-         "popo_learner_wait_seconds_total": 3.2, "popo_learner_publish_seconds_sum": 0.7},
-        {"role": "learner", "instance": "learner", "t": 120.0, "popo_learner_step_seconds_count": 20},
-    ]  # fmt: skip
+        {
+            "role": "learner",
+            "instance": "learner",
+            "t": 104.0,
+            "popo_learner_step_seconds_count": 9,
+            "popo_learner_step_seconds_sum": 1.8,
+            "popo_learner_wait_seconds_total": 3.2,
+            "popo_learner_publish_seconds_sum": 0.7,
+        },
+        {
+            "role": "learner",
+            "instance": "learner",
+            "t": 120.0,
+            "popo_learner_step_seconds_count": 20,
+        },
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     split = learner_split(tmp_path, 100.2, 104.0)
     # 4 steps: wait 1.2 s, train 0.8 s, publish 0.2 s
@@ -130,8 +150,10 @@ def test_learner_split_from_metrics(tmp_path):
 
 def test_train_flags_passes_extras_and_refuses_harness_keys():
     assert train_flags("--actor.reload_keeps_kv=true  --learner.publish_every 2") == [
-        "--actor.reload_keeps_kv=true", "--learner.publish_every", "2"
-    ]  # fmt: skip
+        "--actor.reload_keeps_kv=true",
+        "--learner.publish_every",
+        "2",
+    ]
     assert train_flags("") == []
     with pytest.raises(SystemExit, match=r"learner\.max_staleness"):
         train_flags("--learner.max_staleness=3")
@@ -147,8 +169,10 @@ def test_role_cpus_lookup_and_pinned_start(tmp_path):
     assert role_cpus(aff, "actor-2") == [0, 1]
     assert role_cpus(aff, "verifier-0") is None
     core = max(os.sched_getaffinity(0))
-    code = "import os, subprocess, sys; print(sorted(os.sched_getaffinity(0)), flush=True);" \
-           "subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'])"  # fmt: skip
+    code = (
+        "import os, subprocess, sys; print(sorted(os.sched_getaffinity(0)), flush=True);"
+        "subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'])"
+    )
     role = Role("actor-0", [sys.executable, "-c", code], False, tmp_path / "a.log", cpus=[core])
     role.start(dict(os.environ))
     assert role.proc is not None and role.proc.wait(30) == 0
@@ -177,8 +201,9 @@ def test_dispatch_schedule_sync_alternates_async_overlaps(tmp_path, staleness):
     ledger = Ledger(tmp_path / "ledger.db")
     state = SharedState()
     problems = [Problem(str(i), f"{i}+1=", str(i + 1)) for i in range(20)]
-    d = Dispatcher(cfg, ledger, problems, list(range(20)), [], state,
-                   "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")  # fmt: skip
+    d = Dispatcher(
+        cfg, ledger, problems, list(range(20)), [], state, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*"
+    )
     d.start()
     d.ready.wait(10)
     ctx = zmq.Context()
@@ -215,8 +240,12 @@ def _receive_all(ledger: Ledger, version: int) -> list[int]:
     import sqlite3
 
     db = sqlite3.connect(ledger.path)
-    ids = [i for (i,) in db.execute("SELECT lease_id FROM leases WHERE state='outstanding' "
-                                    "ORDER BY lease_id")]  # fmt: skip
+    ids = [
+        i
+        for (i,) in db.execute(
+            "SELECT lease_id FROM leases WHERE state='outstanding' ORDER BY lease_id"
+        )
+    ]
     db.close()
     for i in ids:
         assert ledger.receive(i, version, 4, 2, b"x") == "train"
@@ -268,10 +297,24 @@ def test_bench_refuses_disagreeing_runs(tmp_path):
     """With a zero spread threshold every timing ratio disagrees with itself: refused, in the
     table and in the JSON."""
     proc = subprocess.run(
-        [sys.executable, "-m", "popo.deploy.cli", "bench", "learn", "--quick", "--out",
-         str(tmp_path), "--max-spread", "0", "--pass-rates", "0.5"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "popo.deploy.cli",
+            "bench",
+            "learn",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--max-spread",
+            "0",
+            "--pass-rates",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "refused: runs disagree (spread" in proc.stdout
     doc = json.loads((tmp_path / "learn.json").read_text())

@@ -132,14 +132,22 @@ def test_restart_limit_counts_only_the_window(tmp_path):
     # has lived through its crashes.
     starts, up = tmp_path / "verifier-starts", tmp_path / "verifier-up"
     sup = _supervisor(
-        tmp_path, f"import pathlib, time\nwhile not pathlib.Path({str(up)!r}).exists(): time.sleep(0.05)",
-        max_restarts=2, restart_window_s=0.5, restart_backoff_s=0.3, restart_backoff_max_s=0.3,
-    )  # fmt: skip
-    sup.roles[1].argv = [sys.executable, "-c", (
-        f"import pathlib, time; p = pathlib.Path({str(starts)!r});"
-        " n = int(p.read_text()) if p.exists() else 0; p.write_text(str(n + 1));"
-        f" n < 6 and exit(3); pathlib.Path({str(up)!r}).touch(); time.sleep(60)"
-    )]  # fmt: skip
+        tmp_path,
+        f"import pathlib, time\nwhile not pathlib.Path({str(up)!r}).exists(): time.sleep(0.05)",
+        max_restarts=2,
+        restart_window_s=0.5,
+        restart_backoff_s=0.3,
+        restart_backoff_max_s=0.3,
+    )
+    sup.roles[1].argv = [
+        sys.executable,
+        "-c",
+        (
+            f"import pathlib, time; p = pathlib.Path({str(starts)!r});"
+            " n = int(p.read_text()) if p.exists() else 0; p.write_text(str(n + 1));"
+            f" n < 6 and exit(3); pathlib.Path({str(up)!r}).touch(); time.sleep(60)"
+        ),
+    ]
     code = _run(sup)
     recs = _records(tmp_path)
     assert code == 0, recs
@@ -173,14 +181,22 @@ class ChaosResult:
 
 def chaos_args(run_dir: Path, model_dir: Path, steps: int) -> list[str]:
     return [
-        f"--deploy.run_dir={run_dir}", f"--model.path={model_dir}",
-        f"--learner.total_steps={steps}", "--learner.prompts_per_step=4",
-        "--learner.checkpoint_every=2", "--learner.eval_every=0", "--data.eval_size=8",
-        "--actor.group_size=4", "--learner.lease_timeout_s=10",
-        "--deploy.max_restarts=100", "--deploy.learner_max_restarts=100",
-        "--deploy.restart_backoff_s=0.2", "--deploy.restart_backoff_max_s=1",
-        *free_port_flags(), "--metrics.jsonl_every_s=2",
-    ]  # fmt: skip
+        f"--deploy.run_dir={run_dir}",
+        f"--model.path={model_dir}",
+        f"--learner.total_steps={steps}",
+        "--learner.prompts_per_step=4",
+        "--learner.checkpoint_every=2",
+        "--learner.eval_every=0",
+        "--data.eval_size=8",
+        "--actor.group_size=4",
+        "--learner.lease_timeout_s=10",
+        "--deploy.max_restarts=100",
+        "--deploy.learner_max_restarts=100",
+        "--deploy.restart_backoff_s=0.2",
+        "--deploy.restart_backoff_max_s=1",
+        *free_port_flags(),
+        "--metrics.jsonl_every_s=2",
+    ]
 
 
 def _alive(pid: int) -> bool:
@@ -238,9 +254,12 @@ def run_chaos(
     t0 = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-m", "popo.deploy.cli", "train", *chaos_args(run_dir, model_dir, steps)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
         start_new_session=True,
-    )  # fmt: skip
+    )
     done: list[Kill] = []
     try:
         for k in kills:
@@ -313,21 +332,29 @@ def check_ledger(run_dir: Path, steps: int, prompts_per_step: int) -> dict[str, 
     q = lambda sql: db.execute(sql).fetchall()  # noqa: E731
     # every lease ended: nothing outstanding or received after the run finished
     assert q("SELECT COUNT(*) FROM leases WHERE state IN ('outstanding','received')") == [(0,)]
-    assert q("SELECT COUNT(*) FROM buffer b JOIN leases l USING (lease_id)"
-             " WHERE l.state != 'trained'") == [(0,)]  # fmt: skip
+    assert q(
+        "SELECT COUNT(*) FROM buffer b JOIN leases l USING (lease_id) WHERE l.state != 'trained'"
+    ) == [(0,)]
     # trained exactly once: the prompt cursor never wrapped, so no prompt may be trained twice
     (cursor,) = q("SELECT value FROM meta WHERE key='cursor'")[0]
     assert cursor < 4000
-    assert q("SELECT prompt_idx FROM leases WHERE state='trained' GROUP BY prompt_idx"
-             " HAVING COUNT(*) > 1") == []  # fmt: skip
+    assert (
+        q(
+            "SELECT prompt_idx FROM leases WHERE state='trained' GROUP BY prompt_idx"
+            " HAVING COUNT(*) > 1"
+        )
+        == []
+    )
     # every step 1..steps trained once, with at most one batch of groups
     per_step = dict(q("SELECT step, COUNT(*) FROM leases WHERE state='trained' GROUP BY step"))
     assert sorted(per_step) == list(range(1, steps + 1)), per_step
     assert max(per_step.values()) <= prompts_per_step
     assert q("SELECT COUNT(*) FROM leases WHERE state='trained' AND step IS NULL") == [(0,)]
     # every expired lease's prompt was leased again (re-dispatched) later
-    assert q("SELECT COUNT(*) FROM leases e WHERE e.state='expired' AND NOT EXISTS (SELECT 1"
-             " FROM leases l WHERE l.prompt_idx=e.prompt_idx AND l.lease_id > e.lease_id)") == [(0,)]  # fmt: skip
+    assert q(
+        "SELECT COUNT(*) FROM leases e WHERE e.state='expired' AND NOT EXISTS (SELECT 1"
+        " FROM leases l WHERE l.prompt_idx=e.prompt_idx AND l.lease_id > e.lease_id)"
+    ) == [(0,)]
     figures = {
         "leases": q("SELECT COUNT(*) FROM leases")[0][0],
         "trained": q("SELECT COUNT(*) FROM leases WHERE state='trained'")[0][0],

@@ -63,11 +63,17 @@ def test_report_draws_png(tmp_path):
     run.mkdir()
     (run / "config.toml").write_text('[algorithm]\nname = "popo"\n')
     recs = [
-        {"t": 100.0 + i, "role": "learner", "instance": "learner", "popo_learner_step": i,
-         "popo_learner_tokens_total": 50.0 * i, "popo_learner_pass_rate": 0.1 + 0.01 * i,
-         'popo_learner_loss{term="total"}': 1.0 / (i + 1)}
+        {
+            "t": 100.0 + i,
+            "role": "learner",
+            "instance": "learner",
+            "popo_learner_step": i,
+            "popo_learner_tokens_total": 50.0 * i,
+            "popo_learner_pass_rate": 0.1 + 0.01 * i,
+            'popo_learner_loss{term="total"}': 1.0 / (i + 1),
+        }
         for i in range(40)
-    ]  # fmt: skip
+    ]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     evals = [{"step": 0, "accuracy": 0.2, "t": 100.0}, {"step": 39, "accuracy": 0.5, "t": 139.0}]
     (run / "eval.jsonl").write_text("\n".join(json.dumps(e) for e in evals) + "\n")

@@ -18,8 +18,12 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 def test_train_with_curve_keys(tmp_path: Path, demo_model_dir: Path) -> None:
     keys = tmp_path / "keys"
-    made = subprocess.run([sys.executable, "-m", "popo.deploy.cli", "keys", "--out", str(keys)],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    made = subprocess.run(
+        [sys.executable, "-m", "popo.deploy.cli", "keys", "--out", str(keys)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert made.returncode == 0, made.stderr
     run_dir = tmp_path / "run"
     args = [*train_args(run_dir, demo_model_dir, steps=2), f"--transport.curve_keys_dir={keys}"]

@@ -26,11 +26,28 @@ def test_eval_real_file_and_synthetic(tmp_path, demo_model_dir):
     for bench in ("math500", "synthetic"):
         out = tmp_path / f"{Path(bench).stem}.json"
         r = subprocess.run(
-            [sys.executable, "-m", "popo.deploy.cli", "eval", "--model", str(demo_model_dir),
-             "--benchmark", bench, "--limit", "12", "--k", "4", "--out", str(out),
-             "--actor.max_tokens", "24"],
-            capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "popo.deploy.cli",
+                "eval",
+                "--model",
+                str(demo_model_dir),
+                "--benchmark",
+                bench,
+                "--limit",
+                "12",
+                "--k",
+                "4",
+                "--out",
+                str(out),
+                "--actor.max_tokens",
+                "24",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         outs[bench] = json.loads(out.read_text())
     m = outs["math500"]

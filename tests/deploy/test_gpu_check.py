@@ -21,8 +21,11 @@ def test_dry_run_prints_the_table_and_writes_the_json(tmp_path):
     # the script as a bare machine runs it: by path, importing the learner from the checkout
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--dry", "--json-out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| model | params |" in proc.stdout and "| loss |" in proc.stdout
     res = json.loads(out.read_text())

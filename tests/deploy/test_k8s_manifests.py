@@ -43,8 +43,11 @@ def _strict(schema: Any) -> Any:
     server's strict field validation does), except where the CRD keeps unknown fields."""
     if isinstance(schema, dict):
         out = {k: _strict(v) for k, v in schema.items()}
-        if ("properties" in out and "additionalProperties" not in out
-                and not out.get("x-kubernetes-preserve-unknown-fields")):  # fmt: skip
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
             out["additionalProperties"] = False
         return out
     if isinstance(schema, list):
@@ -192,8 +195,11 @@ def test_roles_run_on_worker_pods_not_the_head() -> None:
         params = g["rayStartParams"]
         res = json.loads(json.loads(params.get("resources", '"{}"')))
         limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
-        nodes[name] = {**res, "CPU": float(params.get("num-cpus", limits["cpu"])),
-                       "GPU": float(limits.get("nvidia.com/gpu", 0))}  # fmt: skip
+        nodes[name] = {
+            **res,
+            "CPU": float(params.get("num-cpus", limits["cpu"])),
+            "GPU": float(limits.get("nvidia.com/gpu", 0)),
+        }
     assert nodes["head"] == {"CPU": 0.0, "GPU": 0.0}
     where = {}
     for p in placements(cfg):
@@ -209,16 +215,24 @@ def test_roles_run_on_worker_pods_not_the_head() -> None:
 
 
 def test_claims_are_defined_and_gpu_pods_tolerate_the_gpu_taint() -> None:
-    defined = {d["metadata"]["name"] for d in _docs(K8S / "volumes.yaml")
-               if d["kind"] == "PersistentVolumeClaim"}  # fmt: skip
+    defined = {
+        d["metadata"]["name"]
+        for d in _docs(K8S / "volumes.yaml")
+        if d["kind"] == "PersistentVolumeClaim"
+    }
     used = set()
     for name, g in _groups(_cluster()):
         pod = g["template"]["spec"]
-        used |= {v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])
-                 if "persistentVolumeClaim" in v}  # fmt: skip
+        used |= {
+            v["persistentVolumeClaim"]["claimName"]
+            for v in pod.get("volumes", [])
+            if "persistentVolumeClaim" in v
+        }
         gpus = any("nvidia.com/gpu" in c["resources"].get("limits", {}) for c in pod["containers"])
-        tolerated = any(t["key"] == "nvidia.com/gpu" and t["operator"] == "Exists"
-                        for t in pod.get("tolerations", []))  # fmt: skip
+        tolerated = any(
+            t["key"] == "nvidia.com/gpu" and t["operator"] == "Exists"
+            for t in pod.get("tolerations", [])
+        )
         assert tolerated == gpus, name
     assert used and used <= defined, used - defined
 
@@ -233,8 +247,9 @@ def _relabel(rules: list[dict], labels: dict[str, str]) -> dict[str, str]:
         if m is None:
             continue
         groups = [m.group(0), *m.groups()]
-        out[r["targetLabel"]] = re.sub(r"\$(\d+)", lambda g, gs=groups: gs[int(g[1])] or "",
-                                       r.get("replacement", "$1"))  # fmt: skip
+        out[r["targetLabel"]] = re.sub(
+            r"\$(\d+)", lambda g, gs=groups: gs[int(g[1])] or "", r.get("replacement", "$1")
+        )
     return out
 
 
@@ -261,8 +276,10 @@ def test_podmonitor_gives_every_metrics_port_its_role() -> None:
         assert port in ports, (p.name, port)
         group, port_name = ports[port]
         assert group == expected[p.role], (p.name, group)
-        labels = _relabel(endpoints[port_name]["relabelings"],
-                          {"__meta_kubernetes_pod_container_port_name": port_name})  # fmt: skip
+        labels = _relabel(
+            endpoints[port_name]["relabelings"],
+            {"__meta_kubernetes_pod_container_port_name": port_name},
+        )
         assert (labels["role"], labels["replica"]) == (p.role, str(p.index)), (p.name, labels)
 
 

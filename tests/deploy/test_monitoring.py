@@ -251,16 +251,28 @@ def test_dashboard_covers_every_panel():
     used = set().union(*(referenced_metrics(e) for e in exprs))
     # the panel list the dashboard was built for, by the metric that carries each
     for name in [
-        "popo_actor_tokens_total", "popo_learner_tokens_total", "popo_verifier_completions_total",
-        "popo_learner_pass_rate", "popo_learner_eval_accuracy", "popo_learner_loss",
-        "popo_learner_is_clip_fraction", "popo_learner_cosine_similarity", "popo_learner_ema_kl",
-        "popo_learner_staleness_versions", "popo_learner_publish_seconds",
-        "popo_actor_weight_reload_seconds", "popo_learner_buffer_groups",
-        "popo_learner_outstanding_leases", "popo_verifier_verdicts_total",
-        "popo_verifier_verify_seconds", "process_resident_memory_bytes",
-        "process_cpu_seconds_total", "process_start_time_seconds", "popo_role_restarts_total",
+        "popo_actor_tokens_total",
+        "popo_learner_tokens_total",
+        "popo_verifier_completions_total",
+        "popo_learner_pass_rate",
+        "popo_learner_eval_accuracy",
+        "popo_learner_loss",
+        "popo_learner_is_clip_fraction",
+        "popo_learner_cosine_similarity",
+        "popo_learner_ema_kl",
+        "popo_learner_staleness_versions",
+        "popo_learner_publish_seconds",
+        "popo_actor_weight_reload_seconds",
+        "popo_learner_buffer_groups",
+        "popo_learner_outstanding_leases",
+        "popo_verifier_verdicts_total",
+        "popo_verifier_verify_seconds",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_start_time_seconds",
+        "popo_role_restarts_total",
         "popo_process_tree_resident_memory_bytes",
-    ]:  # fmt: skip
+    ]:
         assert name in used, name
     assert any(p["type"] == "heatmap" and "staleness" in p["title"].lower() for p in panels)
     provider = yaml.safe_load((GRAFANA_DIR / "provisioning/dashboards/popo.yml").read_text())
@@ -282,8 +294,11 @@ def test_docs_list_every_metric_alert_and_recording_rule():
 def test_promtool_check_config():
     r = subprocess.run(
         ["promtool", "check", "config", "prometheus.yml", "prometheus-cluster.yml"],
-        cwd=PROM_DIR, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=PROM_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("is valid prometheus config file syntax") == 2, r.stdout
 
@@ -302,8 +317,11 @@ def test_promtool_check_rules():
 def test_promtool_alert_unit_tests():
     r = subprocess.run(
         ["promtool", "test", "rules", "alerts_test.yml"],
-        cwd=PROM_DIR, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=PROM_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout
     # every alert has at least one case in the unit tests
@@ -334,8 +352,9 @@ def test_alertmanager_example_is_valid_and_routes_by_severity():
     def receiver(*labels: str) -> str:
         r = subprocess.run(
             ["amtool", "config", "routes", "test", f"--config.file={example}", *labels],
-            capture_output=True, text=True,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         return r.stdout.strip()
 
@@ -396,10 +415,16 @@ class Prometheus:
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(tmp / "prometheus.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + 60
         while time.time() < deadline:
             assert self.proc.poll() is None, (tmp / "prometheus.log").read_text()
@@ -499,19 +524,29 @@ def test_live_run_answers_every_dashboard_query_and_alert(tmp_path, demo_model_d
     run_dir = tmp_path / "run"
     d, i, w, r, ws = (_free_port() for _ in range(5))
     args = [
-        f"--deploy.run_dir={run_dir}", f"--model.path={demo_model_dir}",
-        "--learner.total_steps=4", "--learner.prompts_per_step=4", "--learner.checkpoint_every=4",
-        "--data.eval_size=16", "--actor.group_size=4",
-        f"--transport.dispatch_port={d}", f"--transport.ingest_port={i}",
-        f"--transport.weights_port={w}", f"--transport.rollouts_port={r}",
-        f"--transport.weightstream_port={ws}", f"--metrics.base_port={base}",
-    ]  # fmt: skip
+        f"--deploy.run_dir={run_dir}",
+        f"--model.path={demo_model_dir}",
+        "--learner.total_steps=4",
+        "--learner.prompts_per_step=4",
+        "--learner.checkpoint_every=4",
+        "--data.eval_size=16",
+        "--actor.group_size=4",
+        f"--transport.dispatch_port={d}",
+        f"--transport.ingest_port={i}",
+        f"--transport.weights_port={w}",
+        f"--transport.rollouts_port={r}",
+        f"--transport.weightstream_port={ws}",
+        f"--metrics.base_port={base}",
+    ]
     start = time.time()
     train = subprocess.Popen(
         [sys.executable, "-m", "popo.deploy.cli", "train", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )  # fmt: skip
+    )
     try:
         out, _ = train.communicate(timeout=300)
         assert train.returncode == 0, out

@@ -46,8 +46,11 @@ def _check_invariants(plan, n: int, actors: int, replicas: int) -> None:
 @pytest.mark.parametrize(("actors", "replicas"), [(1, 1), (2, 1), (3, 2), (4, 3)])
 def test_plan_invariants(n, actors, replicas):
     plan = plan_placement(list(range(n)), num_actors=actors, verifier_replicas=replicas)
-    assert [r.name for r in plan.roles] == ["learner", *(f"verifier-{r}" for r in range(replicas)),
-                                            *(f"actor-{i}" for i in range(actors))]  # fmt: skip
+    assert [r.name for r in plan.roles] == [
+        "learner",
+        *(f"verifier-{r}" for r in range(replicas)),
+        *(f"actor-{i}" for i in range(actors)),
+    ]
     _check_invariants(plan, n, actors, replicas)
 
 
@@ -103,8 +106,9 @@ def test_uses_the_launchers_own_cores():
 
 def test_gpu_node_gives_each_role_its_devices_and_a_cpu_share():
     gpus = ["0", "1", "2", "3", "4", "5", "6", "7"]
-    plan = plan_placement(list(range(32)), num_actors=2, learner_ranks=2, tensor_parallel_size=2,
-                          gpus=gpus)  # fmt: skip
+    plan = plan_placement(
+        list(range(32)), num_actors=2, learner_ranks=2, tensor_parallel_size=2, gpus=gpus
+    )
     assert plan.role("learner").gpus == ["0", "1"]
     assert plan.role("actor-0").gpus == ["2", "3"] and plan.role("actor-1").gpus == ["4", "5"]
     assert plan.role("actor-1").env["CUDA_VISIBLE_DEVICES"] == "4,5"
@@ -129,8 +133,9 @@ def test_affinity_replaces_the_split_and_unnamed_roles_run_anywhere():
 
 def test_config_switches():
     assert plan_for(load_config(cli_args=["--deploy.placement=off"]), cpus=[0, 1]) is None
-    pinned = load_config(cli_args=["--deploy.placement=off",
-                                   '--deploy.cpu_affinity={"actor": [1]}'])  # fmt: skip
+    pinned = load_config(
+        cli_args=["--deploy.placement=off", '--deploy.cpu_affinity={"actor": [1]}']
+    )
     assert plan_for(pinned, cpus=[0, 1]).role("actor-0").cpus == [1]  # type: ignore[union-attr]
     # an explicit verifier.num_workers is kept; otherwise the plan sizes it to the share
     fixed = load_config(cli_args=["--verifier.num_workers=3"])
@@ -154,16 +159,23 @@ def test_train_refuses_a_gpu_node_too_small_with_one_line(tmp_path, monkeypatch,
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     with pytest.raises(SystemExit) as e:
-        main(["train", f"--deploy.run_dir={tmp_path / 'run'}", f"--model.path={random_model_dir}",
-              "--actor.num_actors=2"])  # fmt: skip
+        main(
+            [
+                "train",
+                f"--deploy.run_dir={tmp_path / 'run'}",
+                f"--model.path={random_model_dir}",
+                "--actor.num_actors=2",
+            ]
+        )
     assert str(e.value).startswith("popo train: 1 GPU(s) visible but the run needs 3")
 
 
 def test_ray_roles_size_their_threads_to_their_bundle():
     from popo.deploy.ray_launch import placements, share_env
 
-    cfg = RunConfig.model_validate({"learner": {"devices": 2},
-                                    "deploy": {"ray": {"learner_cpus": 8, "actor_cpus": 3}}})  # fmt: skip
+    cfg = RunConfig.model_validate(
+        {"learner": {"devices": 2}, "deploy": {"ray": {"learner_cpus": 8, "actor_cpus": 3}}}
+    )
     envs = {p.name: share_env(cfg, p) for p in placements(cfg)}
     assert envs["learner"]["POPO_TORCH_THREADS"] == "4"  # 8 CPUs over 2 ranks
     assert envs["actor-0"] == {"OMP_NUM_THREADS": "3"}
@@ -217,8 +229,10 @@ def test_default_run_keeps_every_role_on_its_cores(tmp_path, demo_model_dir):
             time.sleep(1.0)
             if not (run_dir / "pids.json").exists() or not (run_dir / "placement.json").exists():
                 continue
-            plan = {r["name"]: set(r["cpus"]) for r in
-                    json.loads((run_dir / "placement.json").read_text())["roles"]}  # fmt: skip
+            plan = {
+                r["name"]: set(r["cpus"])
+                for r in json.loads((run_dir / "placement.json").read_text())["roles"]
+            }
             for name, pid in json.loads((run_dir / "pids.json").read_text())["roles"].items():
                 for p in _descendants(pid):
                     cores = _allowed(p)

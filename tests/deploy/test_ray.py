@@ -78,8 +78,9 @@ class Cluster:
         self.job_server_up = False
         # Ray's token authentication, hermetic: one fresh token for this cluster's nodes and
         # driver, never the user's ~/.ray/auth_token.
-        self.env = dict(os.environ, **OFFLINE_ENV, RAY_AUTH_MODE="token",
-                        RAY_AUTH_TOKEN=secrets.token_hex(32))  # fmt: skip
+        self.env = dict(
+            os.environ, **OFFLINE_ENV, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32)
+        )
         self.env.pop("RAY_AUTH_TOKEN_PATH", None)
         # A job's entrypoint is a shell command run with the raylet's environment: `popo` must
         # resolve to this venv's script even when pytest was started without the venv on PATH.
@@ -91,17 +92,35 @@ class Cluster:
     def ray_start(self, ns: str, args: list[str], local_disk: bool = False) -> None:
         argv = [RAY, "start", "--disable-usage-stats", *args]
         if local_disk:  # the node's daemons (and so its roles) live in the private mount namespace
-            argv = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-                    'mount -t tmpfs -o size=2g popo-local "$0" && exec "$@"', str(self.local),
-                    *argv]  # fmt: skip
-        r = subprocess.run(["ip", "netns", "exec", ns, *argv], env=self.env,
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+            argv = [
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                'mount -t tmpfs -o size=2g popo-local "$0" && exec "$@"',
+                str(self.local),
+                *argv,
+            ]
+        r = subprocess.run(
+            ["ip", "netns", "exec", ns, *argv],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
 
     def ray_cli(self, args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
         """`ray ARGS` from the head's namespace (the only place the job server is reachable)."""
-        return subprocess.run(["ip", "netns", "exec", self.head_ns, RAY, *args], env=self.env,
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        return subprocess.run(
+            ["ip", "netns", "exec", self.head_ns, RAY, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def processes(self) -> dict[int, tuple[str, str]]:
         """Every live process started for this cluster (they all inherit its auth token): pid ->
@@ -163,15 +182,31 @@ def ray_cluster() -> Iterator[Cluster]:
         c = Cluster(head_ns, worker_ns, temp_dir, local)
         c.local_disk = subprocess.run(["unshare", "-m", "true"]).returncode == 0
         # The dashboard (job server) binds the head's namespace address, never 0.0.0.0 outside.
-        c.ray_start(head_ns, [
-            "--head", f"--node-ip-address={HEAD_IP}", "--port=6379", "--num-cpus=4",
-            "--include-dashboard=true", f"--dashboard-host={HEAD_IP}", "--dashboard-port=8265",
-            f"--temp-dir={temp_dir}", '--resources={"head_node": 4}',
-        ])  # fmt: skip
-        c.ray_start(worker_ns, [
-            f"--address={HEAD_IP}:6379", f"--node-ip-address={WORKER_IP}", "--num-cpus=2",
-            '--resources={"worker_node": 1}', '--labels={"popo-node": "worker"}',
-        ], local_disk=c.local_disk)  # fmt: skip
+        c.ray_start(
+            head_ns,
+            [
+                "--head",
+                f"--node-ip-address={HEAD_IP}",
+                "--port=6379",
+                "--num-cpus=4",
+                "--include-dashboard=true",
+                f"--dashboard-host={HEAD_IP}",
+                "--dashboard-port=8265",
+                f"--temp-dir={temp_dir}",
+                '--resources={"head_node": 4}',
+            ],
+        )
+        c.ray_start(
+            worker_ns,
+            [
+                f"--address={HEAD_IP}:6379",
+                f"--node-ip-address={WORKER_IP}",
+                "--num-cpus=2",
+                '--resources={"worker_node": 1}',
+                '--labels={"popo-node": "worker"}',
+            ],
+            local_disk=c.local_disk,
+        )
         yield c
     finally:
         _kill_namespace(worker_ns)
@@ -253,19 +288,35 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
     runtime_env = json.dumps(yaml.safe_load(manifest["spec"]["runtimeEnvYAML"]))
     ray_cluster.wait_job_server()
     argv = [
-        RAY, "job", "submit", f"--address={DASHBOARD}", f"--submission-id={job}",
-        f"--runtime-env-json={runtime_env}", "--",
-        "popo", "ray", "--address", "auto", f"--transport.curve_keys_dir={tmp_path / 'keys'}",
-        f"--deploy.run_dir={run_dir}", f"--model.path={demo_model_dir}",
-        f"--learner.total_steps={STEPS}", "--learner.prompts_per_step=4",
-        "--learner.checkpoint_every=8", "--learner.lease_timeout_s=10",
-        "--data.eval_size=16", "--actor.group_size=4", "--actor.kv_cache_gib=0.25",
-        "--actor.drain_timeout_s=2", "--metrics.jsonl_every_s=1",
+        RAY,
+        "job",
+        "submit",
+        f"--address={DASHBOARD}",
+        f"--submission-id={job}",
+        f"--runtime-env-json={runtime_env}",
+        "--",
+        "popo",
+        "ray",
+        "--address",
+        "auto",
+        f"--transport.curve_keys_dir={tmp_path / 'keys'}",
+        f"--deploy.run_dir={run_dir}",
+        f"--model.path={demo_model_dir}",
+        f"--learner.total_steps={STEPS}",
+        "--learner.prompts_per_step=4",
+        "--learner.checkpoint_every=8",
+        "--learner.lease_timeout_s=10",
+        "--data.eval_size=16",
+        "--actor.group_size=4",
+        "--actor.kv_cache_gib=0.25",
+        "--actor.drain_timeout_s=2",
+        "--metrics.jsonl_every_s=1",
         "--transport.weights_mode=stream",
         '--deploy.ray.learner_resources={"head_node": 1}',
         '--deploy.ray.verifier_resources={"head_node": 1}',
-        '--deploy.ray.actor_resources={"worker_node": 1}', "--deploy.ray.stop_grace_s=20",
-    ]  # fmt: skip
+        '--deploy.ray.actor_resources={"worker_node": 1}',
+        "--deploy.ray.stop_grace_s=20",
+    ]
     with open(out, "w") as f:
         proc = ray_cluster.exec(
             ray_cluster.head_ns, argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
@@ -273,8 +324,13 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
     try:
         pid_file = run_dir / "pids" / "actor-0.pid"
         # Kill the actor once it serves a trained version and holds leases; more steps need it.
-        _wait("the actor to work on a trained version", lambda: _actor_mid_work(run_dir),
-              proc, out, 420)  # fmt: skip
+        _wait(
+            "the actor to work on a trained version",
+            lambda: _actor_mid_work(run_dir),
+            proc,
+            out,
+            420,
+        )
         first = _read_pid(pid_file)
         assert first is not None
         assert _ip("netns", "identify", str(first)).stdout.strip() == ray_cluster.worker_ns
@@ -283,16 +339,24 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
         second = _wait(
             "Ray to restart the actor",
             lambda: (p := _read_pid(pid_file)) is not None and p != first and p,
-            proc, out, 120,
-        )  # fmt: skip
+            proc,
+            out,
+            120,
+        )
         assert _ip("netns", "identify", str(second)).stdout.strip() == ray_cluster.worker_ns
         # Then the host itself dies (its Ray worker process, as on a node loss): Ray brings the
         # host back, the driver counts the loss, asks the hosts for their addresses again and
         # runs the role once more.
         actor_log = run_dir / "logs" / "actor-0.log"
-        _wait("the restarted actor to serve a version",
-              lambda: re.search(r"serving version [1-9]", actor_log.read_text().split("=== start")[-1]),
-              proc, out, 300)  # fmt: skip
+        _wait(
+            "the restarted actor to serve a version",
+            lambda: re.search(
+                r"serving version [1-9]", actor_log.read_text().split("=== start")[-1]
+            ),
+            proc,
+            out,
+            300,
+        )
         status = Path(f"/proc/{second}/status").read_text()
         host = int(re.search(r"PPid:\s+(\d+)", status)[1])
         assert "RoleHost" in Path(f"/proc/{host}/cmdline").read_bytes().decode(errors="replace")
@@ -300,16 +364,20 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
         third = _wait(
             "Ray to bring the host back and the driver to re-run the actor",
             lambda: (p := _read_pid(pid_file)) not in (None, first, second) and p,
-            proc, out, 240,
-        )  # fmt: skip
+            proc,
+            out,
+            240,
+        )
         assert _ip("netns", "identify", str(third)).stdout.strip() == ray_cluster.worker_ns
         # every process of the cluster (Ray, its dashboard and agents, the job's driver, the
         # roles) lives in one of the two namespaces; the job's driver on the head
         procs = ray_cluster.processes()
         inside = {ray_cluster.head_ns, ray_cluster.worker_ns}
         assert {ns for ns, _ in procs.values()} == inside, procs
-        assert any(ns == ray_cluster.head_ns and "/popo ray --address auto" in cmd
-                   for ns, cmd in procs.values()), procs  # fmt: skip
+        assert any(
+            ns == ray_cluster.head_ns and "/popo ray --address auto" in cmd
+            for ns, cmd in procs.values()
+        ), procs
         proc.wait(timeout=420)
     finally:
         if proc.poll() is None:
@@ -350,8 +418,11 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
     # skipped), or expired at its deadline and its prompt re-dispatched to the restarted actor.
     db = sqlite3.connect(run_dir / "ledger.db")
     marks = ",".join("?" * len(at_kill))
-    ended = dict(db.execute(f"SELECT lease_id, state FROM leases WHERE lease_id IN ({marks})",
-                            at_kill).fetchall())  # fmt: skip
+    ended = dict(
+        db.execute(
+            f"SELECT lease_id, state FROM leases WHERE lease_id IN ({marks})", at_kill
+        ).fetchall()
+    )
     db.close()
     assert at_kill and set(ended) == set(at_kill), (at_kill, ended)
     assert set(ended.values()) <= {"trained", "skipped", "expired"}, ended
@@ -374,10 +445,22 @@ def test_ray_job_exit_code_is_the_job_status(ray_cluster, tmp_path):
     job's FAILED status, `ray job submit` exits 1, and the error line reaches the streamed logs."""
     job = f"popo-bad-{secrets.token_hex(4)}"
     ray_cluster.wait_job_server()
-    r = ray_cluster.ray_cli(["job", "submit", f"--address={DASHBOARD}", f"--submission-id={job}",
-                             "--", "popo", "ray", "--address", "auto",
-                             f"--deploy.run_dir={tmp_path / 'run'}", "--learner.no_such_field=1"],
-                            timeout=120)  # fmt: skip
+    r = ray_cluster.ray_cli(
+        [
+            "job",
+            "submit",
+            f"--address={DASHBOARD}",
+            f"--submission-id={job}",
+            "--",
+            "popo",
+            "ray",
+            "--address",
+            "auto",
+            f"--deploy.run_dir={tmp_path / 'run'}",
+            "--learner.no_such_field=1",
+        ],
+        timeout=120,
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     assert "popo ray: config error" in r.stdout and "no_such_field" in r.stdout, r.stdout
     status = ray_cluster.ray_cli(["job", "status", f"--address={DASHBOARD}", job]).stdout
@@ -387,8 +470,14 @@ def test_ray_job_exit_code_is_the_job_status(ray_cluster, tmp_path):
 def _popo_ray(cluster: Cluster, args: list[str], timeout: float = 420) -> tuple[int, str]:
     """`popo ray --address HEAD:6379 ARGS` as a driver on the head node: (exit code, output)."""
     argv = [str(Path(sys.executable).with_name("popo")), "ray", f"--address={HEAD_IP}:6379", *args]
-    p = cluster.exec(cluster.head_ns, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                     text=True, start_new_session=True)  # fmt: skip
+    p = cluster.exec(
+        cluster.head_ns,
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = p.communicate(timeout=timeout)
     finally:
@@ -408,16 +497,23 @@ def test_ray_resume_with_the_learner_on_another_node(ray_cluster, tmp_path, demo
         pytest.skip("needs unshare -m: the worker's own disk")
     run_dir = ray_cluster.local / f"run-{secrets.token_hex(4)}"
     flags = [
-        f"--model.path={demo_model_dir}", "--learner.prompts_per_step=4",
-        "--learner.checkpoint_every=1", "--learner.lease_timeout_s=10", "--data.eval_size=8",
-        "--actor.group_size=4", "--actor.kv_cache_gib=0.25", "--actor.drain_timeout_s=2",
+        f"--model.path={demo_model_dir}",
+        "--learner.prompts_per_step=4",
+        "--learner.checkpoint_every=1",
+        "--learner.lease_timeout_s=10",
+        "--data.eval_size=8",
+        "--actor.group_size=4",
+        "--actor.kv_cache_gib=0.25",
+        "--actor.drain_timeout_s=2",
         '--deploy.ray.learner_resources={"worker_node": 1}',
         '--deploy.ray.verifier_resources={"head_node": 1}',
-        '--deploy.ray.actor_resources={"head_node": 1}', "--deploy.ray.stop_grace_s=20",
+        '--deploy.ray.actor_resources={"head_node": 1}',
+        "--deploy.ray.stop_grace_s=20",
         "--transport.allow_insecure_bind=true",  # namespaces of this test only
-    ]  # fmt: skip
-    code, out = _popo_ray(ray_cluster, [f"--deploy.run_dir={run_dir}", "--learner.total_steps=2",
-                                        *flags])  # fmt: skip
+    ]
+    code, out = _popo_ray(
+        ray_cluster, [f"--deploy.run_dir={run_dir}", "--learner.total_steps=2", *flags]
+    )
     assert code == 0, out[-5000:]
     assert f"learner@{WORKER_IP}" in out and "leases: " in out, out[-3000:]  # summary fetched
     assert not (run_dir / "ledger.db").exists(), "the head sees the learner's disk"
@@ -435,8 +531,12 @@ def test_ray_resume_with_the_learner_on_another_node(ray_cluster, tmp_path, demo
     for f in remote.glob("ledger.db*"):
         shutil.copy(f, tmp_path / f.name)
     db = sqlite3.connect(tmp_path / "ledger.db")
-    steps = [s for (s,) in db.execute(
-        "SELECT DISTINCT step FROM leases WHERE state='trained' AND kind='train' ORDER BY step")]  # fmt: skip
+    steps = [
+        s
+        for (s,) in db.execute(
+            "SELECT DISTINCT step FROM leases WHERE state='trained' AND kind='train' ORDER BY step"
+        )
+    ]
     (dups,) = db.execute(
         "SELECT COUNT(*) FROM (SELECT prompt_idx FROM leases WHERE state='trained'"
         " AND kind='train' GROUP BY prompt_idx HAVING COUNT(*) > 1)"
@@ -473,19 +573,30 @@ def test_ray_placement_by_node_labels(ray_cluster, tmp_path):
     """`deploy.ray.*_labels` select nodes by Ray label: both actors land on the node labelled
     `popo-node=worker` (PACK; Ray 2.60's SPREAD refuses two label-selected bundles on one node),
     the learner and verifier on the head by custom resource; the hosts report their node IPs."""
-    argv = [sys.executable, "-c", _PLACE, f"--deploy.run_dir={tmp_path / 'run'}",
-            f"--deploy.ray.address={HEAD_IP}:6379", "--actor.num_actors=2",
-            '--deploy.ray.actor_labels={"popo-node": "worker"}',
-            '--deploy.ray.learner_resources={"head_node": 1}',
-            '--deploy.ray.verifier_resources={"head_node": 1}',
-            "--deploy.ray.ready_timeout_s=60"]  # fmt: skip
-    p = ray_cluster.exec(ray_cluster.head_ns, argv, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    argv = [
+        sys.executable,
+        "-c",
+        _PLACE,
+        f"--deploy.run_dir={tmp_path / 'run'}",
+        f"--deploy.ray.address={HEAD_IP}:6379",
+        "--actor.num_actors=2",
+        '--deploy.ray.actor_labels={"popo-node": "worker"}',
+        '--deploy.ray.learner_resources={"head_node": 1}',
+        '--deploy.ray.verifier_resources={"head_node": 1}',
+        "--deploy.ray.ready_timeout_s=60",
+    ]
+    p = ray_cluster.exec(
+        ray_cluster.head_ns, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     out, _ = p.communicate(timeout=180)
     assert p.returncode == 0, out[-3000:]
     ips = json.loads(next(x for x in out.splitlines() if x.startswith("IPS="))[4:])
-    assert ips == {"learner": HEAD_IP, "verifier-0": HEAD_IP, "actor-0": WORKER_IP,
-                   "actor-1": WORKER_IP}, ips  # fmt: skip
+    assert ips == {
+        "learner": HEAD_IP,
+        "verifier-0": HEAD_IP,
+        "actor-0": WORKER_IP,
+        "actor-1": WORKER_IP,
+    }, ips
 
 
 # --- placement, discovery and the example cluster configs (no Ray needed) --------------------------
@@ -498,19 +609,30 @@ def test_placement_and_peer_flags():
     from popo.common.config import load_config
     from popo.deploy.ray_launch import peer_flags, placements, prometheus_targets
 
-    cfg = load_config(None, [
-        "--actor.num_actors=2", "--verifier.replicas=2", "--deploy.ray.use_gpus=true",
-        "--learner.devices=4", "--actor.tensor_parallel_size=2",
-        '--deploy.ray.actor_resources={"gpu_node": 1}',
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "--actor.num_actors=2",
+            "--verifier.replicas=2",
+            "--deploy.ray.use_gpus=true",
+            "--learner.devices=4",
+            "--actor.tensor_parallel_size=2",
+            '--deploy.ray.actor_resources={"gpu_node": 1}',
+        ],
+    )
     ps = placements(cfg)
     assert [p.name for p in ps] == ["learner", "verifier-0", "verifier-1", "actor-0", "actor-1"]
     assert ps[0].bundle == {"CPU": 1.0, "GPU": 4.0}
     assert ps[1].bundle == {"CPU": 1.0}  # verifiers never take GPUs
     assert ps[3].bundle == {"CPU": 1.0, "gpu_node": 1.0, "GPU": 2.0}
 
-    ips = {"learner": "10.0.0.1", "verifier-0": "10.0.0.1", "verifier-1": "10.0.0.2",
-           "actor-0": "10.0.0.3", "actor-1": "10.0.0.4"}  # fmt: skip
+    ips = {
+        "learner": "10.0.0.1",
+        "verifier-0": "10.0.0.1",
+        "verifier-1": "10.0.0.2",
+        "actor-0": "10.0.0.3",
+        "actor-1": "10.0.0.4",
+    }
     # the flags parse back into a config whose connect addresses are the reported node IPs
     actor = load_config(None, peer_flags(cfg, ips, "actor-1"))
     from popo.common import transport
@@ -522,11 +644,17 @@ def test_placement_and_peer_flags():
     assert transport.verifier_address(t, 1) == "tcp://10.0.0.2:5561"
     assert transport.address(t, "dispatch") == "tcp://10.0.0.4:5550"  # binding stays local
 
-    targets = {g["labels"]["role"] + g["labels"]["replica"]: g["targets"] for g in
-               prometheus_targets(cfg, ips, "run")}  # fmt: skip
-    assert targets == {"learner0": ["10.0.0.1:9400"], "verifier0": ["10.0.0.1:9401"],
-                       "verifier1": ["10.0.0.2:9402"], "actor0": ["10.0.0.3:9420"],
-                       "actor1": ["10.0.0.4:9421"]}  # fmt: skip
+    targets = {
+        g["labels"]["role"] + g["labels"]["replica"]: g["targets"]
+        for g in prometheus_targets(cfg, ips, "run")
+    }
+    assert targets == {
+        "learner0": ["10.0.0.1:9400"],
+        "verifier0": ["10.0.0.1:9401"],
+        "verifier1": ["10.0.0.2:9402"],
+        "actor0": ["10.0.0.3:9420"],
+        "actor1": ["10.0.0.4:9421"],
+    }
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -537,8 +665,12 @@ def test_cluster_configs_load(path):
     from popo.common.config import load_config
     from popo.deploy.ray_launch import placements
 
-    r = subprocess.run([sys.executable, "-m", "popo.deploy.cli", "config", "--config", str(path)],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "popo.deploy.cli", "config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert tomllib.loads(r.stdout)["deploy"]["ray"]["use_gpus"] is True
     cfg = load_config(path)
@@ -580,9 +712,15 @@ def _driver(tmp_path, flags: list[str]):
 def test_driver_restarts_follow_the_supervisors_window_and_backoff(tmp_path, monkeypatch):
     """A failed role (exit code or lost host) is restarted after the doubling back-off, capped,
     up to `deploy.max_restarts` within `deploy.restart_window_s`: the policy `popo train` uses."""
-    run, _ = _driver(tmp_path, ["--deploy.max_restarts=3", "--deploy.restart_backoff_s=2",
-                                "--deploy.restart_backoff_max_s=5",
-                                "--deploy.restart_window_s=100"])  # fmt: skip
+    run, _ = _driver(
+        tmp_path,
+        [
+            "--deploy.max_restarts=3",
+            "--deploy.restart_backoff_s=2",
+            "--deploy.restart_backoff_max_s=5",
+            "--deploy.restart_window_s=100",
+        ],
+    )
     now = [1000.0]
     monkeypatch.setattr("time.time", lambda: now[0])
     run.started = dict.fromkeys(run.hosts, 0.0)
@@ -606,8 +744,12 @@ def test_driver_restart_re_resolves_peers_and_moves_their_followers(tmp_path, mo
     its new address, every role that connects to it is stopped to follow (and re-run by `wait`),
     a role whose peers did not move keeps running, and the Prometheus targets are rewritten."""
     run, calls = _driver(tmp_path, ["--verifier.replicas=1"])
-    ips = {"learner": "10.0.0.1", "verifier-0": "10.0.0.2", "actor-0": "10.0.0.3",
-           "actor-1": "10.0.0.4"}  # fmt: skip
+    ips = {
+        "learner": "10.0.0.1",
+        "verifier-0": "10.0.0.2",
+        "actor-0": "10.0.0.3",
+        "actor-1": "10.0.0.4",
+    }
     run.start(ips)
     assert {n for n, m, _ in calls if m == "run"} == set(ips)
     calls.clear()
@@ -616,8 +758,12 @@ def test_driver_restart_re_resolves_peers_and_moves_their_followers(tmp_path, mo
     del run.refs["learner"]  # its run ended (host lost)
     follow = run._restart(["learner"])
     assert follow == {"verifier-0", "actor-0", "actor-1"}  # all connect to the learner
-    assert [(n, m) for n, m, _ in calls] == [("learner", "run"), ("actor-0", "stop"),
-                                             ("actor-1", "stop"), ("verifier-0", "stop")]  # fmt: skip
+    assert [(n, m) for n, m, _ in calls] == [
+        ("learner", "run"),
+        ("actor-0", "stop"),
+        ("actor-1", "stop"),
+        ("verifier-0", "stop"),
+    ]
     learner_flags = calls[0][2][1]
     assert "--transport.host=10.0.0.9" in learner_flags
     assert "--transport.learner_host=10.0.0.9" in run.flags["learner"]
@@ -645,6 +791,9 @@ def test_roles_binding_node_ips_need_keys(tmp_path):
     ips = {"learner": "10.0.0.1", "actor-0": "10.0.0.2"}
     assert "10.0.0.1, 10.0.0.2 without CurveZMQ keys" in insecure_bind(cfg, ips)
     assert insecure_bind(cfg, dict.fromkeys(ips, "127.0.0.1")) is None
-    for flag in ("--transport.curve_keys_dir=/keys", "--transport.allow_insecure_bind=true",
-                 "--deploy.ray.bind_node_ip=false"):  # fmt: skip
+    for flag in (
+        "--transport.curve_keys_dir=/keys",
+        "--transport.allow_insecure_bind=true",
+        "--deploy.ray.bind_node_ip=false",
+    ):
         assert insecure_bind(load_config(None, [flag]), ips) is None, flag

@@ -72,9 +72,11 @@ def test_ray_version_agrees_across_extra_manifests_and_install() -> None:
     assert importlib.metadata.version("ray") == ray
     cluster = yaml.safe_load((REPO / "deploy/k8s/raycluster.yaml").read_text())
     assert cluster["spec"]["rayVersion"] == ray
-    images = {c["image"] for g in [cluster["spec"]["headGroupSpec"],
-                                   *cluster["spec"]["workerGroupSpecs"]]
-              for c in g["template"]["spec"]["containers"]}  # fmt: skip
+    images = {
+        c["image"]
+        for g in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+        for c in g["template"]["spec"]["containers"]
+    }
     job = yaml.safe_load((REPO / "deploy/k8s/rayjob.yaml").read_text())
     images |= {c["image"] for c in job["spec"]["submitterPodTemplate"]["spec"]["containers"]}
     assert len(images) == 1, images  # one image (deploy/docker/Dockerfile) for every pod
@@ -90,9 +92,16 @@ def _params(fn) -> dict[str, inspect.Parameter]:
 def test_async_llm_has_the_calls_the_actor_makes() -> None:
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    for name in ("from_engine_args", "generate", "abort", "get_tokenizer", "shutdown",
-                 "get_num_unfinished_requests", "update_weight_version",
-                 "resume_generation"):  # fmt: skip
+    for name in (
+        "from_engine_args",
+        "generate",
+        "abort",
+        "get_tokenizer",
+        "shutdown",
+        "get_num_unfinished_requests",
+        "update_weight_version",
+        "resume_generation",
+    ):
         assert callable(getattr(AsyncLLM, name, None)), name
     # reload: freeze in-flight requests (mode="keep"), optionally keeping the prefix cache
     pause = _params(AsyncLLM.pause_generation)
@@ -126,14 +135,31 @@ def test_engine_args_prompts_and_sampling_take_what_the_actor_passes() -> None:
     from vllm.sampling_params import RequestOutputKind
 
     fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-    used = {"model", "dtype", "max_model_len", "tensor_parallel_size", "gpu_memory_utilization",
-            "enforce_eager", "seed", "max_num_seqs", "logprobs_mode", "enable_prefix_caching",
-            "disable_log_stats"}  # fmt: skip
+    used = {
+        "model",
+        "dtype",
+        "max_model_len",
+        "tensor_parallel_size",
+        "gpu_memory_utilization",
+        "enforce_eager",
+        "seed",
+        "max_num_seqs",
+        "logprobs_mode",
+        "enable_prefix_caching",
+        "disable_log_stats",
+    }
     assert used <= fields, used - fields
     assert {"prompt_token_ids", "cache_salt"} <= set(TokensPrompt.__annotations__)
     assert RequestOutputKind.FINAL_ONLY
-    params = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_tokens=4, logprobs=0, seed=1,
-                            output_kind=RequestOutputKind.FINAL_ONLY)  # fmt: skip
+    params = SamplingParams(
+        n=2,
+        temperature=1.0,
+        top_p=1.0,
+        max_tokens=4,
+        logprobs=0,
+        seed=1,
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
     assert params.logprobs == 0 and params.n == 2
     assert SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False).prompt_logprobs == 0
 

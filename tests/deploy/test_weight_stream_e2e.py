@@ -13,8 +13,11 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 def test_train_with_streamed_weights(tmp_path, demo_model_dir):
     run_dir = tmp_path / "run"
-    args = [*train_args(run_dir, demo_model_dir, steps=2), "--transport.weights_mode=stream",
-            "--transport.stream_chunk_bytes=262144"]  # fmt: skip
+    args = [
+        *train_args(run_dir, demo_model_dir, steps=2),
+        "--transport.weights_mode=stream",
+        "--transport.stream_chunk_bytes=262144",
+    ]
     proc = popo_train(args)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out

@@ -84,8 +84,9 @@ def _ckpt_worker(rank: int, world: int, tmp: str, mode: str) -> None:
 
     from popo.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg-{mode}", rank=rank,
-                            world_size=world)  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp}/pg-{mode}", rank=rank, world_size=world
+    )
     try:
         torch.set_num_threads(1)
         tr = _trainer(60)
@@ -112,8 +113,9 @@ def test_fsdp2_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path):
     from popo.learner.checkpoint import latest_checkpoint, load_checkpoint
 
     for mode in ("save", "resume"):
-        mp.start_processes(_ckpt_worker, args=(2, str(tmp_path), mode), nprocs=2,
-                           start_method="spawn")  # fmt: skip
+        mp.start_processes(
+            _ckpt_worker, args=(2, str(tmp_path), mode), nprocs=2, start_method="spawn"
+        )
     saved = json.loads((tmp_path / "save.json").read_text())
     resumed = json.loads((tmp_path / "resume.json").read_text())
     saved.pop("step_seconds"), resumed.pop("step_seconds")

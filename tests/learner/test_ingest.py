@@ -39,8 +39,18 @@ def _dispatcher(tmp_path, **kw) -> tuple[Dispatcher, Ledger]:
     cfg = RunConfig(learner={"prompts_per_step": 4})
     ledger = Ledger(tmp_path / "ledger.db")
     problems = [Problem(str(i), f"{i}+1=", str(i + 1)) for i in range(8)]
-    d = Dispatcher(cfg, ledger, problems, list(range(8)), [], SharedState(),
-                   "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", vocab_size=VOCAB, **kw)  # fmt: skip
+    d = Dispatcher(
+        cfg,
+        ledger,
+        problems,
+        list(range(8)),
+        [],
+        SharedState(),
+        "tcp://127.0.0.1:*",
+        "tcp://127.0.0.1:*",
+        vocab_size=VOCAB,
+        **kw,
+    )
     return d, ledger
 
 

@@ -35,11 +35,17 @@ G = 2
 
 def _config(run_dir: Path, total_steps: int, **learner: object) -> RunConfig:
     cfg = RunConfig(
-        learner={"total_steps": total_steps, "prompts_per_step": 2, "max_staleness": 1,
-                 "checkpoint_every": 1, "eval_every": 2, **learner},
+        learner={
+            "total_steps": total_steps,
+            "prompts_per_step": 2,
+            "max_staleness": 1,
+            "checkpoint_every": 1,
+            "eval_every": 2,
+            **learner,
+        },
         actor={"group_size": G, "max_tokens": 8},
         data={"eval_size": 4, "synthetic": {"n_train": 40, "n_test": 8}},
-    )  # fmt: skip
+    )
     t = cfg.transport
     t.dispatch_port = t.ingest_port = t.weights_port = t.weightstream_port = 0
     t.linger_ms = 0
@@ -59,12 +65,22 @@ def _group(lease_id: int, version: int, n_positive: int, rng: np.random.Generato
         for _ in range(n_positive)
     ]
     return ScoredGroup(
-        lease_id=lease_id, prompt_id=str(lease_id), prompt_token_ids=pack_ids([5, 6, 7]),
-        completions=comps, forwarded="positives", n_total=G, n_positive=n_positive,
-        verdicts={"positive": n_positive, "negative": G - n_positive}, version_min=version,
-        version_max=version, actor_id="fake-0", t_leased=0.0, t_generated=0.0, t_verified=0.0,
+        lease_id=lease_id,
+        prompt_id=str(lease_id),
+        prompt_token_ids=pack_ids([5, 6, 7]),
+        completions=comps,
+        forwarded="positives",
+        n_total=G,
+        n_positive=n_positive,
+        verdicts={"positive": n_positive, "negative": G - n_positive},
+        version_min=version,
+        version_max=version,
+        actor_id="fake-0",
+        t_leased=0.0,
+        t_generated=0.0,
+        t_verified=0.0,
         verify_seconds=0.0,
-    )  # fmt: skip
+    )
 
 
 class FakePeers(threading.Thread):
@@ -76,8 +92,12 @@ class FakePeers(threading.Thread):
     `stale_after_version`: once the learner serves this version, one more train lease is answered
     as if sampled by version 0."""
 
-    def __init__(self, learner: Learner, hold_eval_until_step: int = 0,
-                 stale_after_version: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        learner: Learner,
+        hold_eval_until_step: int = 0,
+        stale_after_version: int | None = None,
+    ) -> None:
         super().__init__(daemon=True)
         self.learner = learner
         self.hold = hold_eval_until_step
@@ -119,8 +139,11 @@ class FakePeers(threading.Thread):
                         held.append(_group(lease.lease_id, self.version, 1, rng))
                         continue
                     version = self.version
-                    if (self.stale_after is not None and self.stale_lease is None
-                            and self.learner.orch.version >= self.stale_after):  # fmt: skip
+                    if (
+                        self.stale_after is not None
+                        and self.stale_lease is None
+                        and self.learner.orch.version >= self.stale_after
+                    ):
                         version, self.stale_lease = 0, lease.lease_id
                     push.send(_group(lease.lease_id, version, 1, rng))
                 if held and self.learner.trainer.step >= self.hold:
@@ -166,8 +189,7 @@ def _leases(run_dir: Path) -> list[dict]:
 def test_trains_evaluates_beside_training_and_skips_stale(tmp_path, random_model_dir):
     run_dir = tmp_path / "run"
     cfg = _config(run_dir, total_steps=4)
-    _, fake = _run(cfg, run_dir, random_model_dir, hold_eval_until_step=1,
-                         stale_after_version=2)  # fmt: skip
+    _, fake = _run(cfg, run_dir, random_model_dir, hold_eval_until_step=1, stale_after_version=2)
     # every step trained, every lease ended once; the late group from version 0 was too stale
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["ledger_problems"] == []

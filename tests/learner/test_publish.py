@@ -131,8 +131,14 @@ def test_vllm_reloads_a_bf16_publish_exactly(tmp_path, monkeypatch):
     base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     tr = _trained(src, steps=3)
     prompt, cont = np.array([1, 40, 41, 23, 12]), np.array([50, 51, 14, 15, 77, 2])
-    llm = LLM(model=str(src), dtype="bfloat16", enforce_eager=True, seed=0,
-              enable_prefix_caching=False, max_model_len=256)  # fmt: skip
+    llm = LLM(
+        model=str(src),
+        dtype="bfloat16",
+        enforce_eager=True,
+        seed=0,
+        enable_prefix_caching=False,
+        max_model_len=256,
+    )
     before = _vllm_logprobs(llm, prompt, cont)
     root = tmp_path / "weights"
     trained = publish_weights(tr.policy, root, 1, source_dir=src, dtype=torch.bfloat16)
@@ -170,8 +176,14 @@ def test_vllm_fp32_engine_loads_a_bf16_publish_as_its_rounded_values(tmp_path, m
     src = save_random_model(tmp_path / "model", seed=0)
     tr = _trained(src, steps=2)
     prompt, cont = np.array([1, 40, 41, 23, 12]), np.array([50, 51, 14, 15, 77, 2])
-    llm = LLM(model=str(src), dtype="float32", enforce_eager=True, seed=0,
-              enable_prefix_caching=False, max_model_len=256)  # fmt: skip
+    llm = LLM(
+        model=str(src),
+        dtype="float32",
+        enforce_eager=True,
+        seed=0,
+        enable_prefix_caching=False,
+        max_model_len=256,
+    )
     root = tmp_path / "weights"
     half = publish_weights(tr.policy, root, 1, source_dir=src, dtype=torch.bfloat16)
     assert half.nbytes < 0.51 * (src / "model.safetensors").stat().st_size
