@@ -25,7 +25,7 @@ def random_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_model_dir():
     """The warm-started demo model of the default config, cached in `.cache/demo-model` (built once,
-    a few minutes, the first time; reused by later sessions)."""
+    a few minutes, the first time; reused by later runs)."""
     from popo.common.config import ModelConfig, SyntheticTaskConfig
     from popo.common.demo_model import ensure_demo_model
 

@@ -371,7 +371,9 @@ def test_alertmanager_example_is_valid_and_routes_by_severity():
 def test_supervisor_passes_each_role_its_restart_count(tmp_path):
     """The local supervisor starts a role with its restart count in the environment, and the role's
     /metrics exports it as popo_role_restarts_total, labelled with the run and the role."""
+    from popo.common.config import DeployConfig
     from popo.deploy.launch import Role
+    from popo.deploy.restart_policy import RestartPolicy
 
     run_dir = tmp_path / "r7"
     (run_dir / "logs").mkdir(parents=True)
@@ -383,8 +385,9 @@ def test_supervisor_passes_each_role_its_restart_count(tmp_path):
         "print(generate_latest(m.exposed).decode())\n"
     )
     role = Role("actor-0", [sys.executable, "-c", code], True, run_dir / "logs" / "actor-0.log")
+    role.policy = RestartPolicy.of(DeployConfig(), limit=5)
     for restarts in (0, 2):
-        role.restarts = restarts
+        role.policy.restarts = restarts
         role.start(dict(os.environ))
         assert role.proc is not None and role.proc.wait(timeout=60) == 0
         exported = role.log_path.read_text().rsplit("=== start", 1)[1]
