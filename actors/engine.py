@@ -127,7 +127,7 @@ class RolloutEngine:
     """A vLLM `AsyncLLM` plus the event-loop thread that drives it.
 
     Thread-safe: every public method may be called from any thread. `start()` blocks until the
-    engine is ready (20-30 s on a 2-core CPU).
+    engine is ready.
     """
 
     def __init__(
@@ -194,7 +194,18 @@ class RolloutEngine:
             enable_prefix_caching=True,
             disable_log_stats=True,
         )
-        self._llm = AsyncLLM.from_engine_args(args)
+        from vllm.usage.usage_lib import UsageContext
+
+        chosen = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
+        vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        if vllm_config.device_config.device_type == "cpu" and chosen is None:
+            # vLLM's CPU platform sets `spawn` while building the config, so the engine-core process
+            # imports torch and vLLM all over again (~7 CPU-seconds, a third of the engine start on
+            # a 2-core machine). Nothing here has started OpenMP or a device yet, which is what
+            # makes `spawn` necessary elsewhere; a user's explicit choice still wins, and vLLM
+            # itself still forces `spawn` inside a Ray actor.
+            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
+        self._llm = AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True)
         self._reload_lock = asyncio.Lock()
         await self._llm.update_weight_version(str(initial_version))
         self.version = initial_version
