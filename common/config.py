@@ -46,42 +46,49 @@ class _Section(BaseModel):
     )
 
 
+class DemoModelConfig(_Section):
+    """The embedded demo model's recipe: a small Qwen2 warm-started on the synthetic task."""
+
+    cache_dir: str = ".cache/demo-model"
+    """Where the embedded demo model is built and cached (relative to the working directory)."""
+    seed: int = 0
+    """Seed of its initialisation, data order and warm-start sampling."""
+    hidden_size: int = Field(128, gt=0)
+    """Hidden size (hidden_size / heads must be a head size vLLM's CPU attention supports: 32, 64,
+    80, ...)."""
+    layers: int = Field(4, gt=0)
+    """Transformer layers."""
+    heads: int = Field(4, gt=0)
+    """Attention heads."""
+    kv_heads: int = Field(2, gt=0)
+    """Key/value heads (grouped-query attention; divides heads)."""
+    intermediate_size: int = Field(512, gt=0)
+    """MLP width."""
+    batch_size: int = Field(64, gt=0)
+    """Warm-start: problems per supervised step."""
+    lr: float = Field(2e-3, gt=0.0)
+    """Warm-start: AdamW learning rate (constant after a short linear warm-up)."""
+    max_steps: int = Field(3000, gt=0)
+    """Warm-start: step limit if the target accuracy is never reached."""
+    target_accuracy: float = Field(0.3, gt=0.0, lt=1.0)
+    """Warm-start: stop once sampled accuracy (temperature 1) on the synthetic val split reaches
+    this, so the base model keeps room for RL to learn."""
+    eval_every: int = Field(20, gt=0)
+    """Warm-start: steps between two val-accuracy checks."""
+    eval_prompts: int = Field(200, gt=0)
+    """Warm-start: val problems sampled (once each) per accuracy check."""
+
+
 class ModelConfig(_Section):
     path: str = "auto"
     """Hugging Face model directory (safetensors + tokenizer). `auto` builds or reuses the embedded
-    demo model (`popo demo-model`) in `demo_cache_dir`."""
-    demo_cache_dir: str = ".cache/demo-model"
-    """Where the embedded demo model is built and cached (relative to the working directory)."""
+    demo model (`popo demo-model`) in `demo.cache_dir`."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Parameter dtype for actors and learner: `auto` is float32 on CPU and bfloat16 on GPU."""
     max_model_len: int = Field(256, gt=0)
     """Longest prompt + completion, in tokens, that the engines must hold."""
-    demo_seed: int = 0
-    """Demo model: seed of its initialisation, data order and warm-start sampling."""
-    demo_hidden_size: int = Field(128, gt=0)
-    """Demo model: hidden size (hidden_size / demo_heads must be a head size vLLM's CPU attention
-    supports: 32, 64, 80, ...)."""
-    demo_layers: int = Field(4, gt=0)
-    """Demo model: transformer layers."""
-    demo_heads: int = Field(4, gt=0)
-    """Demo model: attention heads."""
-    demo_kv_heads: int = Field(2, gt=0)
-    """Demo model: key/value heads (grouped-query attention; divides demo_heads)."""
-    demo_intermediate_size: int = Field(512, gt=0)
-    """Demo model: MLP width."""
-    demo_batch_size: int = Field(64, gt=0)
-    """Demo warm-start: problems per supervised step."""
-    demo_lr: float = Field(2e-3, gt=0.0)
-    """Demo warm-start: AdamW learning rate (constant after a short linear warm-up)."""
-    demo_max_steps: int = Field(3000, gt=0)
-    """Demo warm-start: step limit if the target accuracy is never reached."""
-    demo_target_accuracy: float = Field(0.3, gt=0.0, lt=1.0)
-    """Demo warm-start: stop once sampled accuracy (temperature 1) on the synthetic val split
-    reaches this, so the base model keeps room for RL to learn."""
-    demo_eval_every: int = Field(20, gt=0)
-    """Demo warm-start: steps between two val-accuracy checks."""
-    demo_eval_prompts: int = Field(200, gt=0)
-    """Demo warm-start: val problems sampled (once each) per accuracy check."""
+    demo: DemoModelConfig = DemoModelConfig()
+    """The embedded demo model (`path = "auto"`): its architecture and warm-start recipe."""
 
 
 class SyntheticTaskConfig(_Section):
