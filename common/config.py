@@ -490,6 +490,17 @@ class MetricsConfig(_Section):
         return self
 
 
+class RolePlacement(_Section):
+    """What one role's placement-group bundle asks the Ray cluster for (`[deploy.ray.<role>]`)."""
+
+    cpus: float = Field(1.0, ge=0.0)
+    """CPUs reserved for the role (per verifier replica, per actor)."""
+    resources: dict[str, float] = {}
+    """Custom Ray resources the role's bundle needs (node pinning), e.g. `{worker_node = 1}`."""
+    labels: dict[str, str] = {}
+    """Node labels the role's node must carry (Ray label selector), e.g. `{popo-node = "worker"}`."""
+
+
 class RayConfig(_Section):
     address: str | None = None
     """Ray cluster to join: `auto` (the cluster this machine belongs to, e.g. under `ray job
@@ -502,26 +513,15 @@ class RayConfig(_Section):
     use_gpus: bool = False
     """Reserve GPUs: the learner gets `learner.devices` GPUs, each actor
     `actor.tensor_parallel_size`. False on a CPU cluster (every role asks for CPUs only)."""
-    learner_cpus: float = Field(1.0, ge=0.0)
-    """CPUs reserved for the learner."""
-    verifier_cpus: float = Field(1.0, ge=0.0)
-    """CPUs reserved per verifier replica (its scoring workers run inside this reservation)."""
-    actor_cpus: float = Field(1.0, ge=0.0)
-    """CPUs reserved per actor."""
-    learner_resources: dict[str, float] = {}
-    """Custom Ray resources the learner's bundle needs, e.g. `{learner_node = 1}` to pin it to the
-    node started with `ray start --resources='{"learner_node": 1}'`."""
-    verifier_resources: dict[str, float] = {}
-    """Custom Ray resources each verifier replica's bundle needs (node pinning)."""
-    actor_resources: dict[str, float] = {}
-    """Custom Ray resources each actor's bundle needs (node pinning), e.g. `{worker_node = 1}`."""
-    learner_labels: dict[str, str] = {}
-    """Node labels the learner's node must carry (Ray label selector), e.g. `{popo-node = "learner"}`
-    for a node started with `ray start --labels='{"popo-node": "learner"}'`."""
-    verifier_labels: dict[str, str] = {}
-    """Node labels each verifier replica's node must carry (label selector)."""
-    actor_labels: dict[str, str] = {}
-    """Node labels each actor's node must carry (label selector), e.g. `{accelerator = "H100"}`."""
+    learner: RolePlacement = RolePlacement()
+    """The learner's bundle. Pin it to a node with e.g. `resources = {learner_node = 1}` (a node
+    started with `ray start --resources='{"learner_node": 1}'`) or `labels = {popo-node =
+    "learner"}` (a node started with `ray start --labels='{"popo-node": "learner"}'`)."""
+    verifier: RolePlacement = RolePlacement()
+    """Each verifier replica's bundle (its scoring workers run inside its CPUs)."""
+    actor: RolePlacement = RolePlacement()
+    """Each actor's bundle, e.g. `resources = {worker_node = 1}` or `labels = {accelerator =
+    "H100"}`."""
     bind_node_ip: bool = True
     """Bind each role's ZeroMQ endpoints and metrics server on the node IP Ray reports, and point
     peers at those IPs (no hand-edited addresses); false keeps `transport.host`/`metrics.host`."""

@@ -73,35 +73,14 @@ def placements(cfg: RunConfig) -> list[Placement]:
     r = cfg.deploy.ray
     learner_gpus = cfg.learner.devices if r.use_gpus else 0  # one GPU per FSDP rank
     actor_gpus = cfg.actor.tensor_parallel_size if r.use_gpus else 0
-    out = [
-        Placement(
-            "learner",
-            "learner",
-            0,
-            r.learner_cpus,
-            learner_gpus,
-            r.learner_resources,
-            r.learner_labels,
-        )
-    ]
-    out += [
-        Placement(
-            f"verifier-{i}",
-            "verifier",
-            i,
-            r.verifier_cpus,
-            0,
-            r.verifier_resources,
-            r.verifier_labels,
-        )
-        for i in range(cfg.verifier.replicas)
-    ]
-    out += [
-        Placement(
-            f"actor-{i}", "actor", i, r.actor_cpus, actor_gpus, r.actor_resources, r.actor_labels
-        )
-        for i in range(cfg.actor.num_actors)
-    ]
+
+    def place(name: str, role: str, index: int, gpus: int) -> Placement:
+        ask = getattr(r, role)  # deploy.ray.learner | verifier | actor
+        return Placement(name, role, index, ask.cpus, gpus, ask.resources, ask.labels)
+
+    out = [place("learner", "learner", 0, learner_gpus)]
+    out += [place(f"verifier-{i}", "verifier", i, 0) for i in range(cfg.verifier.replicas)]
+    out += [place(f"actor-{i}", "actor", i, actor_gpus) for i in range(cfg.actor.num_actors)]
     return out
 
 
@@ -426,7 +405,7 @@ class RayRun:
         if resume and not held:
             raise RunStateError(
                 f"{where} holds no ledger.db: a run's state stays on the node its learner ran "
-                "on; place the learner there (deploy.ray.learner_resources or learner_labels)"
+                "on; place the learner there (deploy.ray.learner.resources or labels)"
             )
         if not resume and held:
             raise RunStateError(
