@@ -180,13 +180,6 @@ class ActorConfig(_Section):
     `processed_logprobs` are those of the distribution sampled from (after temperature / top-p).
     The learner computes pi at `temperature`, so a temperature other than 1 needs
     `processed_logprobs` (refused otherwise); at temperature 1 both are the same."""
-    lease_retry_s: float = Field(0.5, gt=0.0)
-    """First back-off before re-asking for leases when the learner is unreachable or silent;
-    doubles up to lease_retry_max_s."""
-    lease_retry_max_s: float = Field(5.0, gt=0.0)
-    """Largest back-off between lease requests while the learner is unreachable or silent."""
-    poll_ms: int = Field(5, ge=1)
-    """Actor loop tick: how long it waits on its sockets before checking finished groups."""
     drain_timeout_s: float = Field(30.0, ge=0.0)
     """On SIGTERM: how long to wait for in-flight groups to finish and be delivered; what is left
     after it is dropped whole (its leases expire at the learner and are re-dispatched)."""
@@ -230,8 +223,6 @@ class VerifierConfig(_Section):
     max_inflight_groups: int = Field(64, ge=1)
     """Groups being scored or waiting to be sent at once; past it the verifier stops reading
     rollouts and ZeroMQ's high-water mark pushes back on the actors."""
-    pipeline_depth: int = Field(2, ge=1)
-    """Completions queued per worker, so a worker never idles for a pipe round trip."""
     worker_memory_mib: int = Field(4096, ge=0)
     """Address-space limit of each scoring worker in MiB (0: no limit)."""
 
@@ -448,8 +439,6 @@ class TransportConfig(_Section):
     """ZeroMQ high-water mark (messages queued per peer before send blocks or drops)."""
     linger_ms: int = Field(1000, ge=0)
     """How long close() waits to flush queued messages."""
-    recv_timeout_ms: int = Field(1000, gt=0)
-    """Receive poll timeout; loops wake at least this often to check for shutdown."""
     curve_keys_dir: str | None = None
     """Directory of CurveZMQ key pairs (`popo keys`: one pair per role kind, see README "Security");
     when set every endpoint is a Curve server / client and refuses peers without the right key."""
