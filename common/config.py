@@ -105,7 +105,7 @@ class SyntheticTaskConfig(_Section):
     """Fewest operands of a sum."""
     max_terms: int = Field(2, ge=2)
     """Most operands of a sum (the count is uniform in [min_terms, max_terms]). Three-term sums
-    are a harder task: the default warm-start reached only ~4 % on a 2-3 term mix in 550 steps."""
+    are a harder task, which the default demo warm-start learns far more slowly."""
     max_operand: int = Field(99, ge=1)
     """Operands are uniform integers in [0, max_operand]."""
 
@@ -282,9 +282,9 @@ class LearnerConfig(_Section):
     eval_every: int = Field(50, ge=0)
     """Evaluate on the held-out split every N steps (0: only before and after the run)."""
     release_memory: bool = True
-    """Hand the C heap's free pages back to the OS after every step (glibc malloc_trim, ~10 ms on
-    the embedded default): without it the learner's RSS climbs to the high-water mark of every batch
-    shape it has seen, which reads as a leak on a long run (RELIABILITY.md)."""
+    """Hand the C heap's free pages back to the OS after every step (glibc malloc_trim; its cost
+    is in RELIABILITY.md): without it the learner's RSS climbs to the high-water mark of every batch
+    shape it has seen, which reads as a leak on a long run."""
 
 
 class _AlgorithmSection(_Section):
