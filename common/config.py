@@ -8,9 +8,11 @@ decide which heavy libraries a process needs.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -37,6 +39,31 @@ class ConfigError(ValueError):
 
 WILDCARD_HOSTS = frozenset({"*", "0.0.0.0", "::", "[::]", ""})
 """Hosts that bind every interface: refused without explicit consent (TransportConfig, MetricsConfig)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind on `host` listens on this machine only (`127.0.0.0/8`, `::1`, `localhost`)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # an interface or host name: it may face the network
+        return False
+
+
+def unauthenticated_bind(t: TransportConfig, hosts: Iterable[str]) -> str | None:
+    """Why binding ZeroMQ endpoints on `hosts` would listen unauthenticated on a network address,
+    as a message; None when it would not (every host loopback, CurveZMQ keys, or
+    `allow_insecure_bind`). The one check behind `transport.host` and `popo ray`'s node IPs."""
+    if t.curve_keys_dir or t.allow_insecure_bind:
+        return None
+    exposed = sorted({h for h in hosts if not is_loopback(h)})
+    if not exposed:
+        return None
+    return (
+        f"the roles would bind {', '.join(exposed)} without CurveZMQ keys: set "
+        "transport.curve_keys_dir (`popo keys`) or transport.allow_insecure_bind = true"
+    )
 
 
 class _Section(BaseModel):
@@ -403,7 +430,8 @@ def algorithm_config(
 
 class TransportConfig(_Section):
     host: str = "127.0.0.1"
-    """Interface the bound endpoints listen on. Loopback by default; a cluster names one explicitly."""
+    """Interface the bound endpoints listen on. Loopback by default; any other address needs
+    `curve_keys_dir` (or `allow_insecure_bind`)."""
     scheme: Literal["tcp", "ipc"] = "tcp"
     """`tcp` or `ipc` (unix sockets in the run directory; single machine only)."""
     dispatch_port: int = Field(5550, ge=0, le=65535)
@@ -443,16 +471,19 @@ class TransportConfig(_Section):
     """Directory of CurveZMQ key pairs (`popo keys`: one pair per role kind, see README "Security");
     when set every endpoint is a Curve server / client and refuses peers without the right key."""
     allow_insecure_bind: bool = False
-    """Allow a wildcard `host` (`0.0.0.0`, `*`, `::`) without `curve_keys_dir`. DANGER: anyone who
-    reaches the port can then lease prompts, inject rollouts or scored groups and announce weights."""
+    """Allow a non-loopback `host` (a network address, or a wildcard: `0.0.0.0`, `*`, `::`) without
+    `curve_keys_dir`. DANGER: anyone who reaches the port can then lease prompts, inject rollouts
+    or scored groups and announce weights."""
 
     @model_validator(mode="after")
-    def _no_open_wildcard(self) -> TransportConfig:
+    def _no_open_bind(self) -> TransportConfig:
         if self.host in WILDCARD_HOSTS and not self.curve_keys_dir and not self.allow_insecure_bind:
             raise ValueError(
                 f"transport.host: {self.host!r} binds every interface without CurveZMQ keys; set "
                 "transport.curve_keys_dir (`popo keys`) or transport.allow_insecure_bind = true"
             )
+        if (why := unauthenticated_bind(self, [self.host])) is not None:
+            raise ValueError(f"transport.host: {why}")
         return self
 
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from popo.common.config import RunConfig
+from popo.common.config import RunConfig, unauthenticated_bind
 from popo.common.metrics import RESTARTS_ENV
 from popo.deploy.restart_policy import RestartPolicy
 
@@ -174,19 +174,10 @@ def insecure_bind(cfg: RunConfig, ips: dict[str, str]) -> str | None:
     """Why the roles would listen unauthenticated on a network address (None when they would not).
 
     With `bind_node_ip` every role binds its node's IP: a pod or host address, reachable by every
-    peer of that network, so it needs CurveZMQ keys like a wildcard bind does."""
-    import ipaddress
-
-    t = cfg.transport
-    if not cfg.deploy.ray.bind_node_ip or t.curve_keys_dir or t.allow_insecure_bind:
-        return None
-    exposed = sorted({ip for ip in ips.values() if not ipaddress.ip_address(ip).is_loopback})
-    if not exposed:
-        return None
-    return (
-        f"the roles would bind {', '.join(exposed)} without CurveZMQ keys: set "
-        "transport.curve_keys_dir (`popo keys`) or transport.allow_insecure_bind = true"
-    )
+    peer of that network, so it needs CurveZMQ keys as any non-loopback `transport.host` does."""
+    if not cfg.deploy.ray.bind_node_ip:
+        return None  # the roles bind `transport.host`, which the config itself checks
+    return unauthenticated_bind(cfg.transport, ips.values())
 
 
 class RunStateError(LaunchError):

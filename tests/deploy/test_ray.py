@@ -605,7 +605,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "deploy" / "configs").glob("*.toml"))
 
 
-def test_placement_and_peer_flags():
+def test_placement_and_peer_flags(tmp_path):
     from popo.common.config import load_config
     from popo.deploy.ray_launch import peer_flags, placements, prometheus_targets
 
@@ -618,6 +618,7 @@ def test_placement_and_peer_flags():
             "--learner.devices=4",
             "--actor.tensor_parallel_size=2",
             '--deploy.ray.actor.resources={"gpu_node": 1}',
+            "--transport.curve_keys_dir=/keys",  # node IPs are bound: a cluster has keys
         ],
     )
     ps = placements(cfg)
@@ -633,8 +634,11 @@ def test_placement_and_peer_flags():
         "actor-0": "10.0.0.3",
         "actor-1": "10.0.0.4",
     }
-    # the flags parse back into a config whose connect addresses are the reported node IPs
-    actor = load_config(None, peer_flags(cfg, ips, "actor-1"))
+    # the flags parse back, over the run's config as a role host loads it, into a config whose
+    # connect addresses are the reported node IPs
+    snapshot = tmp_path / "config.toml"
+    snapshot.write_text(cfg.to_toml())
+    actor = load_config(snapshot, peer_flags(cfg, ips, "actor-1"))
     from popo.common import transport
 
     t = actor.transport
