@@ -63,6 +63,17 @@ from popo.common.weights import WEIGHTS_FILE, WeightsError
 
 log = logging.getLogger(__name__)
 
+LEASE_RETRY_S = 0.5
+"""First back-off before re-asking for leases while the learner is unreachable (doubles up to
+LEASE_RETRY_MAX_S): short, so an actor started before its learner gets work soon after it binds."""
+LEASE_RETRY_MAX_S = 5.0
+"""Cap of that back-off, and how long an unanswered LeaseRequest waits before it is sent again (a
+restarted learner lost it): a learner that comes back is served within seconds, while one that
+stays away costs one request per 5 s."""
+POLL_MS = 5
+"""Loop tick: how long the actor waits on its sockets before checking finished groups. A finished
+group waits at most this long to be sent, small against the time to sample it."""
+
 
 @dataclass(frozen=True)
 class ActorEndpoints:
@@ -172,7 +183,7 @@ class Actor:
         self._awaiting_reply_until = 0.0
         """While > now, a LeaseRequest is out and unanswered: do not ask again."""
         self._next_ask = 0.0
-        self._backoff = self.acfg.lease_retry_s
+        self._backoff = LEASE_RETRY_S
 
         self._reload: Future | None = None
         self._reload_version = -1
@@ -229,7 +240,7 @@ class Actor:
     def step(self) -> None:
         """One tick of the loop."""
         t0 = time.monotonic()
-        for sock, _ in self._poller.poll(self.acfg.poll_ms):
+        for sock, _ in self._poller.poll(POLL_MS):
             if sock is self.weights.sock:
                 self._read_weights()
             else:
@@ -253,7 +264,7 @@ class Actor:
             log.info("%s: leaving %d unstarted leases to expire", self.actor_id, len(self.waiting))
             self.waiting.clear()
         while (self.inflight or self.pending) and time.monotonic() < deadline:
-            time.sleep(self.acfg.poll_ms / 1000)
+            time.sleep(POLL_MS / 1000)
             self._collect()
             self._flush()
         if self.inflight or self.pending:
@@ -301,10 +312,10 @@ class Actor:
             self.stats.requested()
             # A reply normally comes in milliseconds; if the learner restarted and lost the
             # request, ask again after the longest back-off.
-            self._awaiting_reply_until = now + self.acfg.lease_retry_max_s
+            self._awaiting_reply_until = now + LEASE_RETRY_MAX_S
         else:  # learner not connected (yet): back off
             self._next_ask = now + self._backoff
-            self._backoff = min(2 * self._backoff, self.acfg.lease_retry_max_s)
+            self._backoff = min(2 * self._backoff, LEASE_RETRY_MAX_S)
 
     def _read_dispatch(self) -> None:
         while (got := self.dispatch.recv(0)) is not None:
@@ -314,9 +325,9 @@ class Actor:
                 continue
             now = time.monotonic()
             self._awaiting_reply_until = 0.0
-            self._backoff = self.acfg.lease_retry_s
+            self._backoff = LEASE_RETRY_S
             if not msg.leases:
-                self._next_ask = now + max(msg.retry_after_s, self.acfg.poll_ms / 1000)
+                self._next_ask = now + max(msg.retry_after_s, POLL_MS / 1000)
             t = time.time()
             for lease in msg.leases:
                 self.stats.leases_received += 1

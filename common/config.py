@@ -8,9 +8,11 @@ decide which heavy libraries a process needs.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -39,6 +41,31 @@ WILDCARD_HOSTS = frozenset({"*", "0.0.0.0", "::", "[::]", ""})
 """Hosts that bind every interface: refused without explicit consent (TransportConfig, MetricsConfig)."""
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a bind on `host` listens on this machine only (`127.0.0.0/8`, `::1`, `localhost`)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # an interface or host name: it may face the network
+        return False
+
+
+def unauthenticated_bind(t: TransportConfig, hosts: Iterable[str]) -> str | None:
+    """Why binding ZeroMQ endpoints on `hosts` would listen unauthenticated on a network address,
+    as a message; None when it would not (every host loopback, CurveZMQ keys, or
+    `allow_insecure_bind`). The one check behind `transport.host` and `popo ray`'s node IPs."""
+    if t.curve_keys_dir or t.allow_insecure_bind:
+        return None
+    exposed = sorted({h for h in hosts if not is_loopback(h)})
+    if not exposed:
+        return None
+    return (
+        f"the roles would bind {', '.join(exposed)} without CurveZMQ keys: set "
+        "transport.curve_keys_dir (`popo keys`) or transport.allow_insecure_bind = true"
+    )
+
+
 class _Section(BaseModel):
     # Unknown keys are errors, not silently ignored typos; docstrings become field help.
     model_config = ConfigDict(
@@ -46,42 +73,49 @@ class _Section(BaseModel):
     )
 
 
+class DemoModelConfig(_Section):
+    """The embedded demo model's recipe: a small Qwen2 warm-started on the synthetic task."""
+
+    cache_dir: str = ".cache/demo-model"
+    """Where the embedded demo model is built and cached (relative to the working directory)."""
+    seed: int = 0
+    """Seed of its initialisation, data order and warm-start sampling."""
+    hidden_size: int = Field(128, gt=0)
+    """Hidden size (hidden_size / heads must be a head size vLLM's CPU attention supports: 32, 64,
+    80, ...)."""
+    layers: int = Field(4, gt=0)
+    """Transformer layers."""
+    heads: int = Field(4, gt=0)
+    """Attention heads."""
+    kv_heads: int = Field(2, gt=0)
+    """Key/value heads (grouped-query attention; divides heads)."""
+    intermediate_size: int = Field(512, gt=0)
+    """MLP width."""
+    batch_size: int = Field(64, gt=0)
+    """Warm-start: problems per supervised step."""
+    lr: float = Field(2e-3, gt=0.0)
+    """Warm-start: AdamW learning rate (constant after a short linear warm-up)."""
+    max_steps: int = Field(3000, gt=0)
+    """Warm-start: step limit if the target accuracy is never reached."""
+    target_accuracy: float = Field(0.3, gt=0.0, lt=1.0)
+    """Warm-start: stop once sampled accuracy (temperature 1) on the synthetic val split reaches
+    this, so the base model keeps room for RL to learn."""
+    eval_every: int = Field(20, gt=0)
+    """Warm-start: steps between two val-accuracy checks."""
+    eval_prompts: int = Field(200, gt=0)
+    """Warm-start: val problems sampled (once each) per accuracy check."""
+
+
 class ModelConfig(_Section):
     path: str = "auto"
     """Hugging Face model directory (safetensors + tokenizer). `auto` builds or reuses the embedded
-    demo model (`popo demo-model`) in `demo_cache_dir`."""
-    demo_cache_dir: str = ".cache/demo-model"
-    """Where the embedded demo model is built and cached (relative to the working directory)."""
+    demo model (`popo demo-model`) in `demo.cache_dir`."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Parameter dtype for actors and learner: `auto` is float32 on CPU and bfloat16 on GPU."""
     max_model_len: int = Field(256, gt=0)
     """Longest prompt + completion, in tokens, that the engines must hold."""
-    demo_seed: int = 0
-    """Demo model: seed of its initialisation, data order and warm-start sampling."""
-    demo_hidden_size: int = Field(128, gt=0)
-    """Demo model: hidden size (hidden_size / demo_heads must be a head size vLLM's CPU attention
-    supports: 32, 64, 80, ...)."""
-    demo_layers: int = Field(4, gt=0)
-    """Demo model: transformer layers."""
-    demo_heads: int = Field(4, gt=0)
-    """Demo model: attention heads."""
-    demo_kv_heads: int = Field(2, gt=0)
-    """Demo model: key/value heads (grouped-query attention; divides demo_heads)."""
-    demo_intermediate_size: int = Field(512, gt=0)
-    """Demo model: MLP width."""
-    demo_batch_size: int = Field(64, gt=0)
-    """Demo warm-start: problems per supervised step."""
-    demo_lr: float = Field(2e-3, gt=0.0)
-    """Demo warm-start: AdamW learning rate (constant after a short linear warm-up)."""
-    demo_max_steps: int = Field(3000, gt=0)
-    """Demo warm-start: step limit if the target accuracy is never reached."""
-    demo_target_accuracy: float = Field(0.3, gt=0.0, lt=1.0)
-    """Demo warm-start: stop once sampled accuracy (temperature 1) on the synthetic val split
-    reaches this, so the base model keeps room for RL to learn."""
-    demo_eval_every: int = Field(20, gt=0)
-    """Demo warm-start: steps between two val-accuracy checks."""
-    demo_eval_prompts: int = Field(200, gt=0)
-    """Demo warm-start: val problems sampled (once each) per accuracy check."""
+    demo: DemoModelConfig = DemoModelConfig()
+    """The embedded demo model (`path = "auto"`): its architecture and warm-start recipe."""
 
 
 class SyntheticTaskConfig(_Section):
@@ -98,7 +132,7 @@ class SyntheticTaskConfig(_Section):
     """Fewest operands of a sum."""
     max_terms: int = Field(2, ge=2)
     """Most operands of a sum (the count is uniform in [min_terms, max_terms]). Three-term sums
-    are a harder task: the default warm-start reached only ~4 % on a 2-3 term mix in 550 steps."""
+    are a harder task, which the default demo warm-start learns far more slowly."""
     max_operand: int = Field(99, ge=1)
     """Operands are uniform integers in [0, max_operand]."""
 
@@ -173,13 +207,6 @@ class ActorConfig(_Section):
     `processed_logprobs` are those of the distribution sampled from (after temperature / top-p).
     The learner computes pi at `temperature`, so a temperature other than 1 needs
     `processed_logprobs` (refused otherwise); at temperature 1 both are the same."""
-    lease_retry_s: float = Field(0.5, gt=0.0)
-    """First back-off before re-asking for leases when the learner is unreachable or silent;
-    doubles up to lease_retry_max_s."""
-    lease_retry_max_s: float = Field(5.0, gt=0.0)
-    """Largest back-off between lease requests while the learner is unreachable or silent."""
-    poll_ms: int = Field(5, ge=1)
-    """Actor loop tick: how long it waits on its sockets before checking finished groups."""
     drain_timeout_s: float = Field(30.0, ge=0.0)
     """On SIGTERM: how long to wait for in-flight groups to finish and be delivered; what is left
     after it is dropped whole (its leases expire at the learner and are re-dispatched)."""
@@ -223,8 +250,6 @@ class VerifierConfig(_Section):
     max_inflight_groups: int = Field(64, ge=1)
     """Groups being scored or waiting to be sent at once; past it the verifier stops reading
     rollouts and ZeroMQ's high-water mark pushes back on the actors."""
-    pipeline_depth: int = Field(2, ge=1)
-    """Completions queued per worker, so a worker never idles for a pipe round trip."""
     worker_memory_mib: int = Field(4096, ge=0)
     """Address-space limit of each scoring worker in MiB (0: no limit)."""
 
@@ -284,9 +309,9 @@ class LearnerConfig(_Section):
     eval_every: int = Field(50, ge=0)
     """Evaluate on the held-out split every N steps (0: only before and after the run)."""
     release_memory: bool = True
-    """Hand the C heap's free pages back to the OS after every step (glibc malloc_trim, ~10 ms on
-    the embedded default): without it the learner's RSS climbs to the high-water mark of every batch
-    shape it has seen, which reads as a leak on a long run (RELIABILITY.md)."""
+    """Hand the C heap's free pages back to the OS after every step (glibc malloc_trim; its cost
+    is in RELIABILITY.md): without it the learner's RSS climbs to the high-water mark of every batch
+    shape it has seen, which reads as a leak on a long run."""
 
 
 class _AlgorithmSection(_Section):
@@ -405,7 +430,8 @@ def algorithm_config(
 
 class TransportConfig(_Section):
     host: str = "127.0.0.1"
-    """Interface the bound endpoints listen on. Loopback by default; a cluster names one explicitly."""
+    """Interface the bound endpoints listen on. Loopback by default; any other address needs
+    `curve_keys_dir` (or `allow_insecure_bind`)."""
     scheme: Literal["tcp", "ipc"] = "tcp"
     """`tcp` or `ipc` (unix sockets in the run directory; single machine only)."""
     dispatch_port: int = Field(5550, ge=0, le=65535)
@@ -441,22 +467,23 @@ class TransportConfig(_Section):
     """ZeroMQ high-water mark (messages queued per peer before send blocks or drops)."""
     linger_ms: int = Field(1000, ge=0)
     """How long close() waits to flush queued messages."""
-    recv_timeout_ms: int = Field(1000, gt=0)
-    """Receive poll timeout; loops wake at least this often to check for shutdown."""
     curve_keys_dir: str | None = None
     """Directory of CurveZMQ key pairs (`popo keys`: one pair per role kind, see README "Security");
     when set every endpoint is a Curve server / client and refuses peers without the right key."""
     allow_insecure_bind: bool = False
-    """Allow a wildcard `host` (`0.0.0.0`, `*`, `::`) without `curve_keys_dir`. DANGER: anyone who
-    reaches the port can then lease prompts, inject rollouts or scored groups and announce weights."""
+    """Allow a non-loopback `host` (a network address, or a wildcard: `0.0.0.0`, `*`, `::`) without
+    `curve_keys_dir`. DANGER: anyone who reaches the port can then lease prompts, inject rollouts
+    or scored groups and announce weights."""
 
     @model_validator(mode="after")
-    def _no_open_wildcard(self) -> TransportConfig:
+    def _no_open_bind(self) -> TransportConfig:
         if self.host in WILDCARD_HOSTS and not self.curve_keys_dir and not self.allow_insecure_bind:
             raise ValueError(
                 f"transport.host: {self.host!r} binds every interface without CurveZMQ keys; set "
                 "transport.curve_keys_dir (`popo keys`) or transport.allow_insecure_bind = true"
             )
+        if (why := unauthenticated_bind(self, [self.host])) is not None:
+            raise ValueError(f"transport.host: {why}")
         return self
 
 
@@ -483,6 +510,17 @@ class MetricsConfig(_Section):
         return self
 
 
+class RolePlacement(_Section):
+    """What one role's placement-group bundle asks the Ray cluster for (`[deploy.ray.<role>]`)."""
+
+    cpus: float = Field(1.0, ge=0.0)
+    """CPUs reserved for the role (per verifier replica, per actor)."""
+    resources: dict[str, float] = {}
+    """Custom Ray resources the role's bundle needs (node pinning), e.g. `{worker_node = 1}`."""
+    labels: dict[str, str] = {}
+    """Node labels the role's node must carry (Ray label selector), e.g. `{popo-node = "worker"}`."""
+
+
 class RayConfig(_Section):
     address: str | None = None
     """Ray cluster to join: `auto` (the cluster this machine belongs to, e.g. under `ray job
@@ -495,26 +533,15 @@ class RayConfig(_Section):
     use_gpus: bool = False
     """Reserve GPUs: the learner gets `learner.devices` GPUs, each actor
     `actor.tensor_parallel_size`. False on a CPU cluster (every role asks for CPUs only)."""
-    learner_cpus: float = Field(1.0, ge=0.0)
-    """CPUs reserved for the learner."""
-    verifier_cpus: float = Field(1.0, ge=0.0)
-    """CPUs reserved per verifier replica (its scoring workers run inside this reservation)."""
-    actor_cpus: float = Field(1.0, ge=0.0)
-    """CPUs reserved per actor."""
-    learner_resources: dict[str, float] = {}
-    """Custom Ray resources the learner's bundle needs, e.g. `{learner_node = 1}` to pin it to the
-    node started with `ray start --resources='{"learner_node": 1}'`."""
-    verifier_resources: dict[str, float] = {}
-    """Custom Ray resources each verifier replica's bundle needs (node pinning)."""
-    actor_resources: dict[str, float] = {}
-    """Custom Ray resources each actor's bundle needs (node pinning), e.g. `{worker_node = 1}`."""
-    learner_labels: dict[str, str] = {}
-    """Node labels the learner's node must carry (Ray label selector), e.g. `{popo-node = "learner"}`
-    for a node started with `ray start --labels='{"popo-node": "learner"}'`."""
-    verifier_labels: dict[str, str] = {}
-    """Node labels each verifier replica's node must carry (label selector)."""
-    actor_labels: dict[str, str] = {}
-    """Node labels each actor's node must carry (label selector), e.g. `{accelerator = "H100"}`."""
+    learner: RolePlacement = RolePlacement()
+    """The learner's bundle. Pin it to a node with e.g. `resources = {learner_node = 1}` (a node
+    started with `ray start --resources='{"learner_node": 1}'`) or `labels = {popo-node =
+    "learner"}` (a node started with `ray start --labels='{"popo-node": "learner"}'`)."""
+    verifier: RolePlacement = RolePlacement()
+    """Each verifier replica's bundle (its scoring workers run inside its CPUs)."""
+    actor: RolePlacement = RolePlacement()
+    """Each actor's bundle, e.g. `resources = {worker_node = 1}` or `labels = {accelerator =
+    "H100"}`."""
     bind_node_ip: bool = True
     """Bind each role's ZeroMQ endpoints and metrics server on the node IP Ray reports, and point
     peers at those IPs (no hand-edited addresses); false keeps `transport.host`/`metrics.host`."""

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from transformers import PreTrainedTokenizerFast
 
-    from popo.common.config import ModelConfig, RunConfig, SyntheticTaskConfig
+    from popo.common.config import DemoModelConfig, ModelConfig, RunConfig, SyntheticTaskConfig
     from popo.common.data import Problem
 
 PAD_TOKEN = "<|pad|>"
@@ -182,8 +182,9 @@ BUILD_INFO = "build_info.json"
 
 def build_params(model_cfg: ModelConfig, synth_cfg: SyntheticTaskConfig) -> dict[str, Any]:
     """Everything that determines the built model (and nothing else: not the cache location)."""
-    params = {k: v for k, v in model_cfg.model_dump().items() if k.startswith("demo_")}
-    params.pop("demo_cache_dir")
+    # keyed `demo_<field>`, the recipe's names before it had its own table: cached builds keep
+    # their hash
+    params = {f"demo_{k}": v for k, v in model_cfg.demo.model_dump().items() if k != "cache_dir"}
     return {"version": BUILD_VERSION, "model": params, "synthetic": synth_cfg.model_dump()}
 
 
@@ -194,12 +195,12 @@ def build_hash(model_cfg: ModelConfig, synth_cfg: SyntheticTaskConfig) -> str:
 
 
 def ensure_demo_model(model_cfg: ModelConfig, synth_cfg: SyntheticTaskConfig) -> Path:
-    """The cached demo model directory `demo_cache_dir/<build_hash>`, built first if absent.
+    """The cached demo model directory `demo.cache_dir/<build_hash>`, built first if absent.
 
     A file lock serialises concurrent callers (two test sessions, two launchers): the second one
     waits and then finds the finished directory instead of building it again.
     """
-    cache = Path(model_cfg.demo_cache_dir)
+    cache = Path(model_cfg.demo.cache_dir)
     out = cache / build_hash(model_cfg, synth_cfg)
     if (out / BUILD_INFO).is_file():
         return out
@@ -220,10 +221,10 @@ def build_demo_model(
 ) -> Path:
     """Build the warm-started demo model into `out_dir` (which must not exist) and return it.
 
-    Setup: the character tokenizer and a seeded random Qwen2 (`model_cfg.demo_*`). Train: AdamW on
+    Setup: the character tokenizer and a seeded random Qwen2 (`model_cfg.demo`). Train: AdamW on
     the synthetic train split, cross-entropy on the completion `\\boxed{N}<eos>` only, until the
     sampled accuracy (temperature 1, one sample per problem) on the val split reaches
-    `demo_target_accuracy`, or `demo_max_steps`. Measure: pass@1 and pass@8 on the test split.
+    `demo.target_accuracy`, or `demo.max_steps`. Measure: pass@1 and pass@8 on the test split.
     Save: everything is written into a temporary sibling directory that is renamed into place last,
     so a crash never leaves a directory that looks finished.
     """
@@ -254,32 +255,32 @@ def _build(model_cfg: ModelConfig, synth_cfg: SyntheticTaskConfig, out: Path, lo
     from popo.common import synthetic
     from popo.common.weights import fsync_dir
 
-    torch.manual_seed(model_cfg.demo_seed)
+    torch.manual_seed(model_cfg.demo.seed)
 
     tokenizer = build_tokenizer()
     model = make_model(
         tokenizer,
-        seed=model_cfg.demo_seed,
-        hidden_size=model_cfg.demo_hidden_size,
-        num_layers=model_cfg.demo_layers,
-        num_heads=model_cfg.demo_heads,
-        num_kv_heads=model_cfg.demo_kv_heads,
-        intermediate_size=model_cfg.demo_intermediate_size,
+        seed=model_cfg.demo.seed,
+        hidden_size=model_cfg.demo.hidden_size,
+        num_layers=model_cfg.demo.layers,
+        num_heads=model_cfg.demo.heads,
+        num_kv_heads=model_cfg.demo.kv_heads,
+        intermediate_size=model_cfg.demo.intermediate_size,
         max_position_embeddings=model_cfg.max_model_len,
     )
     n_params = model.num_parameters()
     train = synthetic.generate(synth_cfg, "train")
-    val = synthetic.generate(synth_cfg, "val")[: model_cfg.demo_eval_prompts]
+    val = synthetic.generate(synth_cfg, "val")[: model_cfg.demo.eval_prompts]
     test = synthetic.generate(synth_cfg, "test")
     log(f"demo model: {n_params / 1e6:.2f} M parameters, {len(train)} train problems")
 
-    steps, val_curve = _warm_start(model, tokenizer, train, val, model_cfg, log)
+    steps, val_curve = _warm_start(model, tokenizer, train, val, model_cfg.demo, log)
     train_s = time.monotonic() - t_start
 
     model.eval()
     t_eval = time.monotonic()
     test_stats = _sampled_accuracy(
-        model, tokenizer, test, n_samples=8, seed=model_cfg.demo_seed + 1
+        model, tokenizer, test, n_samples=8, seed=model_cfg.demo.seed + 1
     )
     log(
         f"test: pass@1 {test_stats['pass@1']:.3f}  pass@8 {test_stats['pass@8']:.3f}  "
@@ -342,26 +343,24 @@ def _encode_batch(tokenizer, problems, device="cpu"):
     return ids.to(device), labels.to(device), mask.to(device)
 
 
-def _warm_start(model, tokenizer, train, val, cfg: ModelConfig, log) -> tuple[int, list[dict]]:
+def _warm_start(model, tokenizer, train, val, cfg: DemoModelConfig, log) -> tuple[int, list[dict]]:
     """Supervised steps until val sampled accuracy >= target; returns (steps, val curve)."""
     import torch
 
-    gen = torch.Generator().manual_seed(cfg.demo_seed)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.demo_lr, betas=(0.9, 0.98), weight_decay=0.01
-    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = 50
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     curve: list[dict] = []
     t0 = time.monotonic()
     order = torch.randperm(len(train), generator=gen)
     cursor = 0
-    for step in range(1, cfg.demo_max_steps + 1):
+    for step in range(1, cfg.max_steps + 1):
         model.train()
-        if cursor + cfg.demo_batch_size > len(order):
+        if cursor + cfg.batch_size > len(order):
             order, cursor = torch.randperm(len(train), generator=gen), 0
-        batch = [train[i] for i in order[cursor : cursor + cfg.demo_batch_size].tolist()]
-        cursor += cfg.demo_batch_size
+        batch = [train[i] for i in order[cursor : cursor + cfg.batch_size].tolist()]
+        cursor += cfg.batch_size
         ids, labels, mask = _encode_batch(tokenizer, batch)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -369,9 +368,9 @@ def _warm_start(model, tokenizer, train, val, cfg: ModelConfig, log) -> tuple[in
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if step % cfg.demo_eval_every == 0 or step == cfg.demo_max_steps:
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
             model.eval()
-            acc = _sampled_accuracy(model, tokenizer, val, n_samples=1, seed=cfg.demo_seed + step)
+            acc = _sampled_accuracy(model, tokenizer, val, n_samples=1, seed=cfg.seed + step)
             elapsed = time.monotonic() - t0
             curve.append(
                 {
@@ -385,9 +384,9 @@ def _warm_start(model, tokenizer, train, val, cfg: ModelConfig, log) -> tuple[in
                 f"warm-start step {step:5d}  loss {loss.item():.4f}  "
                 f"val sampled acc {acc['pass@1']:.3f}  {elapsed:6.1f} s"
             )
-            if acc["pass@1"] >= cfg.demo_target_accuracy:
+            if acc["pass@1"] >= cfg.target_accuracy:
                 return step, curve
-    return cfg.demo_max_steps, curve
+    return cfg.max_steps, curve
 
 
 def _sampled_accuracy(model, tokenizer, problems, *, n_samples: int, seed: int) -> dict[str, Any]:

@@ -74,6 +74,9 @@ _VERSION = re.compile(r"^v(\d+)$")
 _MAX_FDS = 8
 """Open files the server keeps (a version being streamed to several actors is read once per
 chunk, not reopened)."""
+_SERVE_POLL_MS = 200
+"""Longest wait of the server thread for a request: it checks its stop event at least this often,
+so `stop()` returns within a fraction of a second; a request wakes it at once."""
 
 
 def shared_visible(msg: WeightsReady) -> bool:
@@ -152,7 +155,7 @@ class WeightServer(threading.Thread):
         self.ready.set()
         try:
             while not self.stop_event.is_set():
-                got = ch.recv(min(self.cfg.recv_timeout_ms, 200))
+                got = ch.recv(_SERVE_POLL_MS)
                 if got is None:
                     continue
                 ident, msg = got

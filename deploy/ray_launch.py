@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from popo.common.config import RunConfig
+from popo.common.config import RunConfig, unauthenticated_bind
 from popo.common.metrics import RESTARTS_ENV
 from popo.deploy.restart_policy import RestartPolicy
 
@@ -73,35 +73,14 @@ def placements(cfg: RunConfig) -> list[Placement]:
     r = cfg.deploy.ray
     learner_gpus = cfg.learner.devices if r.use_gpus else 0  # one GPU per FSDP rank
     actor_gpus = cfg.actor.tensor_parallel_size if r.use_gpus else 0
-    out = [
-        Placement(
-            "learner",
-            "learner",
-            0,
-            r.learner_cpus,
-            learner_gpus,
-            r.learner_resources,
-            r.learner_labels,
-        )
-    ]
-    out += [
-        Placement(
-            f"verifier-{i}",
-            "verifier",
-            i,
-            r.verifier_cpus,
-            0,
-            r.verifier_resources,
-            r.verifier_labels,
-        )
-        for i in range(cfg.verifier.replicas)
-    ]
-    out += [
-        Placement(
-            f"actor-{i}", "actor", i, r.actor_cpus, actor_gpus, r.actor_resources, r.actor_labels
-        )
-        for i in range(cfg.actor.num_actors)
-    ]
+
+    def place(name: str, role: str, index: int, gpus: int) -> Placement:
+        ask = getattr(r, role)  # deploy.ray.learner | verifier | actor
+        return Placement(name, role, index, ask.cpus, gpus, ask.resources, ask.labels)
+
+    out = [place("learner", "learner", 0, learner_gpus)]
+    out += [place(f"verifier-{i}", "verifier", i, 0) for i in range(cfg.verifier.replicas)]
+    out += [place(f"actor-{i}", "actor", i, actor_gpus) for i in range(cfg.actor.num_actors)]
     return out
 
 
@@ -195,19 +174,10 @@ def insecure_bind(cfg: RunConfig, ips: dict[str, str]) -> str | None:
     """Why the roles would listen unauthenticated on a network address (None when they would not).
 
     With `bind_node_ip` every role binds its node's IP: a pod or host address, reachable by every
-    peer of that network, so it needs CurveZMQ keys like a wildcard bind does."""
-    import ipaddress
-
-    t = cfg.transport
-    if not cfg.deploy.ray.bind_node_ip or t.curve_keys_dir or t.allow_insecure_bind:
-        return None
-    exposed = sorted({ip for ip in ips.values() if not ipaddress.ip_address(ip).is_loopback})
-    if not exposed:
-        return None
-    return (
-        f"the roles would bind {', '.join(exposed)} without CurveZMQ keys: set "
-        "transport.curve_keys_dir (`popo keys`) or transport.allow_insecure_bind = true"
-    )
+    peer of that network, so it needs CurveZMQ keys as any non-loopback `transport.host` does."""
+    if not cfg.deploy.ray.bind_node_ip:
+        return None  # the roles bind `transport.host`, which the config itself checks
+    return unauthenticated_bind(cfg.transport, ips.values())
 
 
 class RunStateError(LaunchError):
@@ -426,7 +396,7 @@ class RayRun:
         if resume and not held:
             raise RunStateError(
                 f"{where} holds no ledger.db: a run's state stays on the node its learner ran "
-                "on; place the learner there (deploy.ray.learner_resources or learner_labels)"
+                "on; place the learner there (deploy.ray.learner.resources or labels)"
             )
         if not resume and held:
             raise RunStateError(

@@ -26,8 +26,9 @@ def random_model_dir(tmp_path_factory):
 def demo_model_dir():
     """The warm-started demo model of the default config, cached in `.cache/demo-model` (built once,
     a few minutes, the first time; reused by later runs)."""
-    from popo.common.config import ModelConfig, SyntheticTaskConfig
+    from popo.common.config import DemoModelConfig, ModelConfig, SyntheticTaskConfig
     from popo.common.demo_model import ensure_demo_model
 
     cache = Path(__file__).resolve().parent.parent / ".cache" / "demo-model"
-    return ensure_demo_model(ModelConfig(demo_cache_dir=str(cache)), SyntheticTaskConfig())
+    model = ModelConfig(demo=DemoModelConfig(cache_dir=str(cache)))
+    return ensure_demo_model(model, SyntheticTaskConfig())

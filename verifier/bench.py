@@ -107,7 +107,7 @@ class ServiceBench:
 
         cfg = RunConfig(
             verifier={"num_workers": workers, "forward": "all", "timeout_s": 10.0},
-            transport={"rollouts_port": 0, "ingest_port": 0, "recv_timeout_ms": 100},
+            transport={"rollouts_port": 0, "ingest_port": 0},
             metrics={"enabled": False},
         )
         self.workers = workers

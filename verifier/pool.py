@@ -40,6 +40,10 @@ _dec_result = msgspec.msgpack.Decoder(tuple[int, str, float, str])
 _READY = -1
 _PIPE_BUDGET = 32 * 1024
 
+PIPELINE_DEPTH = 2
+"""Tasks queued per worker by default: one running and one waiting in its pipe, so a worker never
+idles for the round trip; a deeper queue only lets more completions wait behind a slow one."""
+
 
 class Result(NamedTuple):
     task_id: int
@@ -113,7 +117,7 @@ class ScoringPool:
         self,
         num_workers: int,
         limits: PoolLimits = PoolLimits(),
-        depth: int = 2,
+        depth: int = PIPELINE_DEPTH,
         start_timeout_s: float = 120.0,
     ) -> None:
         self.num_workers = num_workers

@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 
 VERDICTS: tuple[Verdict, ...] = ("positive", "negative", "timeout", "error")
 
+WAIT_S = 1.0
+"""Longest wait of one loop step for input (rollouts, results, send room): the loop wakes at least
+this often to see a stop request, so a stopping verifier starts its drain within a second; work
+that arrives wakes it at once."""
+
 
 class VerifierStats:
     """The verifier's figures: plain attributes for the loop and tests, mirrored into the role's
@@ -189,7 +194,6 @@ class Verifier:
         self.pool = ScoringPool(
             v.num_workers,
             PoolLimits(v.timeout_s, v.max_completion_chars, v.max_brace_depth, v.worker_memory_mib),
-            depth=v.pipeline_depth,
         )
         self.pool.start()
         t = self.cfg.transport
@@ -247,7 +251,7 @@ class Verifier:
             poller.register(self.ingest.sock, zmq.POLLOUT)
         for conn in self.pool.connections():
             poller.register(conn.fileno(), zmq.POLLIN)
-        wait_s = self.cfg.transport.recv_timeout_ms / 1000
+        wait_s = WAIT_S
         to_deadline = self.pool.seconds_to_deadline()
         if to_deadline is not None:
             wait_s = min(wait_s, to_deadline + 0.001)

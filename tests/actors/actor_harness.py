@@ -38,12 +38,20 @@ def actor_test_config() -> RunConfig:
     a.max_inflight_prompts = 4
     a.max_pending_groups = 6
     a.kv_cache_gib = 1
-    a.lease_retry_s = 0.1
-    a.lease_retry_max_s = 1.0
     a.drain_timeout_s = 30.0
     cfg.metrics.enabled = False
     cfg.transport.linger_ms = 200
     return cfg
+
+
+@pytest.fixture(autouse=True)
+def fast_lease_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Actors here re-ask for leases after 0.1 s (at most 1 s), so tests whose learner shows up
+    late or drops a request do not wait out the production back-off."""
+    from popo.actors import actor
+
+    monkeypatch.setattr(actor, "LEASE_RETRY_S", 0.1)
+    monkeypatch.setattr(actor, "LEASE_RETRY_MAX_S", 1.0)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from popo.common import synthetic
-from popo.common.config import ModelConfig, SyntheticTaskConfig
+from popo.common.config import DemoModelConfig, ModelConfig, SyntheticTaskConfig
 from popo.common.demo_model import (
     BUILD_INFO,
     build_hash,
@@ -60,24 +60,26 @@ def test_head_size_must_suit_vllm_cpu():
 def test_build_hash_ignores_cache_dir_but_not_recipe():
     synth = SyntheticTaskConfig()
     a = build_hash(ModelConfig(), synth)
-    assert a == build_hash(ModelConfig(demo_cache_dir="/elsewhere"), synth)
-    assert a != build_hash(ModelConfig(demo_seed=1), synth)
+    assert a == build_hash(ModelConfig(demo={"cache_dir": "/elsewhere"}), synth)
+    assert a != build_hash(ModelConfig(demo={"seed": 1}), synth)
     assert a != build_hash(ModelConfig(), SyntheticTaskConfig(max_operand=50))
 
 
 def test_tiny_build_is_atomic_and_cached(tmp_path):
     # A deliberately tiny recipe (few steps) to test the build / cache mechanics quickly.
     model_cfg = ModelConfig(
-        demo_cache_dir=str(tmp_path / "cache"),
-        demo_hidden_size=32,
-        demo_heads=1,
-        demo_kv_heads=1,
-        demo_layers=1,
-        demo_intermediate_size=64,
-        demo_max_steps=4,
-        demo_eval_every=2,
-        demo_eval_prompts=8,
-        demo_target_accuracy=0.99,
+        demo=DemoModelConfig(
+            cache_dir=str(tmp_path / "cache"),
+            hidden_size=32,
+            heads=1,
+            kv_heads=1,
+            layers=1,
+            intermediate_size=64,
+            max_steps=4,
+            eval_every=2,
+            eval_prompts=8,
+            target_accuracy=0.99,
+        )
     )
     synth = SyntheticTaskConfig(n_train=200, n_val=8, n_test=8)
     out = ensure_demo_model(model_cfg, synth)

@@ -380,6 +380,50 @@ def test_wildcard_transport_host_needs_keys_or_override(tmp_path: Path, host: st
     assert load_config(toml, ["--transport.allow_insecure_bind", "true"]).transport.host == host
 
 
+@pytest.mark.parametrize("host", ["10.0.0.5", "192.168.1.20", "fd00::1", "eth0", "node-1.example"])
+def test_network_transport_host_needs_keys_or_override(tmp_path: Path, host: str) -> None:
+    """A network address (or a name that may resolve to one) is reachable from other machines: the
+    same check as `popo ray`'s node IPs refuses it without keys, naming the key and its line."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["--transport.host", host])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("config error: command line: transport.host: ")
+    assert f"bind {host} without CurveZMQ keys" in msg and "allow_insecure_bind" in msg
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[transport]\nscheme = "tcp"\nhost = "{host}"\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{toml}:3: transport.host: ")):
+        load_config(toml)
+    assert load_config(toml, ["--transport.curve_keys_dir", str(tmp_path)]).transport.host == host
+    assert load_config(toml, ["--transport.allow_insecure_bind", "true"]).transport.host == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_transport_host_needs_no_keys(host: str) -> None:
+    assert load_config(None, ["--transport.host", host]).transport.host == host
+
+
+def test_popo_train_refuses_network_bind_without_keys(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "popo.deploy.cli",
+            "train",
+            "--transport.host=10.0.0.5",
+            f"--deploy.run_dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "transport.host" in lines[0], r.stderr
+    assert "10.0.0.5 without CurveZMQ keys" in lines[0]
+    assert not run_dir.exists()  # refused before anything started
+
+
 def test_wildcard_metrics_host_needs_override() -> None:
     with pytest.raises(ConfigError, match=r"metrics\.host: '0\.0\.0\.0'.*allow_insecure_bind"):
         load_config(None, ["--metrics.host", "0.0.0.0"])

@@ -167,35 +167,38 @@ def test_fuzz_learner_ingest_pull(learner) -> None:  # type: ignore[no-untyped-d
 
 @pytest.fixture(scope="module")
 def verifier() -> Iterator:
+    from popo.verifier import service
     from popo.verifier.service import Verifier
 
-    cfg = RunConfig()
-    cfg.transport.rollouts_port = 0
-    cfg.transport.linger_ms = 0
-    cfg.transport.recv_timeout_ms = 50
-    cfg.verifier.timeout_s = 2.0
-    cfg.metrics.base_port = 0
-    ctx = zmq.Context()
-    learner_pull = transport.bind(ctx, "ingest", "tcp://127.0.0.1:*", cfg.transport)
-    v = Verifier(cfg, ingest_addr=learner_pull.address)
-    v.setup()
-    stop = threading.Event()
-    errors: list[BaseException] = []
+    # a loop step waits at most 50 ms, so the verifier stops promptly at the module's end
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(service, "WAIT_S", 0.05)
+        cfg = RunConfig()
+        cfg.transport.rollouts_port = 0
+        cfg.transport.linger_ms = 0
+        cfg.verifier.timeout_s = 2.0
+        cfg.metrics.base_port = 0
+        ctx = zmq.Context()
+        learner_pull = transport.bind(ctx, "ingest", "tcp://127.0.0.1:*", cfg.transport)
+        v = Verifier(cfg, ingest_addr=learner_pull.address)
+        v.setup()
+        stop = threading.Event()
+        errors: list[BaseException] = []
 
-    def serve() -> None:
-        try:
-            v.run(stop)
-        except BaseException as e:  # the test asserts there was none
-            errors.append(e)
+        def serve() -> None:
+            try:
+                v.run(stop)
+            except BaseException as e:  # the test asserts there was none
+                errors.append(e)
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield v, learner_pull, thread, errors
-    stop.set()
-    thread.join(10)
-    v.close()
-    learner_pull.close()
-    ctx.term()
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield v, learner_pull, thread, errors
+        stop.set()
+        thread.join(10)
+        v.close()
+        learner_pull.close()
+        ctx.term()
 
 
 def test_fuzz_verifier_rollouts_pull(verifier) -> None:  # type: ignore[no-untyped-def]

@@ -174,7 +174,10 @@ def test_ray_roles_size_their_threads_to_their_bundle():
     from popo.deploy.ray_launch import placements, share_env
 
     cfg = RunConfig.model_validate(
-        {"learner": {"devices": 2}, "deploy": {"ray": {"learner_cpus": 8, "actor_cpus": 3}}}
+        {
+            "learner": {"devices": 2},
+            "deploy": {"ray": {"learner": {"cpus": 8}, "actor": {"cpus": 3}}},
+        }
     )
     envs = {p.name: share_env(cfg, p) for p in placements(cfg)}
     assert envs["learner"]["POPO_TORCH_THREADS"] == "4"  # 8 CPUs over 2 ranks

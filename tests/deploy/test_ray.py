@@ -312,9 +312,9 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
         "--actor.drain_timeout_s=2",
         "--metrics.jsonl_every_s=1",
         "--transport.weights_mode=stream",
-        '--deploy.ray.learner_resources={"head_node": 1}',
-        '--deploy.ray.verifier_resources={"head_node": 1}',
-        '--deploy.ray.actor_resources={"worker_node": 1}',
+        '--deploy.ray.learner.resources={"head_node": 1}',
+        '--deploy.ray.verifier.resources={"head_node": 1}',
+        '--deploy.ray.actor.resources={"worker_node": 1}',
         "--deploy.ray.stop_grace_s=20",
     ]
     with open(out, "w") as f:
@@ -505,9 +505,9 @@ def test_ray_resume_with_the_learner_on_another_node(ray_cluster, tmp_path, demo
         "--actor.group_size=4",
         "--actor.kv_cache_gib=0.25",
         "--actor.drain_timeout_s=2",
-        '--deploy.ray.learner_resources={"worker_node": 1}',
-        '--deploy.ray.verifier_resources={"head_node": 1}',
-        '--deploy.ray.actor_resources={"head_node": 1}',
+        '--deploy.ray.learner.resources={"worker_node": 1}',
+        '--deploy.ray.verifier.resources={"head_node": 1}',
+        '--deploy.ray.actor.resources={"head_node": 1}',
         "--deploy.ray.stop_grace_s=20",
         "--transport.allow_insecure_bind=true",  # namespaces of this test only
     ]
@@ -580,9 +580,9 @@ def test_ray_placement_by_node_labels(ray_cluster, tmp_path):
         f"--deploy.run_dir={tmp_path / 'run'}",
         f"--deploy.ray.address={HEAD_IP}:6379",
         "--actor.num_actors=2",
-        '--deploy.ray.actor_labels={"popo-node": "worker"}',
-        '--deploy.ray.learner_resources={"head_node": 1}',
-        '--deploy.ray.verifier_resources={"head_node": 1}',
+        '--deploy.ray.actor.labels={"popo-node": "worker"}',
+        '--deploy.ray.learner.resources={"head_node": 1}',
+        '--deploy.ray.verifier.resources={"head_node": 1}',
         "--deploy.ray.ready_timeout_s=60",
     ]
     p = ray_cluster.exec(
@@ -605,7 +605,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "deploy" / "configs").glob("*.toml"))
 
 
-def test_placement_and_peer_flags():
+def test_placement_and_peer_flags(tmp_path):
     from popo.common.config import load_config
     from popo.deploy.ray_launch import peer_flags, placements, prometheus_targets
 
@@ -617,7 +617,8 @@ def test_placement_and_peer_flags():
             "--deploy.ray.use_gpus=true",
             "--learner.devices=4",
             "--actor.tensor_parallel_size=2",
-            '--deploy.ray.actor_resources={"gpu_node": 1}',
+            '--deploy.ray.actor.resources={"gpu_node": 1}',
+            "--transport.curve_keys_dir=/keys",  # node IPs are bound: a cluster has keys
         ],
     )
     ps = placements(cfg)
@@ -633,8 +634,11 @@ def test_placement_and_peer_flags():
         "actor-0": "10.0.0.3",
         "actor-1": "10.0.0.4",
     }
-    # the flags parse back into a config whose connect addresses are the reported node IPs
-    actor = load_config(None, peer_flags(cfg, ips, "actor-1"))
+    # the flags parse back, over the run's config as a role host loads it, into a config whose
+    # connect addresses are the reported node IPs
+    snapshot = tmp_path / "config.toml"
+    snapshot.write_text(cfg.to_toml())
+    actor = load_config(snapshot, peer_flags(cfg, ips, "actor-1"))
     from popo.common import transport
 
     t = actor.transport

@@ -16,6 +16,7 @@ import zmq
 from popo.common import transport
 from popo.common.config import RunConfig
 from popo.common.messages import Completion, RolloutGroup, ScoredGroup, pack_f32, pack_ids
+from popo.verifier import service
 from popo.verifier.pool import PoolLimits, ScoringPool
 from popo.verifier.service import Verifier
 
@@ -28,7 +29,7 @@ def make_cfg(**verifier: Any) -> RunConfig:
     return RunConfig(
         verifier={"num_workers": 2, "timeout_s": 2.0, **verifier},
         algorithm={"name": algorithm},
-        transport={"rollouts_port": 0, "ingest_port": 0, "recv_timeout_ms": 100, "linger_ms": 0},
+        transport={"rollouts_port": 0, "ingest_port": 0, "linger_ms": 0},
         metrics={"enabled": False},
     )
 
@@ -126,6 +127,12 @@ def running_verifier(cfg: RunConfig, ingest_addr: str, replica: int = 0) -> Iter
         assert not th.is_alive(), "verifier did not stop"
         if errors:
             raise errors[0]
+
+
+@pytest.fixture(autouse=True)
+def quick_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verifiers here wait at most 0.1 s per loop step, so each stops within 0.1 s of its test."""
+    monkeypatch.setattr(service, "WAIT_S", 0.1)
 
 
 @pytest.fixture

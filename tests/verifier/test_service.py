@@ -165,7 +165,7 @@ def test_main_exits_zero_on_sigterm_and_nonzero_on_error(tmp_path) -> None:
         from popo.verifier.service import main
         if __name__ == "__main__":
             cfg = RunConfig(
-                transport={{"rollouts_port": int(sys.argv[1]), "ingest_port": 1, "recv_timeout_ms": 100}},
+                transport={{"rollouts_port": int(sys.argv[1]), "ingest_port": 1}},
                 metrics={{"enabled": False}},
             )
             sys.exit(main(cfg, {str(tmp_path)!r}))
