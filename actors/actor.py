@@ -441,7 +441,7 @@ class Actor:
         kl = max_abs = None
         if msg.probe_token_ids and msg.probe_prompt_len > 0:
             ids = unpack_ids(msg.probe_token_ids).tolist()
-            actor_lp = await self.engine._prompt_logprobs(ids)
+            actor_lp = await self.engine.prompt_logprobs_async(ids)
             # entry t-1 of actor_lp scores token t; the continuation starts at probe_prompt_len
             kl, max_abs = probe_mismatch(
                 actor_lp[msg.probe_prompt_len - 1 :], unpack_f32(msg.probe_logprobs)
