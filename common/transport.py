@@ -52,6 +52,7 @@ from popo.common.messages import (
     decode,
     encode,
 )
+from popo.common.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def address(
     if cfg.scheme == "ipc":
         if run_dir is None:
             raise ValueError("ipc transport needs a run directory for its socket files")
-        sock_dir = Path(run_dir).resolve() / "sockets"
+        sock_dir = RunDir(Path(run_dir).resolve()).sockets
         sock_dir.mkdir(parents=True, exist_ok=True)
         return f"ipc://{sock_dir / name}"
     port = getattr(cfg, f"{name}_port")

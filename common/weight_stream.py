@@ -66,11 +66,20 @@ from popo.common.messages import (
     decode,
     encode,
 )
-from popo.common.weights import WEIGHTS_FILE, WeightsError, fsync_dir, sha256_file, verify_weights
+from popo.common.run_dir import RunDir
+from popo.common.weights import (
+    CHECKSUM_FILE,
+    CHECKSUM_SUFFIX,
+    WEIGHTS_FILE,
+    WeightsError,
+    WeightStore,
+    fsync_dir,
+    sha256_file,
+    verify_weights,
+)
 
 log = logging.getLogger(__name__)
 
-_VERSION = re.compile(r"^v(\d+)$")
 _MAX_FDS = 8
 """Open files the server keeps (a version being streamed to several actors is read once per
 chunk, not reopened)."""
@@ -86,7 +95,7 @@ def shared_visible(msg: WeightsReady) -> bool:
     try:
         if (d / WEIGHTS_FILE).stat().st_size != msg.nbytes:
             return False
-        return (d / f"{WEIGHTS_FILE}.sha256").read_text().strip() == msg.sha256
+        return (d / CHECKSUM_FILE).read_text().strip() == msg.sha256
     except OSError:
         return False
 
@@ -95,7 +104,8 @@ def shared_visible(msg: WeightsReady) -> bool:
 
 
 class WeightServer(threading.Thread):
-    """Serves `weights_root/v{N}/*` over the `weightstream` ROUTER from a background thread.
+    """Serves the versions of the `WeightStore` at `weights_root` over the `weightstream` ROUTER
+    from a background thread.
 
     `start()` binds (a bind error is raised there, in the caller); `stop()` ends the thread. The
     thread catches nothing but per-request I/O errors, which become `StreamError` replies; anything
@@ -112,7 +122,7 @@ class WeightServer(threading.Thread):
         on_drop: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(name="weight-server", daemon=True)
-        self.root = Path(weights_root)
+        self.store = WeightStore(weights_root)
         self.addr = addr
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
@@ -200,9 +210,9 @@ class WeightServer(threading.Thread):
         return f"version {version} is not available (pruned or never published)"
 
     def _manifest(self, version: int) -> dict[str, StreamFile] | None:
-        """Plain files of `v{version}` (no links, no hidden files, no subdirectories), or None when
+        """Plain files of `version` (no links, no hidden files, no subdirectories), or None when
         the version directory does not exist (pruned). Cached: a published version is immutable."""
-        vdir = self.root / f"v{version}"
+        vdir = self.store.path(version)
         if version < 0 or not vdir.is_dir():
             self._manifests.pop(version, None)
             self._close_version(version)
@@ -214,12 +224,12 @@ class WeightServer(threading.Thread):
             st = p.lstat()
             if p.name.startswith(".") or not p.is_file() or p.is_symlink():
                 continue
-            sidecar = vdir / f"{p.name}.sha256"
+            sidecar = vdir / f"{p.name}{CHECKSUM_SUFFIX}"
             # The learner already hashed the weights file when it published it: reuse that.
             digest = sidecar.read_text().strip() if sidecar.is_file() else sha256_file(p)
             files[p.name] = StreamFile(name=p.name, size=st.st_size, sha256=digest)
         self._manifests[version] = files
-        for old in [v for v in self._manifests if not (self.root / f"v{v}").is_dir()]:
+        for old in [v for v in self._manifests if not self.store.path(v).is_dir()]:
             del self._manifests[old]
             self._close_version(old)
         return files
@@ -258,7 +268,7 @@ class WeightServer(threading.Thread):
         if key in self._fds:
             self._fds.move_to_end(key)
             return self._fds[key]
-        path = self.root / f"v{version}" / name
+        path = self.store.path(version) / name
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         self._fds[key] = fd
         while len(self._fds) > _MAX_FDS:
@@ -403,7 +413,8 @@ class _VersionLock:
 MANIFEST_FILE = ".manifest.json"
 """Written into a cached version by the actor that streamed it: every file with its size and
 sha256, so a neighbour that finds the version on the node verifies it before loading it."""
-_TMP = re.compile(r"^\.tmp-v(\d+)-")
+_TMP = re.compile(r"^\.tmp-([^-]+)-")
+"""A download's temporary directory: `.tmp-<version directory name>-<host>-<pid>-*`."""
 
 
 class WeightFetcher:
@@ -445,6 +456,7 @@ class WeightFetcher:
         self.addr = addr
         self.cache = Path(cache_dir)
         self.cache.mkdir(parents=True, exist_ok=True)
+        self.store = WeightStore(self.cache)
         self.cfg = cfg
         self.keep = keep
         self.on_retry = on_retry
@@ -500,7 +512,7 @@ class WeightFetcher:
         """Lease (shared lock) on a verified `v{N}`, downloading it under the exclusive lock when
         no one on the node has. Returns the directory; the lease is in `_leases`."""
         lk = _VersionLock(self.cache, msg.version)
-        out = self.cache / f"v{msg.version}"
+        out = self.store.path(msg.version)
         bad: WeightsError | None = None  # the copy on disk did not verify: replace it
         give_up = 0.0
         try:
@@ -582,7 +594,7 @@ class WeightFetcher:
                     self.on_retry(str(e))
 
     def _attempt(self, msg: WeightsReady, out: Path) -> None:
-        prefix = f".tmp-v{msg.version}-{self._tag}-"
+        prefix = f".tmp-{self.store.dir_name(msg.version)}-{self._tag}-"
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.cache))
         ch = transport.connect(self.ctx, "weightstream", self.addr, self.cfg)
         ch.sock.setsockopt(zmq.LINGER, 0)  # requests of an abandoned attempt are worthless
@@ -672,9 +684,7 @@ class WeightFetcher:
     def _prune(self, protect: Collection[int]) -> None:
         """Keep the newest `keep` versions (and `protect`); an older one goes only when no actor
         on the node holds it (its lock is free), else a later prune retries."""
-        versions = sorted(
-            int(m.group(1)) for p in self.cache.iterdir() if (m := _VERSION.match(p.name))
-        )
+        versions = self.store.versions()
         for v in versions[: max(0, len(versions) - self.keep)]:
             if v in protect:
                 continue
@@ -682,7 +692,7 @@ class WeightFetcher:
             if not lk.try_lock(shared=False):
                 lk.close()
                 continue
-            self._set_aside(self.cache / f"v{v}")
+            self._set_aside(self.store.path(v))
             self._clean_version(v)
             lk.remove()
 
@@ -697,7 +707,7 @@ class WeightFetcher:
 
     def _clean_version(self, version: int) -> None:
         """Remove the temporary directories of `version` (exclusive lock held: all are dead)."""
-        for p in self.cache.glob(f".tmp-v{version}-*"):
+        for p in self.cache.glob(f".tmp-{self.store.dir_name(version)}-*"):
             shutil.rmtree(p, ignore_errors=True)
 
     def _clean_leftovers(self) -> None:
@@ -706,14 +716,18 @@ class WeightFetcher:
         takes that lock next) and `.del-*` (renamed under the lock, never read again)."""
         for p in self.cache.glob(".del-*"):
             shutil.rmtree(p, ignore_errors=True)
-        versions = {int(m.group(1)) for p in self.cache.iterdir() if (m := _TMP.match(p.name))}
+        versions = {
+            v
+            for p in self.cache.iterdir()
+            if (m := _TMP.match(p.name)) and (v := self.store.parse(m.group(1))) is not None
+        }
         for v in sorted(versions):
             lk = _VersionLock(self.cache, v)
             if not lk.try_lock(shared=False):
                 lk.close()
                 continue
             self._clean_version(v)
-            if (self.cache / f"v{v}").is_dir():
+            if self.store.path(v).is_dir():
                 lk.close()
             else:
                 lk.remove()
@@ -724,7 +738,7 @@ def default_cache_dir(run_dir: str | Path | None) -> Path:
     shared filesystem still gets one cache per node), or a fresh temporary directory without a run
     directory."""
     if run_dir is not None:
-        return Path(run_dir) / "weights-cache" / socket.gethostname()
+        return RunDir(run_dir).weights_cache()
     return Path(tempfile.mkdtemp(prefix="popo-weights-cache-"))
 
 

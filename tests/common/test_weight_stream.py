@@ -33,8 +33,13 @@ from popo.common.weight_stream import (
     recv_reply,
     shared_visible,
 )
-from popo.common.weights import WEIGHTS_FILE, WeightsError, sha256_file, write_version_dir
-from popo.learner.publish import prune_versions
+from popo.common.weights import (
+    WEIGHTS_FILE,
+    WeightsError,
+    WeightStore,
+    sha256_file,
+    write_version_dir,
+)
 
 # Small chunks so a ~1 MB file takes many pipelined requests and the last one is partial.
 CFG = TransportConfig(
@@ -189,7 +194,7 @@ def test_pruned_version_is_a_clean_error(weights, server, fetcher, tmp_path):
     old = publish(weights, 1)
     publish(weights, 2, seed=2)
     fetcher.fetch(publish(weights, 3, seed=3))  # the server has opened and cached v3 files
-    assert prune_versions(weights, keep=1) == [1, 2]
+    assert WeightStore(weights).prune(keep=1) == [1, 2]
     with pytest.raises(WeightsError, match="version 1 is not available"):
         fetcher.fetch(old)
     assert fetcher.retries == 0  # a pruned version is final, not retried

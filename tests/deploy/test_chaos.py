@@ -390,10 +390,10 @@ def check_run(res: ChaosResult, run_dir: Path, steps: int, n_kills: int) -> dict
     evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, steps]  # restarts do not repeat the first eval
     # no half-written version or checkpoint is left where a reader would take it
-    from popo.actors.actor import latest_published
+    from popo.common.run_dir import RunDir
     from popo.common.weights import verify_weights
 
-    last = latest_published(run_dir)
+    last = RunDir(run_dir).weight_store().latest()
     assert last is not None
     verify_weights(Path(last.path) / "model.safetensors", last.sha256, last.nbytes)
     figures.update(kills=len(res.kills), kills_by_role=by_role, wall_s=round(res.wall_s, 1))
