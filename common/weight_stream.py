@@ -47,7 +47,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import zmq
 
@@ -58,13 +58,9 @@ from popo.common.messages import (
     FetchRequest,
     Manifest,
     ManifestRequest,
-    MessageError,
     StreamError,
     StreamFile,
     WeightsReady,
-    check,
-    decode,
-    encode,
 )
 from popo.common.run_dir import RunDir
 from popo.common.weights import (
@@ -167,16 +163,12 @@ class WeightServer(threading.Thread):
                     continue
                 ident, msg = got
                 reply, data = self.handle(msg)
-                frames = [ident, encode(reply)] + ([data] if data is not None else [])
-                try:
-                    # Never block on one actor: under the credit scheme its queue has room, and an
-                    # actor that breaks it (or left) loses this reply and times out.
-                    ch.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    log.warning("weight server: peer %r not ready, reply dropped", ident)
-                    continue
-                except zmq.ZMQError as e:  # ROUTER_MANDATORY: the peer disconnected
-                    log.info("weight server: peer %r gone (%s)", ident, e)
+                gone = ch.unroutable
+                # Never block on one actor: under the credit scheme its queue has room, and an
+                # actor that breaks it (or left) loses this reply and times out.
+                if not ch.send(reply, ident, timeout_ms=0, data=() if data is None else (data,)):
+                    if ch.unroutable == gone:  # a peer that left is logged by the channel
+                        log.warning("weight server: peer %r not ready, reply dropped", ident)
                     continue
                 if data is not None:
                     self.bytes_sent += len(data)
@@ -287,19 +279,14 @@ def recv_reply(
     ch: transport.Channel, timeout_ms: int
 ) -> tuple[Manifest | Chunk | StreamError, memoryview | None] | None:
     """One reply of the weight server on a connected `weightstream` channel: the message and, for a
-    Chunk, its bytes (the second frame, not copied), or None on time-out. Chunks carry two frames,
-    which `Channel.recv` (one frame per message) would drop, so replies are read here; they get the
-    same decoding and checks. Raises MessageError for a malformed or unexpected reply."""
-    if not ch.sock.poll(timeout_ms, zmq.POLLIN):
+    Chunk, its bytes (its data frame, not copied), or None on time-out. A malformed or unexpected
+    reply is counted and handed to the channel's `on_drop` (`Channel.recv_data`)."""
+    got = ch.recv_data(timeout_ms)
+    if got is None:
         return None
-    frames = ch.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-    msg = decode(frames[0].bytes)
-    check(msg)
-    if not isinstance(msg, Manifest | Chunk | StreamError):
-        raise MessageError(f"unexpected {type(msg).__name__} on weightstream")
-    if len(frames) != (2 if isinstance(msg, Chunk) else 1):
-        raise MessageError(f"{type(msg).__name__} in {len(frames)} frames")
-    return msg, frames[1].buffer if len(frames) == 2 else None
+    _, msg, data = got
+    reply = cast(Manifest | Chunk | StreamError, msg)  # the channel accepts nothing else
+    return reply, data[0] if data else None
 
 
 class _Retry(Exception):
@@ -596,7 +583,7 @@ class WeightFetcher:
     def _attempt(self, msg: WeightsReady, out: Path) -> None:
         prefix = f".tmp-{self.store.dir_name(msg.version)}-{self._tag}-"
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.cache))
-        ch = transport.connect(self.ctx, "weightstream", self.addr, self.cfg)
+        ch = transport.connect(self.ctx, "weightstream", self.addr, self.cfg, self._bad_reply)
         ch.sock.setsockopt(zmq.LINGER, 0)  # requests of an abandoned attempt are worthless
         try:
             manifest = self._manifest(ch, msg)
@@ -614,11 +601,12 @@ class WeightFetcher:
             ch.close()
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def _bad_reply(self, why: str) -> None:
+        """A reply the channel dropped (malformed, unexpected, wrong frames) ends the attempt."""
+        raise _Retry(f"bad reply: {why}")
+
     def _recv(self, ch: transport.Channel) -> tuple[object, memoryview | None]:
-        try:
-            got = recv_reply(ch, int(self.cfg.stream_timeout_s * 1000))
-        except MessageError as e:
-            raise _Retry(f"bad reply: {e}") from None
+        got = recv_reply(ch, int(self.cfg.stream_timeout_s * 1000))
         if got is None:
             raise _Retry(f"no reply from {self.addr} within {self.cfg.stream_timeout_s} s")
         return got
