@@ -350,7 +350,7 @@ class LedgerReader:
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no ledger there")
         self._db = sqlite3.connect(
-            f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout_s
+            f"{self.path.absolute().as_uri()}?mode=ro", uri=True, timeout=timeout_s
         )
 
     def __enter__(self) -> LedgerReader:
