@@ -38,7 +38,6 @@ from popo.common.weights import (
     WeightsError,
     WeightStore,
     sha256_file,
-    write_version_dir,
 )
 
 # Small chunks so a ~1 MB file takes many pipelined requests and the last one is partial.
@@ -57,8 +56,7 @@ def publish(root: Path, version: int, seed: int = 0) -> WeightsReady:
     g = torch.Generator().manual_seed(seed)
     tensors = {"a.weight": torch.randn(300, 777, generator=g), "b.bias": torch.randn(5)}
     extra = {"config.json": b'{"model_type": "qwen2"}', "tokenizer.json": os.urandom(3000)}
-    path, sha, nbytes = write_version_dir(root / f"v{version}", tensors, extra_files=extra)
-    return WeightsReady(version=version, path=str(path.parent), sha256=sha, nbytes=nbytes)
+    return WeightStore(root).publish(version, tensors, extra_files=extra)
 
 
 @pytest.fixture
