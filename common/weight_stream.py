@@ -361,7 +361,7 @@ class _VersionLock:
     """
 
     def __init__(self, cache: Path, version: int) -> None:
-        self.path = cache / f".lock-v{version}"
+        self.path = cache / f".lock-{WeightStore.dir_name(version)}"
         self._fd: int | None = None
 
     def try_lock(self, shared: bool) -> bool:
