@@ -311,6 +311,7 @@ class WeightStore:
         return self.root / self.dir_name(version)
 
     def weights_file(self, version: int) -> Path:
+        """`model.safetensors` of `version`."""
         return self.path(version) / WEIGHTS_FILE
 
     def versions(self) -> list[int]:
