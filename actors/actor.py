@@ -58,6 +58,7 @@ from popo.common.messages import (
     unpack_ids,
 )
 from popo.common.metrics import RoleMetrics, role_port
+from popo.common.run_dir import RunDir
 from popo.common.weight_stream import WeightFetcher, default_cache_dir, local_weights
 from popo.common.weights import WEIGHTS_FILE, WeightsError
 
@@ -117,25 +118,6 @@ class _Reloaded:
     max_abs_diff: float | None
     mode: str
     """`shared` (read the learner's path) or `stream` (fetched into the local cache)."""
-
-
-def latest_published(run_dir: str | Path) -> WeightsReady | None:
-    """The newest complete version under `run_dir/weights/v{N}` (with its .sha256), as the
-    announcement an actor that started late has missed; None if there is none."""
-    found = []
-    for d in Path(run_dir, "weights").glob("v*"):
-        sha = d / f"{WEIGHTS_FILE}.sha256"
-        if d.name[1:].isdigit() and sha.is_file():
-            found.append((int(d.name[1:]), d, sha))
-    if not found:
-        return None
-    version, d, sha = max(found)
-    return WeightsReady(
-        version=version,
-        path=str(d),
-        sha256=sha.read_text().strip(),
-        nbytes=(d / WEIGHTS_FILE).stat().st_size,
-    )
 
 
 class Actor:
@@ -227,7 +209,8 @@ class Actor:
                 keep=self.acfg.weights_cache_keep,
                 on_retry=lambda _why: self.stats.stream_retried(),
             )
-        if self.run_dir is not None and (latest := latest_published(self.run_dir)) is not None:
+        # The announcement an actor that started late has missed.
+        if self.run_dir is not None and (latest := RunDir(self.run_dir).weight_store().latest()):
             self._on_weights(latest)
 
     def run(self, stop_event: threading.Event) -> None:
@@ -452,7 +435,7 @@ class Actor:
         kl = max_abs = None
         if msg.probe_token_ids and msg.probe_prompt_len > 0:
             ids = unpack_ids(msg.probe_token_ids).tolist()
-            actor_lp = await self.engine._prompt_logprobs(ids)
+            actor_lp = await self.engine.prompt_logprobs_async(ids)
             # entry t-1 of actor_lp scores token t; the continuation starts at probe_prompt_len
             kl, max_abs = probe_mismatch(
                 actor_lp[msg.probe_prompt_len - 1 :], unpack_f32(msg.probe_logprobs)

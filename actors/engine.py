@@ -327,18 +327,21 @@ class RolloutEngine:
 
         Resolves to a [T-1] float32 array: entry t-1 is log p(token_t | tokens_<t).
         """
-        return self.call(self._prompt_logprobs(_ints(token_ids)))
+        return self.call(self.prompt_logprobs_async(_ints(token_ids)))
 
-    async def _prompt_logprobs(self, token_ids: list[int]) -> np.ndarray:
+    async def prompt_logprobs_async(self, token_ids: Sequence[int]) -> np.ndarray:
+        """`prompt_logprobs` for a caller already on the engine's loop: a [T-1] float32 array,
+        entry t-1 is log p(token_t | tokens_<t)."""
         from vllm import SamplingParams
 
+        ids = _ints(token_ids)
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
         final = None
-        async for out in self.llm.generate(self._prompt(token_ids), params, f"p{next(self._ids)}"):
+        async for out in self.llm.generate(self._prompt(ids), params, f"p{next(self._ids)}"):
             final = out
         assert final is not None and final.prompt_logprobs is not None
         # position 0 has no prefix (None); the rest hold the actual token's log-prob.
-        return _logprobs_of(final.prompt_logprobs[1:], token_ids[1:])
+        return _logprobs_of(final.prompt_logprobs[1:], ids[1:])
 
     # --- weights ---------------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 
 from popo.common import transport
 from popo.common.config import MetricsConfig
+from popo.common.run_dir import RunDir
 
 PREFIX = "popo_"
 
@@ -171,8 +172,8 @@ def run_info(run_dir: str | Path | None) -> dict[str, str]:
     info = {"algorithm": "", "model": "", "version": ""}
     with contextlib.suppress(metadata.PackageNotFoundError):
         info["version"] = metadata.version("popo-rl")
-    if run_dir is not None and (Path(run_dir) / "config.toml").exists():
-        with open(Path(run_dir) / "config.toml", "rb") as f:
+    if run_dir is not None and RunDir(run_dir).config.exists():
+        with open(RunDir(run_dir).config, "rb") as f:
             cfg = tomllib.load(f)
         info["algorithm"] = str(cfg.get("algorithm", {}).get("name", ""))
         info["model"] = Path(str(cfg.get("model", {}).get("path", ""))).name
@@ -217,7 +218,7 @@ class RoleMetrics:
         self.exposed = CollectorRegistry(auto_describe=False)
         self.exposed.register(_WithLabels(self.registry, labels))
         self.exposed.register(_WithLabels(extra, labels))
-        self.jsonl_path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
+        self.jsonl_path = RunDir(run_dir).metrics if run_dir is not None else None
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self._last_write = 0.0

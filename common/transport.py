@@ -8,10 +8,12 @@
 | weights  | learner PUB     | actors SUB      |
 | weightstream | learner ROUTER | actors DEALER (weight bytes without a shared filesystem) |
 
-A `Channel` sends and receives `common.messages` structs. A frame that does not decode, a message
-of a type its side of the endpoint never receives, or one whose content cannot be right
-(`messages.check`) is logged, counted in `Channel.dropped` and skipped: it never reaches the role
-and never kills the process.
+A `Channel` sends and receives `common.messages` structs, one frame each; a message of a type that
+carries bulk bytes (a weight `Chunk`) is followed by its binary frames, sent and received without a
+copy (`_DATA_FRAMES`). A frame that does not decode, a message of a type its side of the endpoint
+never receives, one whose content cannot be right (`messages.check`) or one with the wrong number
+of frames is logged, counted in `Channel.dropped` and skipped: it never reaches the role and never
+kills the process.
 
 Security. With `transport.curve_keys_dir` set, `bind` makes every bound socket a CurveZMQ server
 (the binding role's key pair, `common.keys`) whose clients a ZAP authenticator checks against the
@@ -27,7 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +54,7 @@ from popo.common.messages import (
     decode,
     encode,
 )
+from popo.common.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,14 @@ _ACCEPTS: dict[str, tuple[tuple[type, ...], tuple[type, ...]]] = {
 }
 
 
+# Binary frames that follow a message of these types on the wire (a chunk's bytes beside its msgpack
+# header); every other message is one frame.
+_DATA_FRAMES: dict[type, int] = {Chunk: 1}
+
+Buffer = bytes | bytearray | memoryview
+"""A binary frame: anything ZeroMQ sends without a copy."""
+
+
 def address(
     cfg: TransportConfig, name: Endpoint, host: str | None = None, run_dir: str | Path | None = None
 ) -> str:
@@ -97,7 +108,7 @@ def address(
     if cfg.scheme == "ipc":
         if run_dir is None:
             raise ValueError("ipc transport needs a run directory for its socket files")
-        sock_dir = Path(run_dir).resolve() / "sockets"
+        sock_dir = RunDir(Path(run_dir).resolve()).sockets
         sock_dir.mkdir(parents=True, exist_ok=True)
         return f"ipc://{sock_dir / name}"
     port = getattr(cfg, f"{name}_port")
@@ -162,18 +173,31 @@ class Channel:
         return self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def send(
-        self, msg: object, identity: bytes | None = None, timeout_ms: int | None = None
+        self,
+        msg: object,
+        identity: bytes | None = None,
+        timeout_ms: int | None = None,
+        data: Sequence[Buffer] = (),
     ) -> bool:
         """Send one message. With `timeout_ms` (0 = do not wait) returns False instead of blocking
-        when the peer's queue is full (high-water mark): the caller applies backpressure."""
+        when the peer's queue is full (high-water mark): the caller applies backpressure.
+
+        `data`: the binary frames that follow a message of a type that carries them (a `Chunk`:
+        one), sent from the caller's buffers without a copy; they must stay unchanged until sent.
+        """
+        want = _DATA_FRAMES.get(type(msg), 0)
+        if len(data) != want:
+            raise ValueError(f"{self.name}: {type(msg).__name__} carries {want} data frame(s)")
         frame = encode(msg)  # type: ignore[arg-type]
-        parts = [identity, frame] if self._router else [frame]
+        parts = [identity, frame, *data] if self._router else [frame, *data]
         if self._router and identity is None:
             raise ValueError(f"{self.name}: a ROUTER send needs the peer identity")
         if timeout_ms is not None and not self.sock.poll(timeout_ms, zmq.POLLOUT):
             return False
         try:
-            self.sock.send_multipart(parts, flags=zmq.NOBLOCK if timeout_ms is not None else 0)
+            self.sock.send_multipart(
+                parts, flags=zmq.NOBLOCK if timeout_ms is not None else 0, copy=not data
+            )
         except zmq.Again:
             return False
         except zmq.ZMQError as e:
@@ -189,17 +213,33 @@ class Channel:
     def recv(self, timeout_ms: int) -> tuple[bytes | None, Message] | None:
         """Wait up to `timeout_ms` for one valid message; returns (peer identity or None, message),
         or None on time-out. Malformed frames, messages of a type this side never receives and
-        messages that fail `messages.check` are counted, logged and skipped."""
+        messages that fail `messages.check` are counted, logged and skipped. For messages with
+        data frames, see `recv_data`."""
+        got = self._recv(timeout_ms, copy=True)
+        return None if got is None else (got[0], got[1])
+
+    def recv_data(self, timeout_ms: int) -> tuple[bytes | None, Message, list[memoryview]] | None:
+        """`recv` that also returns the message's data frames (`send(data=...)`; [] for a message
+        without), as views of ZeroMQ's buffers, not copies. The same checks apply, and a message
+        with a number of frames its type does not carry is dropped."""
+        return self._recv(timeout_ms, copy=False)
+
+    def _recv(
+        self, timeout_ms: int, copy: bool
+    ) -> tuple[bytes | None, Message, list[memoryview]] | None:
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
             left = max(0, int((deadline - time.monotonic()) * 1000))
             if not self.sock.poll(left, zmq.POLLIN):
                 return None
-            parts = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+            parts: list = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=copy)
+            head = 2 if self._router else 1  # [identity,] message
+            if not copy:  # the message frame is small and copied; data frames stay in place
+                parts = [p.bytes for p in parts[:head]] + [p.buffer for p in parts[head:]]
             identity = parts[0] if self._router else None
-            payload = parts[1:] if self._router else parts
-            if len(payload) != 1:
-                self._drop(f"{len(payload)} frames, expected 1")
+            payload = parts[head - 1 :]
+            if not payload:
+                self._drop("0 frames, expected 1")
                 continue
             try:
                 msg = decode(payload[0])
@@ -210,7 +250,11 @@ class Channel:
             if self._accepts is not None and not isinstance(msg, self._accepts):
                 self._drop(f"unexpected {type(msg).__name__}")
                 continue
-            return identity, msg
+            want = 1 + _DATA_FRAMES.get(type(msg), 0)
+            if len(payload) != want:
+                self._drop(f"{type(msg).__name__} in {len(payload)} frames, expected {want}")
+                continue
+            return identity, msg, [memoryview(p) for p in payload[1:]]
 
     def _drop(self, why: str) -> None:
         self.dropped += 1

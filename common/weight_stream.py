@@ -47,7 +47,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import zmq
 
@@ -58,19 +58,24 @@ from popo.common.messages import (
     FetchRequest,
     Manifest,
     ManifestRequest,
-    MessageError,
     StreamError,
     StreamFile,
     WeightsReady,
-    check,
-    decode,
-    encode,
 )
-from popo.common.weights import WEIGHTS_FILE, WeightsError, fsync_dir, sha256_file, verify_weights
+from popo.common.run_dir import RunDir
+from popo.common.weights import (
+    CHECKSUM_FILE,
+    CHECKSUM_SUFFIX,
+    WEIGHTS_FILE,
+    WeightsError,
+    WeightStore,
+    fsync_dir,
+    sha256_file,
+    verify_weights,
+)
 
 log = logging.getLogger(__name__)
 
-_VERSION = re.compile(r"^v(\d+)$")
 _MAX_FDS = 8
 """Open files the server keeps (a version being streamed to several actors is read once per
 chunk, not reopened)."""
@@ -89,7 +94,7 @@ def shared_visible(msg: WeightsReady) -> bool:
     try:
         if (d / WEIGHTS_FILE).stat().st_size != msg.nbytes:
             return False
-        return (d / f"{WEIGHTS_FILE}.sha256").read_text().strip() == msg.sha256
+        return (d / CHECKSUM_FILE).read_text().strip() == msg.sha256
     except OSError:
         return False
 
@@ -98,7 +103,8 @@ def shared_visible(msg: WeightsReady) -> bool:
 
 
 class WeightServer(threading.Thread):
-    """Serves `weights_root/v{N}/*` over the `weightstream` ROUTER from a background thread.
+    """Serves the versions of the `WeightStore` at `weights_root` over the `weightstream` ROUTER
+    from a background thread.
 
     `start()` binds (a bind error is raised there, in the caller); `stop()` ends the thread. The
     thread catches nothing but per-request I/O errors, which become `StreamError` replies; anything
@@ -115,7 +121,7 @@ class WeightServer(threading.Thread):
         on_drop: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(name="weight-server", daemon=True)
-        self.root = Path(weights_root)
+        self.store = WeightStore(weights_root)
         self.addr = addr
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
@@ -160,16 +166,12 @@ class WeightServer(threading.Thread):
                     continue
                 ident, msg = got
                 reply, data = self.handle(msg)
-                frames = [ident, encode(reply)] + ([data] if data is not None else [])
-                try:
-                    # Never block on one actor: under the credit scheme its queue has room, and an
-                    # actor that breaks it (or left) loses this reply and times out.
-                    ch.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    log.warning("weight server: peer %r not ready, reply dropped", ident)
-                    continue
-                except zmq.ZMQError as e:  # ROUTER_MANDATORY: the peer disconnected
-                    log.info("weight server: peer %r gone (%s)", ident, e)
+                gone = ch.unroutable
+                # Never block on one actor: under the credit scheme its queue has room, and an
+                # actor that breaks it (or left) loses this reply and times out.
+                if not ch.send(reply, ident, timeout_ms=0, data=() if data is None else (data,)):
+                    if ch.unroutable == gone:  # a peer that left is logged by the channel
+                        log.warning("weight server: peer %r not ready, reply dropped", ident)
                     continue
                 if data is not None:
                     self.bytes_sent += len(data)
@@ -203,9 +205,9 @@ class WeightServer(threading.Thread):
         return f"version {version} is not available (pruned or never published)"
 
     def _manifest(self, version: int) -> dict[str, StreamFile] | None:
-        """Plain files of `v{version}` (no links, no hidden files, no subdirectories), or None when
+        """Plain files of `version` (no links, no hidden files, no subdirectories), or None when
         the version directory does not exist (pruned). Cached: a published version is immutable."""
-        vdir = self.root / f"v{version}"
+        vdir = self.store.path(version)
         if version < 0 or not vdir.is_dir():
             self._manifests.pop(version, None)
             self._close_version(version)
@@ -217,12 +219,12 @@ class WeightServer(threading.Thread):
             st = p.lstat()
             if p.name.startswith(".") or not p.is_file() or p.is_symlink():
                 continue
-            sidecar = vdir / f"{p.name}.sha256"
+            sidecar = vdir / f"{p.name}{CHECKSUM_SUFFIX}"
             # The learner already hashed the weights file when it published it: reuse that.
             digest = sidecar.read_text().strip() if sidecar.is_file() else sha256_file(p)
             files[p.name] = StreamFile(name=p.name, size=st.st_size, sha256=digest)
         self._manifests[version] = files
-        for old in [v for v in self._manifests if not (self.root / f"v{v}").is_dir()]:
+        for old in [v for v in self._manifests if not self.store.path(v).is_dir()]:
             del self._manifests[old]
             self._close_version(old)
         return files
@@ -261,7 +263,7 @@ class WeightServer(threading.Thread):
         if key in self._fds:
             self._fds.move_to_end(key)
             return self._fds[key]
-        path = self.root / f"v{version}" / name
+        path = self.store.path(version) / name
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         self._fds[key] = fd
         while len(self._fds) > _MAX_FDS:
@@ -280,19 +282,14 @@ def recv_reply(
     ch: transport.Channel, timeout_ms: int
 ) -> tuple[Manifest | Chunk | StreamError, memoryview | None] | None:
     """One reply of the weight server on a connected `weightstream` channel: the message and, for a
-    Chunk, its bytes (the second frame, not copied), or None on time-out. Chunks carry two frames,
-    which `Channel.recv` (one frame per message) would drop, so replies are read here; they get the
-    same decoding and checks. Raises MessageError for a malformed or unexpected reply."""
-    if not ch.sock.poll(timeout_ms, zmq.POLLIN):
+    Chunk, its bytes (its data frame, not copied), or None on time-out. A malformed or unexpected
+    reply is counted and handed to the channel's `on_drop` (`Channel.recv_data`)."""
+    got = ch.recv_data(timeout_ms)
+    if got is None:
         return None
-    frames = ch.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-    msg = decode(frames[0].bytes)
-    check(msg)
-    if not isinstance(msg, Manifest | Chunk | StreamError):
-        raise MessageError(f"unexpected {type(msg).__name__} on weightstream")
-    if len(frames) != (2 if isinstance(msg, Chunk) else 1):
-        raise MessageError(f"{type(msg).__name__} in {len(frames)} frames")
-    return msg, frames[1].buffer if len(frames) == 2 else None
+    _, msg, data = got
+    reply = cast(Manifest | Chunk | StreamError, msg)  # the channel accepts nothing else
+    return reply, data[0] if data else None
 
 
 class _Retry(Exception):
@@ -367,7 +364,7 @@ class _VersionLock:
     """
 
     def __init__(self, cache: Path, version: int) -> None:
-        self.path = cache / f".lock-v{version}"
+        self.path = cache / f".lock-{WeightStore.dir_name(version)}"
         self._fd: int | None = None
 
     def try_lock(self, shared: bool) -> bool:
@@ -406,7 +403,8 @@ class _VersionLock:
 MANIFEST_FILE = ".manifest.json"
 """Written into a cached version by the actor that streamed it: every file with its size and
 sha256, so a neighbour that finds the version on the node verifies it before loading it."""
-_TMP = re.compile(r"^\.tmp-v(\d+)-")
+_TMP = re.compile(r"^\.tmp-([^-]+)-")
+"""A download's temporary directory: `.tmp-<version directory name>-<host>-<pid>-*`."""
 
 
 class WeightFetcher:
@@ -448,6 +446,7 @@ class WeightFetcher:
         self.addr = addr
         self.cache = Path(cache_dir)
         self.cache.mkdir(parents=True, exist_ok=True)
+        self.store = WeightStore(self.cache)
         self.cfg = cfg
         self.keep = keep
         self.on_retry = on_retry
@@ -503,7 +502,7 @@ class WeightFetcher:
         """Lease (shared lock) on a verified `v{N}`, downloading it under the exclusive lock when
         no one on the node has. Returns the directory; the lease is in `_leases`."""
         lk = _VersionLock(self.cache, msg.version)
-        out = self.cache / f"v{msg.version}"
+        out = self.store.path(msg.version)
         bad: WeightsError | None = None  # the copy on disk did not verify: replace it
         give_up = 0.0
         try:
@@ -585,9 +584,9 @@ class WeightFetcher:
                     self.on_retry(str(e))
 
     def _attempt(self, msg: WeightsReady, out: Path) -> None:
-        prefix = f".tmp-v{msg.version}-{self._tag}-"
+        prefix = f".tmp-{self.store.dir_name(msg.version)}-{self._tag}-"
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.cache))
-        ch = transport.connect(self.ctx, "weightstream", self.addr, self.cfg)
+        ch = transport.connect(self.ctx, "weightstream", self.addr, self.cfg, self._bad_reply)
         ch.sock.setsockopt(zmq.LINGER, 0)  # requests of an abandoned attempt are worthless
         try:
             manifest = self._manifest(ch, msg)
@@ -605,11 +604,12 @@ class WeightFetcher:
             ch.close()
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def _bad_reply(self, why: str) -> None:
+        """A reply the channel dropped (malformed, unexpected, wrong frames) ends the attempt."""
+        raise _Retry(f"bad reply: {why}")
+
     def _recv(self, ch: transport.Channel) -> tuple[object, memoryview | None]:
-        try:
-            got = recv_reply(ch, int(self.cfg.stream_timeout_s * 1000))
-        except MessageError as e:
-            raise _Retry(f"bad reply: {e}") from None
+        got = recv_reply(ch, int(self.cfg.stream_timeout_s * 1000))
         if got is None:
             raise _Retry(f"no reply from {self.addr} within {self.cfg.stream_timeout_s} s")
         return got
@@ -675,9 +675,7 @@ class WeightFetcher:
     def _prune(self, protect: Collection[int]) -> None:
         """Keep the newest `keep` versions (and `protect`); an older one goes only when no actor
         on the node holds it (its lock is free), else a later prune retries."""
-        versions = sorted(
-            int(m.group(1)) for p in self.cache.iterdir() if (m := _VERSION.match(p.name))
-        )
+        versions = self.store.versions()
         for v in versions[: max(0, len(versions) - self.keep)]:
             if v in protect:
                 continue
@@ -685,7 +683,7 @@ class WeightFetcher:
             if not lk.try_lock(shared=False):
                 lk.close()
                 continue
-            self._set_aside(self.cache / f"v{v}")
+            self._set_aside(self.store.path(v))
             self._clean_version(v)
             lk.remove()
 
@@ -700,7 +698,7 @@ class WeightFetcher:
 
     def _clean_version(self, version: int) -> None:
         """Remove the temporary directories of `version` (exclusive lock held: all are dead)."""
-        for p in self.cache.glob(f".tmp-v{version}-*"):
+        for p in self.cache.glob(f".tmp-{self.store.dir_name(version)}-*"):
             shutil.rmtree(p, ignore_errors=True)
 
     def _clean_leftovers(self) -> None:
@@ -709,14 +707,18 @@ class WeightFetcher:
         takes that lock next) and `.del-*` (renamed under the lock, never read again)."""
         for p in self.cache.glob(".del-*"):
             shutil.rmtree(p, ignore_errors=True)
-        versions = {int(m.group(1)) for p in self.cache.iterdir() if (m := _TMP.match(p.name))}
+        versions = {
+            v
+            for p in self.cache.iterdir()
+            if (m := _TMP.match(p.name)) and (v := self.store.parse(m.group(1))) is not None
+        }
         for v in sorted(versions):
             lk = _VersionLock(self.cache, v)
             if not lk.try_lock(shared=False):
                 lk.close()
                 continue
             self._clean_version(v)
-            if (self.cache / f"v{v}").is_dir():
+            if self.store.path(v).is_dir():
                 lk.close()
             else:
                 lk.remove()
@@ -727,7 +729,7 @@ def default_cache_dir(run_dir: str | Path | None) -> Path:
     shared filesystem still gets one cache per node), or a fresh temporary directory without a run
     directory."""
     if run_dir is not None:
-        return Path(run_dir) / "weights-cache" / socket.gethostname()
+        return RunDir(run_dir).weights_cache()
     return Path(tempfile.mkdtemp(prefix="popo-weights-cache-"))
 
 

@@ -18,10 +18,12 @@ import shutil
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
+
+from popo.common.messages import WeightsReady
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WEIGHTS_FILE = "model.safetensors"
+CHECKSUM_FILE = f"{WEIGHTS_FILE}.sha256"
+"""Beside `WEIGHTS_FILE` in a version directory: its hex sha256 and a newline."""
+CHECKSUM_SUFFIX = ".sha256"
 FAULT_DELAY_ENV = "POPO_FAULT_WRITE_DELAY_S"
 """Test hook (chaos tests only): seconds a writer sleeps inside its write window; see fault_window."""
 
@@ -234,8 +239,8 @@ def write_version_dir(
     tmp.mkdir(parents=True)
     try:
         digest, nbytes = write_safetensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
-        (tmp / f"{WEIGHTS_FILE}.sha256").write_text(digest + "\n")
-        _fsync_file(tmp / f"{WEIGHTS_FILE}.sha256")  # actors that start late read it
+        (tmp / CHECKSUM_FILE).write_text(digest + "\n")
+        _fsync_file(tmp / CHECKSUM_FILE)  # actors that start late read it
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
             _fsync_file(tmp / name)
@@ -269,3 +274,107 @@ def verify_weights(path: str | Path, sha256: str, nbytes: int | None = None) -> 
         raise WeightsError(f"{p}: {e.strerror}") from None
     if digest != sha256:
         raise WeightsError(f"{p}: sha256 {digest[:12]}… != announced {sha256[:12]}…")
+
+
+_VERSION_DIR = re.compile(r"^v(\d+)$")
+
+
+class WeightStore:
+    """The layout of a directory of weight versions: `<root>/v<N>/` holding `model.safetensors`,
+    its `.sha256` sidecar and the model's config/tokenizer files, each version written once by
+    `publish` and never changed after. The learner's `<run_dir>/weights` and an actor node's
+    stream cache both have this layout; nothing else names or parses a `v<N>` directory.
+
+    A version directory appears whole (atomic rename), so one with a checksum sidecar is complete;
+    `.tmp-*` siblings are writes cut short by a crash.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"WeightStore({str(self.root)!r})"
+
+    @staticmethod
+    def dir_name(version: int) -> str:
+        """`v<N>`: the directory name of `version`."""
+        return f"v{version}"
+
+    @staticmethod
+    def parse(name: str) -> int | None:
+        """The version a directory name `v<N>` stands for; None for any other name."""
+        m = _VERSION_DIR.match(name)
+        return int(m.group(1)) if m else None
+
+    def path(self, version: int) -> Path:
+        """The directory of `version` (whether or not it exists)."""
+        return self.root / self.dir_name(version)
+
+    def weights_file(self, version: int) -> Path:
+        """`model.safetensors` of `version`."""
+        return self.path(version) / WEIGHTS_FILE
+
+    def versions(self) -> list[int]:
+        """Every `v<N>` entry under the root, ascending (complete or not); [] without a root."""
+        if not self.root.is_dir():
+            return []
+        return sorted(v for p in self.root.iterdir() if (v := self.parse(p.name)) is not None)
+
+    def announcement(self, version: int) -> WeightsReady:
+        """The `WeightsReady` of a complete version, from its checksum sidecar and file size.
+        Raises WeightsError when the version is incomplete or its sidecar is not a sha256."""
+        d = self.path(version)
+        try:
+            digest = (d / CHECKSUM_FILE).read_text().strip()
+            nbytes = (d / WEIGHTS_FILE).stat().st_size
+        except OSError as e:
+            raise WeightsError(f"{d}: incomplete version ({e.strerror or e})") from None
+        if len(digest) != 64 or digest.strip("0123456789abcdef"):
+            raise WeightsError(f"{d / CHECKSUM_FILE}: not a sha256 ({digest[:70]!r})")
+        return WeightsReady(version=version, path=str(d), sha256=digest, nbytes=nbytes)
+
+    def latest(self, verify: bool = False) -> WeightsReady | None:
+        """The announcement of the newest complete version (weights file and a well-formed
+        checksum sidecar), or None if there is none: what an actor that started late has missed.
+        With `verify`, the weights file must also hash to its sidecar (reads every byte); a
+        version that does not is skipped for the next older one."""
+        for v in reversed(self.versions()):
+            try:
+                msg = self.announcement(v)
+                if verify:
+                    verify_weights(self.weights_file(v), msg.sha256, msg.nbytes)
+            except WeightsError as e:
+                log.debug("skipping version %d: %s", v, e)
+                continue
+            return msg
+        return None
+
+    def publish(
+        self,
+        version: int,
+        tensors: Mapping[str, torch.Tensor],
+        extra_files: Mapping[str, bytes] | None = None,
+        link_files: Mapping[str, Path] | None = None,
+    ) -> WeightsReady:
+        """Write `version` atomically with its checksum (`write_version_dir`) and return its
+        announcement. Fails if the version exists: versions are immutable."""
+        path, digest, nbytes = write_version_dir(
+            self.path(version), tensors, extra_files, link_files
+        )
+        return WeightsReady(version=version, path=str(path.parent), sha256=digest, nbytes=nbytes)
+
+    def prune(self, keep: int, protect: Collection[int] = ()) -> list[int]:
+        """Delete all but the newest `keep` versions, never one in `protect` (versions readers may
+        still be loading). Returns the deleted versions."""
+        versions = self.versions()
+        doomed = [v for v in versions[: max(0, len(versions) - keep)] if v not in protect]
+        for v in doomed:
+            shutil.rmtree(self.path(v))
+        return doomed
+
+    def remove_leftovers(self) -> None:
+        """Delete the `.tmp-*` directories of writes cut short by a crash. Only while no writer
+        runs (the learner, before it publishes)."""
+        if self.root.is_dir():
+            for leftover in self.root.glob(".tmp-*"):
+                shutil.rmtree(leftover, ignore_errors=True)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from popo.common.config import ConfigError, RunConfig, load_config
+from popo.common.run_dir import RunDir
 
 # Nothing may call out to the network; set before any heavy import.
 OFFLINE_ENV = {
@@ -202,7 +203,7 @@ def _eval(cfg: RunConfig, args: argparse.Namespace) -> int:
 
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", type=Path, help="PNG path (default: <first RUN_DIR>/report.png)")
+    p.add_argument("--out", type=Path, help=f"PNG path (default: <first RUN_DIR>/{RunDir.REPORT})")
     p.add_argument("--table", action="store_true", help="also print a markdown table of the runs")
 
 
@@ -213,10 +214,11 @@ def _report(cfg: RunConfig, args: argparse.Namespace) -> int:
     from popo.deploy.report import report
 
     for d in args.run_dirs:
-        if not (d / "metrics.jsonl").exists() and not (d / "eval.jsonl").exists():
-            print(f"popo report: {d} is not a run directory (no metrics.jsonl)", file=sys.stderr)
+        run = RunDir(d)
+        if not run.metrics.exists() and not run.evals.exists():
+            print(f"popo report: {d} is not a run directory (no {run.METRICS})", file=sys.stderr)
             return 2
-    print(report(args.run_dirs, args.out or args.run_dirs[0] / "report.png"))
+    print(report(args.run_dirs, args.out or RunDir(args.run_dirs[0]).report))
     if args.table:
         from popo.deploy.report import markdown_table
 
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     if getattr(args, "resume", None) is not None and args.config is None:
         # A resumed run keeps its own config; flags still override it (e.g. more steps).
-        args.config = args.resume / "config.toml"
+        args.config = RunDir(args.resume).config
     try:
         cfg = load_config(args.config, rest)
         return COMMANDS[args.command][1](cfg, args)

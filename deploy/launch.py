@@ -30,6 +30,7 @@ from pathlib import Path
 from popo.common.config import RunConfig
 from popo.common.metrics import RESTARTS_ENV
 from popo.common.process import die_with_parent
+from popo.common.run_dir import RunDir
 from popo.deploy.placement import Plan, plan_for
 from popo.deploy.placement import role_cpus as role_cpus  # re-exported for launchers and tests
 from popo.deploy.restart_policy import RestartPolicy
@@ -124,9 +125,14 @@ class Supervisor:
     def __init__(self, cfg: RunConfig, run_dir: Path, config_path: Path) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
-        logs = run_dir / "logs"
+        self.paths = RunDir(run_dir)
         self.roles = [
-            Role("learner", role_argv("learner", config_path, run_dir), False, logs / "learner.log")
+            Role(
+                "learner",
+                role_argv("learner", config_path, run_dir),
+                False,
+                self.paths.log("learner"),
+            )
         ]
         for r in range(cfg.verifier.replicas):
             self.roles.append(
@@ -134,7 +140,7 @@ class Supervisor:
                     f"verifier-{r}",
                     role_argv("verifier", config_path, run_dir, r),
                     True,
-                    logs / f"verifier-{r}.log",
+                    self.paths.log(f"verifier-{r}"),
                 )
             )
         for i in range(cfg.actor.num_actors):
@@ -143,7 +149,7 @@ class Supervisor:
                     f"actor-{i}",
                     role_argv("actor", config_path, run_dir, i),
                     True,
-                    logs / f"actor-{i}.log",
+                    self.paths.log(f"actor-{i}"),
                 )
             )
         d = cfg.deploy
@@ -166,9 +172,10 @@ class Supervisor:
 
     def start(self) -> None:
         if self.plan is not None:
-            tmp = self.run_dir / "placement.json.tmp"
+            out = self.paths.placement
+            tmp = out.with_name(f"{out.name}.tmp")
             tmp.write_text(json.dumps(self.plan.to_json(), indent=1) + "\n")
-            tmp.replace(self.run_dir / "placement.json")
+            tmp.replace(out)
         for role in self.roles:
             role.start(self.env)
             log.info("started %s (pid %d), log %s", role.name, role.proc.pid, role.log_path)  # type: ignore[union-attr]
@@ -241,15 +248,16 @@ class Supervisor:
             "delay_s": delay,
             "action": action,
         }
-        with open(self.run_dir / "restarts.jsonl", "a") as f:
+        with open(self.paths.restarts, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
     def _write_pids(self) -> None:
         """`pids.json`: the supervisor's and every live role's pid (for soak sampling and tests)."""
         pids = {r.name: r.proc.pid for r in self.roles if r.proc is not None}
-        tmp = self.run_dir / "pids.json.tmp"
+        out = self.paths.pids
+        tmp = out.with_name(f"{out.name}.tmp")
         tmp.write_text(json.dumps({"supervisor": os.getpid(), "roles": pids}))
-        tmp.replace(self.run_dir / "pids.json")
+        tmp.replace(out)
 
     def stop(self, grace_s: float = 20.0, finished: bool = False) -> None:
         """SIGTERM every role, then SIGKILL what is left of its process group after `grace_s`

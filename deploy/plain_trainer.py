@@ -23,6 +23,7 @@ from popo.common.config import RunConfig, load_config
 from popo.common.data import Problem, apply_template, load_prompts
 from popo.common.messages import ScoredCompletion, ScoredGroup, pack_f32, pack_ids
 from popo.common.process import process_start_time
+from popo.common.run_dir import RunDir
 
 
 def generate_groups(
@@ -128,7 +129,7 @@ def run(cfg: RunConfig, out: Path, threads: int) -> dict[str, Any]:
         )
         acc = sum(map(sum, correct)) / (len(evals) * g)
         rec = {"step": step, "accuracy": acc, "t": time.time()}
-        with open(out / "eval.jsonl", "a") as f:
+        with open(RunDir(out).evals, "a") as f:
             f.write(json.dumps(rec) + "\n")
         print(
             f"eval at step {step}: held-out accuracy {100 * acc:.1f}% "
@@ -156,7 +157,7 @@ def run(cfg: RunConfig, out: Path, threads: int) -> dict[str, Any]:
         "start_to_first_step": t_train - t0,
         "wall_seconds": time.time() - t0,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    RunDir(out).summary.write_text(json.dumps(summary, indent=1))
     return summary
 
 

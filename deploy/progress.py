@@ -13,10 +13,12 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from popo.common.run_dir import RunDir
+
 
 class RunView:
     def __init__(self, run_dir: Path, total_steps: int, every_s: float = 10.0) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self.total_steps = total_steps
         self.every_s = every_s
         self._offset = 0

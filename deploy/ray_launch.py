@@ -41,6 +41,7 @@ from typing import Any
 
 from popo.common.config import RunConfig, unauthenticated_bind
 from popo.common.metrics import RESTARTS_ENV
+from popo.common.run_dir import RunDir
 from popo.deploy.restart_policy import RestartPolicy
 
 log = logging.getLogger("popo.ray")
@@ -212,7 +213,8 @@ class RoleHost:
         from popo.deploy.launch import Role, role_argv
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        config = self.run_dir / "config.toml"
+        paths = RunDir(self.run_dir)
+        config = paths.config
         if not config.exists() or config.read_text() != config_toml:
             tmp = self.run_dir / f".config-{self.name}.tmp"
             tmp.write_text(config_toml)
@@ -222,11 +224,11 @@ class RoleHost:
             self.name,
             argv,
             self.role != "learner",
-            self.run_dir / "logs" / f"{self.name}.log",
+            paths.log(self.name),
             env=env or {},
         )
         self._role.start(dict(os.environ))
-        pid_file = self.run_dir / "pids" / f"{self.name}.pid"
+        pid_file = paths.pid_file(self.name)
         pid_file.parent.mkdir(exist_ok=True)
         pid_file.write_text(f"{self._role.proc.pid}\n")
         code = self._role.proc.wait()
@@ -235,7 +237,7 @@ class RoleHost:
 
     def holds_run(self) -> bool:
         """Whether this node's copy of the run directory holds a run's state (its ledger)."""
-        return (self.run_dir / "ledger.db").exists()
+        return RunDir(self.run_dir).ledger.exists()
 
     def read_text(self, name: str, tail_lines: int | None = None) -> str | None:
         """A file of the run directory as this node sees it (None if absent), for a driver on
@@ -376,7 +378,7 @@ class RayRun:
         self.targets_files = [
             Path(p)
             for p in [
-                self.run_dir / "prometheus-targets.json",
+                RunDir(self.run_dir).prometheus_targets,
                 self.cfg.deploy.ray.prometheus_targets,
             ]
             if p
@@ -395,7 +397,7 @@ class RayRun:
         where = f"{self.run_dir} on the learner's node ({learner_ip})"
         if resume and not held:
             raise RunStateError(
-                f"{where} holds no ledger.db: a run's state stays on the node its learner ran "
+                f"{where} holds no {RunDir.LEDGER}: a run's state stays on the node its learner ran "
                 "on; place the learner there (deploy.ray.learner.resources or labels)"
             )
         if not resume and held:
@@ -547,7 +549,7 @@ def ray_train(cfg: RunConfig, resume: Path | None) -> int:
         raise SystemExit("popo ray: transport.scheme must be tcp (ipc sockets do not cross nodes)")
     run = RayRun(cfg, run_dir)
     print(
-        f"run directory: {run_dir}  (role logs in {run_dir / 'logs'} on each role's node)",
+        f"run directory: {run_dir}  (role logs in {RunDir(run_dir).logs} on each role's node)",
         flush=True,
     )
 
@@ -568,9 +570,9 @@ def ray_train(cfg: RunConfig, resume: Path | None) -> int:
         print("ray: " + ", ".join(f"{n}@{ip}" for n, ip in ips.items()), flush=True)
         code = run.wait()
         if code == 0:
-            summary = run.learner_file("summary.json")
+            summary = run.learner_file(RunDir.SUMMARY)
         elif code != 130:
-            tail = run.learner_file("logs/learner.log", tail_lines=30)
+            tail = run.learner_file(RunDir.log_name("learner"), tail_lines=30)
     except LaunchError as e:
         print(f"popo ray: {e}", file=sys.stderr, flush=True)
         if fresh:  # the config snapshot written here belongs to no run
@@ -595,7 +597,7 @@ def ray_train(cfg: RunConfig, resume: Path | None) -> int:
     elif tail is not None:
         print(
             f"popo ray: exit {code}; last lines of the learner's log ({run.ips['learner']}:"
-            f"{run_dir / 'logs' / 'learner.log'}):\n{tail}",
+            f"{RunDir(run_dir).log('learner')}):\n{tail}",
             flush=True,
         )
     return code

@@ -1,8 +1,9 @@
 """`popo report RUN_DIR [RUN_DIR ...]`: PNG plots of one or more runs, overlaid for comparison.
 
-Reads each run's `eval.jsonl` (held-out accuracy), `metrics.jsonl` (every role's snapshots) and
-`config.toml` (the label). Panels: held-out accuracy against steps and against wall-clock, verifier
-pass rate (reward), loss terms, throughput per role, staleness of trained groups.
+Reads each run's `eval.jsonl` (held-out accuracy), `metrics.jsonl` (every role's snapshots),
+`config.toml` (the label), `summary.json` and, read-only, `ledger.db` (the steps of a run that did
+not finish). Panels: held-out accuracy against steps and against wall-clock, verifier pass rate
+(reward), loss terms, throughput per role, staleness of trained groups.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import tomllib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from popo.common.run_dir import RunDir
+from popo.learner.ledger import LedgerReader
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -27,21 +31,18 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
-    cfg = (
-        tomllib.loads((run_dir / "config.toml").read_text())
-        if (run_dir / "config.toml").exists()
-        else {}
-    )
+    run = RunDir(run_dir)
+    cfg = tomllib.loads(run.config.read_text()) if run.config.exists() else {}
     algo = cfg.get("algorithm", {}).get("name", "?")
     seed = cfg.get("learner", {}).get("seed", "?")
-    recs = _jsonl(run_dir / "metrics.jsonl")
+    recs = _jsonl(run.metrics)
     by_inst: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in recs:
         by_inst[r.get("instance", "?")].append(r)
     t0 = min((r["t"] for r in recs), default=0.0)
     return {
         "label": f"{run_dir.name} ({algo}, seed {seed})",
-        "evals": _jsonl(run_dir / "eval.jsonl"),
+        "evals": _jsonl(run.evals),
         "by_inst": dict(by_inst),
         "t0": t0,
     }
@@ -74,13 +75,11 @@ def _by_step(recs: list[dict[str, Any]], key: str) -> tuple[list[float], list[fl
 
 
 def summary_row(run_dir: Path) -> dict[str, Any]:
-    """One run's headline figures (from summary.json, eval.jsonl and the learner's metrics)."""
+    """One run's headline figures (from summary.json, eval.jsonl, the ledger and the learner's
+    metrics)."""
     run = load_run(run_dir)
-    s = (
-        json.loads((run_dir / "summary.json").read_text())
-        if (run_dir / "summary.json").exists()
-        else {}
-    )
+    summary = RunDir(run_dir).summary
+    s = json.loads(summary.read_text()) if summary.exists() else {}
     ev = run["evals"]
     learner = run["by_inst"].get("learner", [])
     last = learner[-1] if learner else {}
@@ -90,11 +89,21 @@ def summary_row(run_dir: Path) -> dict[str, Any]:
         "algorithm": s.get("algorithm", "?"),
         "acc_before": ev[0]["accuracy"] if ev else None,
         "acc_after": ev[-1]["accuracy"] if ev else None,
-        "steps": s.get("steps", int(last.get("popo_learner_step", 0))),
+        "steps": s.get("steps", _steps_trained(run_dir, last)),
         "wall_s": wall,
         "tokens": s.get("tokens_trained", last.get("popo_learner_tokens_total")),
         "pass_rate": last.get("popo_learner_pass_rate"),
     }
+
+
+def _steps_trained(run_dir: Path, last: dict[str, Any]) -> int:
+    """Steps of a run without a summary (still running, or stopped): the ledger's last trained
+    step, else the learner's last metric snapshot (a run without a ledger: the plain trainer)."""
+    ledger = RunDir(run_dir).ledger
+    if ledger.exists():
+        with LedgerReader(ledger) as db:
+            return db.last_trained_step()
+    return int(last.get("popo_learner_step", 0))
 
 
 def time_to_accuracy(run_dir: Path, threshold: float) -> float | None:

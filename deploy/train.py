@@ -11,6 +11,7 @@ from pathlib import Path
 
 from popo.common.config import RunConfig
 from popo.common.process import LAUNCH_T0_ENV, process_start_time
+from popo.common.run_dir import RunDir
 from popo.deploy.launch import Supervisor
 from popo.deploy.placement import PlacementError
 from popo.deploy.progress import RunView
@@ -43,13 +44,13 @@ def prepare_run_dir(
 
     if resume is not None:
         run_dir = resume
-        if state_here and not (run_dir / "ledger.db").exists():
-            raise SystemExit(f"popo train: {run_dir} is not a run directory (no ledger.db)")
+        if state_here and not RunDir(run_dir).ledger.exists():
+            raise SystemExit(f"popo train: {run_dir} is not a run directory (no {RunDir.LEDGER})")
     else:
         run_dir = Path(
             cfg.deploy.run_dir or time.strftime(f"runs/%Y%m%d-%H%M%S-{cfg.algorithm.name}")
         )
-        if (run_dir / "ledger.db").exists():
+        if RunDir(run_dir).ledger.exists():
             raise SystemExit(
                 f"popo train: {run_dir} already holds a run; use --resume {run_dir} or another "
                 "--deploy.run_dir"
@@ -60,9 +61,10 @@ def prepare_run_dir(
         cfg = cfg.model_copy(deep=True)
         cfg.model.path = str(resolve_model_dir(cfg).resolve())
         cfg.deploy.run_dir = str(run_dir)
-        tmp = run_dir / "config.toml.tmp"
+        config = RunDir(run_dir).config
+        tmp = config.with_name(f"{config.name}.tmp")
         tmp.write_text(cfg.to_toml())
-        tmp.replace(run_dir / "config.toml")
+        tmp.replace(config)
     except BaseException:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -75,12 +77,12 @@ def train(
 ) -> int:
     cfg, run_dir = prepare_run_dir(cfg, resume)
     try:
-        sup = Supervisor(cfg, run_dir, run_dir / "config.toml")
+        sup = Supervisor(cfg, run_dir, RunDir(run_dir).config)
     except PlacementError as e:
         raise SystemExit(f"popo train: {e}") from None
     sup.env[LAUNCH_T0_ENV] = str(process_start_time())  # start-up figures count from our start
     view = RunView(run_dir, cfg.learner.total_steps)
-    print(f"run directory: {run_dir}  (logs in {run_dir / 'logs'})", flush=True)
+    print(f"run directory: {run_dir}  (logs in {RunDir(run_dir).logs})", flush=True)
     if sup.plan is not None:
         print(sup.plan.table(), flush=True)
     _print_metrics_endpoints(cfg)
@@ -160,7 +162,7 @@ def _print_metrics_endpoints(cfg: RunConfig) -> None:
 
 def _print_summary(run_dir: Path) -> None:
     try:
-        print_summary(json.loads((run_dir / "summary.json").read_text()))
+        print_summary(json.loads(RunDir(run_dir).summary.read_text()))
     except (OSError, json.JSONDecodeError):
         return
 

@@ -319,3 +319,142 @@ class Ledger:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """One trained step as the ledger saw it."""
+
+    step: int
+    end: float
+    """When its leases were closed (right after the step's publish), epoch seconds."""
+    first_issued: float
+    """The earliest issue time of a lease it trained."""
+    positives: int
+    """Positive completions trained."""
+    groups: int
+    """Groups (leases) trained."""
+
+
+class LedgerReader:
+    """Read-only queries on a run's ledger, for reports, benchmarks and tests: the database is
+    opened with SQLite's `mode=ro`, so nothing here can change it, and reading beside a live
+    learner is safe (WAL: readers see the last committed state and never block the writer).
+
+    Queries count `train` leases unless `kind` says otherwise (`None`: every kind). Use as a
+    context manager, or call `close()`.
+    """
+
+    def __init__(self, path: str | Path, timeout_s: float = 10.0) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no ledger there")
+        self._db = sqlite3.connect(
+            f"{self.path.absolute().as_uri()}?mode=ro", uri=True, timeout=timeout_s
+        )
+
+    def __enter__(self) -> LedgerReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _rows(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple]:
+        return self._db.execute(sql, args).fetchall()
+
+    @staticmethod
+    def _kind(kind: str | None) -> tuple[str, tuple[object, ...]]:
+        return ("", ()) if kind is None else (" AND kind=?", (kind,))
+
+    def state_counts(self, kind: str | None = None) -> dict[str, int]:
+        """Leases per state (`outstanding`, `received`, `trained`, `skipped`, `expired`); states
+        without a lease are absent. Every kind by default."""
+        where, args = self._kind(kind)
+        return {
+            str(s): int(n)
+            for s, n in self._rows(
+                f"SELECT state, COUNT(*) FROM leases WHERE 1{where} GROUP BY 1", args
+            )
+        }
+
+    def last_trained_step(self) -> int:
+        """The highest step any lease was trained at; 0 before the first step."""
+        ((step,),) = self._rows("SELECT MAX(step) FROM leases WHERE state='trained'")
+        return int(step or 0)
+
+    def trained_steps(self, kind: str | None = "train") -> list[int]:
+        """The distinct steps leases were trained at, ascending."""
+        where, args = self._kind(kind)
+        q = f"SELECT DISTINCT step FROM leases WHERE state='trained'{where} ORDER BY step"
+        return [int(s) for (s,) in self._rows(q, args)]
+
+    def trained_after(self, step: int) -> int:
+        """Leases trained at a step after `step` (work a resume from a checkpoint of `step`
+        trains again)."""
+        ((n,),) = self._rows(
+            "SELECT COUNT(*) FROM leases WHERE state='trained' AND step > ?", (step,)
+        )
+        return int(n)
+
+    def outstanding(self, kind: str | None = None) -> list[int]:
+        """Ids of the leases handed out and not yet answered, ascending."""
+        where, args = self._kind(kind)
+        q = f"SELECT lease_id FROM leases WHERE state='outstanding'{where} ORDER BY lease_id"
+        return [int(i) for (i,) in self._rows(q, args)]
+
+    def states(self, lease_ids: list[int]) -> dict[int, str]:
+        """lease id -> state, for the given leases that exist."""
+        if not lease_ids:
+            return {}
+        marks = ",".join("?" * len(lease_ids))
+        q = f"SELECT lease_id, state FROM leases WHERE lease_id IN ({marks})"
+        return {int(i): str(s) for i, s in self._rows(q, tuple(lease_ids))}
+
+    def ended_without_time(self) -> int:
+        """Leases trained, skipped or expired with no end time (0 in a consistent ledger)."""
+        ((n,),) = self._rows(
+            "SELECT COUNT(*) FROM leases WHERE state IN ('trained','skipped','expired')"
+            " AND ended_at IS NULL"
+        )
+        return int(n)
+
+    def prompts_trained_twice(self, kind: str | None = "train") -> int:
+        """Prompts trained by more than one lease (0 while the prompt cursor has not wrapped)."""
+        where, args = self._kind(kind)
+        ((n,),) = self._rows(
+            "SELECT COUNT(*) FROM (SELECT prompt_idx FROM leases WHERE state='trained'"
+            f"{where} GROUP BY prompt_idx HAVING COUNT(*) > 1)",
+            args,
+        )
+        return int(n)
+
+    def buffered_untrained(self) -> int:
+        """Buffered payloads whose lease is not `trained` (0 once a run finished)."""
+        ((n,),) = self._rows(
+            "SELECT COUNT(*) FROM buffer b JOIN leases l USING (lease_id) WHERE l.state != 'trained'"
+        )
+        return int(n)
+
+    def meta(self, key: str, default: int = 0) -> int:
+        """A counter of the ledger's `meta` table (`cursor`, `version`, `checkpoint_step`, ...)."""
+        rows = self._rows("SELECT value FROM meta WHERE key=?", (key,))
+        return default if not rows else int(rows[0][0])
+
+    def leases(self) -> list[dict[str, object]]:
+        """Every lease as a dict of its columns, in lease order."""
+        cur = self._db.execute("SELECT * FROM leases ORDER BY lease_id")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def step_timings(self, kind: str = "train") -> list[StepTiming]:
+        """Per trained step, ascending: when its leases were closed, the earliest issue of one,
+        positives and groups trained."""
+        rows = self._rows(
+            "SELECT step, MAX(ended_at), MIN(issued_at), SUM(n_positive), COUNT(*) FROM leases"
+            " WHERE state='trained' AND kind=? GROUP BY step ORDER BY step",
+            (kind,),
+        )
+        return [StepTiming(int(s), e, i, int(p or 0), int(n)) for s, e, i, p, n in rows]

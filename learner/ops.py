@@ -9,6 +9,7 @@ from typing import Any
 
 from popo.common.config import RunConfig
 from popo.common.messages import WeightsReady
+from popo.common.run_dir import RunDir
 
 log = logging.getLogger("popo.learner")
 
@@ -35,7 +36,7 @@ def build_trainer(
         pad_id=tokenizer.pad_token_id or 0,
         device=device,
     )
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    ckpt = latest_checkpoint(RunDir(run_dir).checkpoints)
     if ckpt is not None:
         load_checkpoint(trainer, ckpt)
         log.info("resumed from %s (step %d)", ckpt, trainer.step)
@@ -52,15 +53,15 @@ def write_weights(
     probe: tuple[list[int], list[int]] | None,
     on_failure: Any = None,
 ) -> WeightsReady | None:
-    """Publish the policy as `weights/v{version}` (every rank calls; rank 0 writes and returns the
-    announcement)."""
+    """Publish the policy as version `version` of the run's `WeightStore` (every rank calls; rank 0
+    writes and returns the announcement)."""
     from popo.learner.publish import publish_dtype, publish_weights
 
     lc = cfg.learner
     dtype = publish_dtype(lc.publish_dtype, cfg.model.dtype, trainer.device.type)
     return publish_weights(
         trainer.policy,
-        run_dir / "weights",
+        RunDir(run_dir).weights,
         version,
         source_dir=model_dir,
         keep=lc.keep_weights,
@@ -81,7 +82,7 @@ def write_checkpoint(trainer: Any, cfg: RunConfig, run_dir: Path, on_failure: An
     lc = cfg.learner
     save_checkpoint(
         trainer,
-        run_dir / "checkpoints",
+        RunDir(run_dir).checkpoints,
         keep=lc.keep_checkpoints,
         retries=lc.write_retries,
         backoff_s=lc.write_retry_backoff_s,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from popo.common.config import RunConfig
 from popo.common.data import Problem, apply_template, drop_too_long, load_prompts
 from popo.common.messages import WeightsReady
 from popo.common.metrics import pass_at_k
+from popo.common.run_dir import RunDir
 from popo.learner.batches import BatchSource
 from popo.learner.dispatch import Dispatcher, EvalRound, SharedState
 from popo.learner.ledger import Ledger, Received
@@ -50,6 +50,7 @@ class Orchestrator:
     def __init__(self, cfg: RunConfig, run_dir: Path, stats: LearnerStats) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
+        self.paths = RunDir(run_dir)
         self.stats = stats
         self.state = SharedState()
         self.last_ready: WeightsReady | None = None
@@ -59,7 +60,7 @@ class Orchestrator:
     def setup(self, tokenizer: Any, vocab_size: int, trainer_step: int) -> None:
         """Open the ledger (rewound to the restored step), load the prompts and start serving."""
         cfg = self.cfg
-        self.ledger = Ledger(self.run_dir / "ledger.db")
+        self.ledger = Ledger(self.paths.ledger)
         rewound = self.ledger.rewind_to(trainer_step)
         if rewound:
             log.info("%d lease(s) trained after the checkpoint go back to the buffer", rewound)
@@ -104,7 +105,7 @@ class Orchestrator:
             from popo.common.weight_stream import WeightServer
 
             self.weight_server = WeightServer(
-                self.run_dir / "weights",
+                self.paths.weights,
                 transport.address(t, "weightstream", run_dir=self.run_dir),
                 t,
                 on_drop=self.stats.drop,
@@ -112,10 +113,9 @@ class Orchestrator:
             self.weight_server.start()
         self._write_endpoints()
 
-        weights = self.run_dir / "weights"
-        for leftover in weights.glob(".tmp-*"):  # a publish cut short by a crash
-            shutil.rmtree(leftover, ignore_errors=True)
-        existing = [int(p.name[1:]) for p in weights.glob("v*") if p.name[1:].isdigit()]
+        store = self.paths.weight_store()
+        store.remove_leftovers()  # a publish cut short by a crash
+        existing = store.versions()
         self.state.version = max([self.ledger.get("version"), *existing])
         self.resumed_weights = bool(existing)
 
@@ -148,7 +148,7 @@ class Orchestrator:
         }
         if self.weight_server is not None:
             eps["weightstream"] = self.weight_server.address
-        (self.run_dir / "endpoints.json").write_text(json.dumps(eps, indent=1))
+        self.paths.endpoints.write_text(json.dumps(eps, indent=1))
 
     def _on_group(self, _g: object) -> None:  # dispatch thread
         self.stats.pass_rate(self.state.positives_total, self.state.completions_total)
@@ -245,7 +245,7 @@ class Orchestrator:
             "t": time.time(),
         }
         self.eval_history.append(rec)
-        with open(self.run_dir / "eval.jsonl", "a") as f:
+        with open(self.paths.evals, "a") as f:
             f.write(json.dumps(rec) + "\n")
         self.stats.evaluated(acc, pk)
         log.info(
@@ -264,7 +264,7 @@ class Orchestrator:
         """A learner restarted before its first checkpoint has evaluated step 0 already: doing it
         again costs a whole eval round per restart and adds duplicate step-0 records."""
         try:
-            lines = (self.run_dir / "eval.jsonl").read_text().splitlines()
+            lines = self.paths.evals.read_text().splitlines()
         except FileNotFoundError:
             return False
         return any(json.loads(x)["step"] == 0 for x in lines if x.strip())

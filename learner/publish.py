@@ -1,4 +1,5 @@
-"""Publishing the policy to actors (docs/architecture.md, Weights): `weights/v{N}/model.safetensors` + sha256.
+"""Publishing the policy to actors (docs/architecture.md, Weights): a version of the run's
+`WeightStore` (`weights/v{N}/model.safetensors` + sha256).
 
 Only the online policy is published — never the EMA siamese copy, the predictor or the optimizer.
 Tensor names are the Hugging Face ones of `model.state_dict()` (`model.layers.0.self_attn.q_proj.
@@ -12,7 +13,6 @@ HF model directory.
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -21,10 +21,9 @@ import torch
 from torch import nn
 
 from popo.common.messages import WeightsReady, pack_f32, pack_ids
-from popo.common.weights import retry_write, write_version_dir
+from popo.common.weights import WeightStore, retry_write
 from popo.learner.model import sequence_logprobs
 
-_VERSION = re.compile(r"^v(\d+)$")
 # Files of a HF model directory that describe the model rather than hold its weights.
 _SKIP = re.compile(r"(\.safetensors(\.sha256)?|\.bin|\.pt|\.pth|\.safetensors\.index\.json)$")
 
@@ -53,24 +52,6 @@ def publish_dtype(publish: str, served: str, learner_device: str) -> torch.dtype
     return getattr(torch, name)
 
 
-def list_versions(weights_root: str | Path) -> list[int]:
-    """Published versions under `weights_root`, ascending."""
-    root = Path(weights_root)
-    if not root.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _VERSION.match(p.name)))
-
-
-def prune_versions(weights_root: str | Path, keep: int, protect: Collection[int] = ()) -> list[int]:
-    """Delete all but the newest `keep` versions, never one in `protect` (versions actors may still
-    be loading). Returns the deleted versions."""
-    versions = list_versions(weights_root)
-    doomed = [v for v in versions[: max(0, len(versions) - keep)] if v not in protect]
-    for v in doomed:
-        shutil.rmtree(Path(weights_root) / f"v{v}")
-    return doomed
-
-
 def publish_weights(
     model: nn.Module,
     weights_root: str | Path,
@@ -86,7 +67,8 @@ def publish_weights(
     backoff_s: float = 1.0,
     on_failure: Callable[[OSError], None] | None = None,
 ) -> WeightsReady | None:
-    """Write the policy as `weights_root/v{version}` atomically and return its announcement.
+    """Write the policy as version `version` of the `WeightStore` at `weights_root` atomically,
+    prune older versions (`keep`, `protect`) and return its announcement.
 
     source_dir: HF model directory whose config / tokenizer files are linked into the version.
     dtype: cast of the published tensors (`publish_dtype`: the actors' serving dtype); None keeps
@@ -114,16 +96,15 @@ def publish_weights(
         for p in Path(source_dir).iterdir():
             if p.is_file() and not _SKIP.search(p.name):
                 links[p.name] = p
-    out_dir = Path(weights_root) / f"v{version}"
-    _, digest, nbytes = retry_write(
-        lambda: write_version_dir(out_dir, tensors, link_files=links),
-        f"weights v{version}",
+    store = WeightStore(weights_root)
+    msg = retry_write(
+        lambda: store.publish(version, tensors, link_files=links),
+        f"weights {store.dir_name(version)}",
         retries,
         backoff_s,
         on_failure,
     )
-    prune_versions(weights_root, keep, protect={*protect, version})
-    msg = WeightsReady(version=version, path=str(out_dir), sha256=digest, nbytes=nbytes)
+    store.prune(keep, protect={*protect, version})
     if probe is not None and learner_lp is not None:
         msg.probe_token_ids = pack_ids(np.concatenate([prompt, cont]))
         msg.probe_prompt_len = len(prompt)

@@ -22,6 +22,7 @@ from popo.common.config import RunConfig
 from popo.common.messages import RankCommand, ScoredGroup, decode, encode
 from popo.common.metrics import RoleMetrics, role_port
 from popo.common.process import LAUNCH_T0_ENV, process_start_time, release_free_memory
+from popo.common.run_dir import RunDir
 from popo.learner.ledger import Received
 from popo.learner.ops import build_trainer, write_checkpoint, write_weights
 from popo.learner.orchestrator import Orchestrator
@@ -191,7 +192,7 @@ class Learner:
         self.orch.ledger.checkpointed(self.trainer.step)
 
     def _write_summary(self) -> None:
-        evals = [json.loads(x) for x in (self.run_dir / "eval.jsonl").read_text().splitlines()]
+        evals = [json.loads(x) for x in RunDir(self.run_dir).evals.read_text().splitlines()]
         base = [e["seconds"] for e in evals if e["step"] == 0]
         summary = {
             "algorithm": self.cfg.algorithm.name,
@@ -204,7 +205,7 @@ class Learner:
             "startup": {**self.startup, **({"base_eval": round(base[0], 3)} if base else {})},
             "wall_seconds": round(time.time() - self.t0, 3),
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        RunDir(self.run_dir).summary.write_text(json.dumps(summary, indent=1))
 
     def close(self) -> None:
         if hasattr(self, "orch") and hasattr(self.orch, "dispatcher"):

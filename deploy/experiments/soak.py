@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from popo.common.run_dir import RunDir
+
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
@@ -87,7 +89,7 @@ def sample(run_dir: Path, t0: float) -> dict:
     now = time.time()
     rec: dict = {"t": now, "elapsed_s": round(now - t0, 1), "roles": {}}
     try:
-        pids = json.loads((run_dir / "pids.json").read_text())["roles"]
+        pids = json.loads(RunDir(run_dir).pids.read_text())["roles"]
     except (OSError, ValueError, KeyError):
         pids = {}
     for role, pid in pids.items():
@@ -101,7 +103,7 @@ def sample(run_dir: Path, t0: float) -> dict:
             "group_rss_mb": tree / 1024,
             "processes": n,
         }
-    metrics = last_records(run_dir / "metrics.jsonl")
+    metrics = last_records(RunDir(run_dir).metrics)
     learner = metrics.get("learner", {})
     rec["learner_step"] = learner.get("popo_learner_step")
     rec["learner_tokens"] = learner.get("popo_learner_tokens_total")

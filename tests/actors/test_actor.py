@@ -30,7 +30,8 @@ from popo.common.messages import (
     unpack_f32,
     unpack_ids,
 )
-from popo.common.weights import WEIGHTS_FILE, sha256_file, write_version_dir
+from popo.common.run_dir import RunDir
+from popo.common.weights import WEIGHTS_FILE, sha256_file
 
 pytestmark = pytest.mark.vllm
 
@@ -266,7 +267,7 @@ def test_late_actor_loads_newest_published_version(engine, model_dir, reference,
     """An actor (re)started after announcements went out finds the newest version on disk."""
     version = engine.version + 5
     state = reference.perturbed(seed=3000 + version)
-    write_version_dir(tmp_path / "weights" / f"v{version}", state)
+    RunDir(tmp_path).weight_store().publish(version, state)
     actor = make_actor(engine, model_dir, peers, run_dir=tmp_path)
     with running(actor):
         wait_for(lambda: actor.stats.version == version, 30, "the on-disk version")

@@ -12,6 +12,7 @@ from actor_harness import actor_test_config, announce_until, assert_serves, publ
 from popo.actors.actor import Actor, ActorEndpoints
 from popo.common.messages import WeightsReady
 from popo.common.weight_stream import WeightServer
+from popo.common.weights import WeightStore
 
 pytestmark = pytest.mark.vllm
 
@@ -62,7 +63,7 @@ def test_actor_streams_a_version_it_cannot_see_and_serves_it(
             )
             assert engine.version == v2 and actor.stats.reload_failures == 0
             assert actor.stats.mode == "stream"
-            cached = tmp_path / "node-cache" / f"v{v2}"
+            cached = WeightStore(tmp_path / "node-cache").path(v2)
             assert (cached / "model.safetensors").read_bytes() == (
                 d2 / "model.safetensors"
             ).read_bytes()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from popo.actors.actor import latest_published
 from popo.actors.reload import check_schema, model_schema, probe_mismatch, read_schema
+from popo.common.run_dir import RunDir
 from popo.common.weights import WEIGHTS_FILE, WeightsError, write_version_dir
 
 
@@ -61,11 +61,12 @@ def test_probe_mismatch_is_zero_on_agreement_and_k3_otherwise():
 
 
 def test_latest_published_picks_the_newest_complete_version(tmp_path):
-    assert latest_published(tmp_path) is None
+    store = RunDir(tmp_path).weight_store()
+    assert store.latest() is None
     for v in (1, 3, 2):
-        write_version_dir(tmp_path / "weights" / f"v{v}", _state())
-    (tmp_path / "weights" / "v9").mkdir()  # incomplete: no checksum file
-    msg = latest_published(tmp_path)
+        write_version_dir(store.path(v), _state())
+    store.path(9).mkdir()  # incomplete: no checksum file
+    msg = store.latest()
     assert msg is not None and msg.version == 3
     assert (
         msg.sha256 == (tmp_path / "weights" / "v3" / f"{WEIGHTS_FILE}.sha256").read_text().strip()

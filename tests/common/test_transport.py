@@ -13,10 +13,14 @@ import zmq
 
 from popo.common.config import TransportConfig
 from popo.common.messages import (
+    Chunk,
+    FetchRequest,
     LeaseRequest,
     Leases,
+    ManifestRequest,
     RolloutGroup,
     ScoredGroup,
+    StreamError,
     WeightsReady,
     encode,
     pack_ids,
@@ -248,3 +252,53 @@ def test_push_with_no_peer_does_not_block(ctx: zmq.Context, tmp_path: Path, sche
     assert pusher.send(_group(2), timeout_ms=5000)
     rx = puller.recv(timeout_ms=2000)
     assert rx is not None and rx[1] == _group(2)
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "ipc"])
+def test_data_frames_travel_beside_their_message(
+    ctx: zmq.Context, tmp_path: Path, scheme: str
+) -> None:
+    cfg = CFG.model_copy(update={"weightstream_port": 0})
+    server, client = _pair(ctx, "weightstream", scheme, tmp_path, cfg)
+    assert client.send(FetchRequest(version=1, file="f", offset=0, length=3), timeout_ms=1000)
+    rx = server.recv_data(timeout_ms=2000)
+    assert rx is not None
+    ident, req, data = rx
+    assert isinstance(req, FetchRequest) and data == []
+    payload = bytearray(b"\x00\x01\xff" * 1000)
+    chunk = Chunk(version=1, file="f", offset=0, nbytes=len(payload), eof=True)
+    assert server.send(chunk, ident, timeout_ms=0, data=[memoryview(payload)])
+    assert server.send(StreamError(version=1, reason="gone"), ident, timeout_ms=0)
+    got = client.recv_data(timeout_ms=2000)
+    assert got is not None and got[1] == chunk and len(got[2]) == 1
+    assert bytes(got[2][0]) == bytes(payload)
+    got = client.recv(timeout_ms=2000)  # a message without data frames through plain recv
+    assert got is not None and isinstance(got[1], StreamError)
+    assert client.dropped == server.dropped == 0
+    # a Chunk must carry its bytes, and only a Chunk carries any
+    with pytest.raises(ValueError, match="carries 1 data frame"):
+        server.send(chunk, ident, timeout_ms=0)
+    with pytest.raises(ValueError, match="carries 0 data frame"):
+        server.send(StreamError(version=1, reason="x"), ident, timeout_ms=0, data=[b"x"])
+
+
+def test_data_frames_are_counted_like_any_bad_frame(ctx: zmq.Context, tmp_path: Path) -> None:
+    cfg = CFG.model_copy(update={"weightstream_port": 0})
+    why: list[str] = []
+    server = bind(ctx, "weightstream", "tcp://127.0.0.1:*", cfg)
+    client = connect(ctx, "weightstream", server.address, cfg, on_drop=why.append)
+    assert client.send(ManifestRequest(version=1), timeout_ms=1000)
+    rx = server.recv(timeout_ms=2000)
+    assert rx is not None
+    ident = rx[0]
+    chunk = Chunk(version=1, file="f", offset=0, nbytes=2, eof=True)
+    # written past the channel, as a broken or hostile server would
+    server.sock.send_multipart([ident, encode(chunk)])  # a chunk without its bytes
+    server.sock.send_multipart([ident, encode(StreamError(version=1, reason="x")), b"extra"])
+    server.sock.send_multipart([ident, encode(ManifestRequest(version=1))])  # never a reply
+    server.sock.send_multipart([ident, encode(chunk), b"ok"])
+    got = client.recv_data(timeout_ms=2000)
+    assert got is not None and got[1] == chunk and bytes(got[2][0]) == b"ok"
+    assert client.dropped == 3 and len(why) == 3
+    assert "Chunk in 1 frames" in why[0] and "StreamError in 2 frames" in why[1]
+    assert "unexpected ManifestRequest" in why[2]

@@ -23,7 +23,7 @@ from test_weight_stream import CFG, assert_same_dir, versions
 
 from popo.common.messages import Chunk, Manifest, WeightsReady
 from popo.common.weight_stream import WeightFetcher, WeightServer, default_cache_dir
-from popo.common.weights import WEIGHTS_FILE, WeightsError, sha256_file, write_version_dir
+from popo.common.weights import WEIGHTS_FILE, WeightsError, WeightStore, sha256_file
 
 # A node's actor, reduced to its weight path: it follows the announcements the test writes, fetches
 # each version into the shared cache (protecting the one it serves, as the actor does), reads every
@@ -82,8 +82,7 @@ def publish(root: Path, version: int) -> WeightsReady:
     g = torch.Generator().manual_seed(version)
     tensors = {"a.weight": torch.randn(1000, 777, generator=g), "b.bias": torch.randn(5)}
     extra = {"config.json": b'{"model_type": "qwen2"}', "tokenizer.json": os.urandom(3000)}
-    path, sha, nbytes = write_version_dir(root / f"v{version}", tensors, extra_files=extra)
-    return WeightsReady(version=version, path=str(path.parent), sha256=sha, nbytes=nbytes)
+    return WeightStore(root).publish(version, tensors, extra_files=extra)
 
 
 def wait_for(what: str, cond: Callable[[], object], timeout: float = 90.0) -> object:
@@ -188,7 +187,7 @@ def test_actors_on_one_node_download_each_version_once(tmp_path):
         assert sum(r["streamed"] for r in recs if r["version"] == v) == size[v]
     # no partial or corrupt load: every actor read back exactly the learner's files
     for r in recs:
-        assert r["dir"] == str(cache / f"v{r['version']}")
+        assert r["dir"] == str(WeightStore(cache).path(r["version"]))
         assert {n: s for n, s in r["files"].items() if not n.startswith(".")} == source[
             r["version"]
         ], r
@@ -199,7 +198,7 @@ def test_actors_on_one_node_download_each_version_once(tmp_path):
     assert versions(cache) == ["v2", "v3"]
     assert not [p.name for p in cache.iterdir() if p.name.startswith((".tmp-", ".del-"))]
     for v in (2, 3):
-        assert_same_dir(Path(msgs[v].path), cache / f"v{v}")
+        assert_same_dir(Path(msgs[v].path), WeightStore(cache).path(v))
 
 
 @pytest.fixture

@@ -33,8 +33,12 @@ from popo.common.weight_stream import (
     recv_reply,
     shared_visible,
 )
-from popo.common.weights import WEIGHTS_FILE, WeightsError, sha256_file, write_version_dir
-from popo.learner.publish import prune_versions
+from popo.common.weights import (
+    WEIGHTS_FILE,
+    WeightsError,
+    WeightStore,
+    sha256_file,
+)
 
 # Small chunks so a ~1 MB file takes many pipelined requests and the last one is partial.
 CFG = TransportConfig(
@@ -52,8 +56,7 @@ def publish(root: Path, version: int, seed: int = 0) -> WeightsReady:
     g = torch.Generator().manual_seed(seed)
     tensors = {"a.weight": torch.randn(300, 777, generator=g), "b.bias": torch.randn(5)}
     extra = {"config.json": b'{"model_type": "qwen2"}', "tokenizer.json": os.urandom(3000)}
-    path, sha, nbytes = write_version_dir(root / f"v{version}", tensors, extra_files=extra)
-    return WeightsReady(version=version, path=str(path.parent), sha256=sha, nbytes=nbytes)
+    return WeightStore(root).publish(version, tensors, extra_files=extra)
 
 
 @pytest.fixture
@@ -189,7 +192,7 @@ def test_pruned_version_is_a_clean_error(weights, server, fetcher, tmp_path):
     old = publish(weights, 1)
     publish(weights, 2, seed=2)
     fetcher.fetch(publish(weights, 3, seed=3))  # the server has opened and cached v3 files
-    assert prune_versions(weights, keep=1) == [1, 2]
+    assert WeightStore(weights).prune(keep=1) == [1, 2]
     with pytest.raises(WeightsError, match="version 1 is not available"):
         fetcher.fetch(old)
     assert fetcher.retries == 0  # a pruned version is final, not retried

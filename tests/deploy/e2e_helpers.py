@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 from popo.common.process import free_port_flags
+from popo.common.run_dir import RunDir
+from popo.learner.ledger import LedgerReader
 
 
 def train_args(run_dir: Path, model_dir: Path, steps: int) -> list[str]:
@@ -43,22 +44,18 @@ def popo_train(args: list[str], **kw) -> subprocess.Popen:
 
 def assert_exactly_once(run_dir: Path, steps: int) -> None:
     """The finished run trained `steps` steps, no lease twice, and closed every lease it ended."""
-    db = sqlite3.connect(run_dir / "ledger.db")
-    states = dict(db.execute("SELECT state, COUNT(*) FROM leases GROUP BY state").fetchall())
+    run = RunDir(run_dir)
+    with LedgerReader(run.ledger) as db:
+        states = db.state_counts()
+        trained = [r["lease_id"] for r in db.leases() if r["state"] == "trained"]
+        max_step = db.last_trained_step()
+        bad = db.ended_without_time()
     assert states.get("trained", 0) > 0, states
     # no prompt lease trained twice, every trained lease has a step within the run
-    (dups,) = db.execute(
-        "SELECT COUNT(*) FROM (SELECT lease_id FROM leases WHERE state='trained'"
-        " GROUP BY lease_id HAVING COUNT(*) > 1)"
-    ).fetchone()
+    dups = len(trained) - len(set(trained))
     assert dups == 0
-    (max_step,) = db.execute("SELECT MAX(step) FROM leases WHERE state='trained'").fetchone()
     assert max_step == steps
-    (bad,) = db.execute(
-        "SELECT COUNT(*) FROM leases WHERE state IN ('trained','skipped','expired')"
-        " AND ended_at IS NULL"
-    ).fetchone()
     assert bad == 0
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads(run.summary.read_text())
     assert summary["ledger_problems"] == []
     assert summary["steps"] == steps

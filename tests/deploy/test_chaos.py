@@ -21,10 +21,10 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,9 @@ import pytest
 
 from popo.common.config import RunConfig
 from popo.common.process import free_port_flags
+from popo.common.run_dir import RunDir
 from popo.deploy.launch import Supervisor
+from popo.learner.ledger import Ledger, LedgerReader
 
 SEED = int(os.environ.get("POPO_CHAOS_SEED", "0"))
 
@@ -301,14 +303,8 @@ def _trained_after_checkpoint(run_dir: Path) -> bool:
     ckpt = _latest_checkpoint_step(run_dir)
     if ckpt is None:
         return False
-    db = sqlite3.connect(f"file:{run_dir / 'ledger.db'}?mode=ro", uri=True, timeout=5)
-    try:
-        (n,) = db.execute(
-            "SELECT COUNT(*) FROM leases WHERE state='trained' AND step > ?", (ckpt,)
-        ).fetchone()
-    finally:
-        db.close()
-    return n > 0
+    with LedgerReader(RunDir(run_dir).ledger, timeout_s=5) as db:
+        return db.trained_after(ckpt) > 0
 
 
 def _window_ready(run_dir: Path, k: Kill, pid: int, min_age: float) -> bool:
@@ -321,49 +317,44 @@ def _window_ready(run_dir: Path, k: Kill, pid: int, min_age: float) -> bool:
 
 def check_ledger(run_dir: Path, steps: int, prompts_per_step: int) -> dict[str, int]:
     """Exactly-once audit of a finished run; returns the figures for the report."""
-    from popo.learner.ledger import Ledger
-
-    ledger = Ledger(run_dir / "ledger.db")
+    ledger = Ledger(RunDir(run_dir).ledger)
     try:
         assert ledger.check_exactly_once() == []
     finally:
         ledger.close()
-    db = sqlite3.connect(run_dir / "ledger.db")
-    q = lambda sql: db.execute(sql).fetchall()  # noqa: E731
+    with LedgerReader(RunDir(run_dir).ledger) as db:
+        states = db.state_counts()
+        buffered_untrained = db.buffered_untrained()
+        cursor = db.meta("cursor")
+        prompts_twice = db.prompts_trained_twice(kind=None)
+        rows = db.leases()
+    trained = [r for r in rows if r["state"] == "trained"]
     # every lease ended: nothing outstanding or received after the run finished
-    assert q("SELECT COUNT(*) FROM leases WHERE state IN ('outstanding','received')") == [(0,)]
-    assert q(
-        "SELECT COUNT(*) FROM buffer b JOIN leases l USING (lease_id) WHERE l.state != 'trained'"
-    ) == [(0,)]
+    assert states.get("outstanding", 0) + states.get("received", 0) == 0
+    assert buffered_untrained == 0
     # trained exactly once: the prompt cursor never wrapped, so no prompt may be trained twice
-    (cursor,) = q("SELECT value FROM meta WHERE key='cursor'")[0]
     assert cursor < 4000
-    assert (
-        q(
-            "SELECT prompt_idx FROM leases WHERE state='trained' GROUP BY prompt_idx"
-            " HAVING COUNT(*) > 1"
-        )
-        == []
-    )
+    assert prompts_twice == 0
     # every step 1..steps trained once, with at most one batch of groups
-    per_step = dict(q("SELECT step, COUNT(*) FROM leases WHERE state='trained' GROUP BY step"))
+    per_step = Counter(r["step"] for r in trained)
     assert sorted(per_step) == list(range(1, steps + 1)), per_step
     assert max(per_step.values()) <= prompts_per_step
-    assert q("SELECT COUNT(*) FROM leases WHERE state='trained' AND step IS NULL") == [(0,)]
+    assert sum(r["step"] is None for r in trained) == 0
     # every expired lease's prompt was leased again (re-dispatched) later
-    assert q(
-        "SELECT COUNT(*) FROM leases e WHERE e.state='expired' AND NOT EXISTS (SELECT 1"
-        " FROM leases l WHERE l.prompt_idx=e.prompt_idx AND l.lease_id > e.lease_id)"
-    ) == [(0,)]
-    figures = {
-        "leases": q("SELECT COUNT(*) FROM leases")[0][0],
-        "trained": q("SELECT COUNT(*) FROM leases WHERE state='trained'")[0][0],
-        "expired_redispatched": q("SELECT COUNT(*) FROM leases WHERE state='expired'")[0][0],
-        "rewound_retrained": q("SELECT COUNT(*) FROM leases WHERE resumed=1")[0][0],
-        "too_stale": q("SELECT COUNT(*) FROM leases WHERE reason='too_stale'")[0][0],
+    last_lease = {}
+    for r in rows:
+        last_lease[r["prompt_idx"]] = max(r["lease_id"], last_lease.get(r["prompt_idx"], -1))
+    not_redispatched = [
+        r for r in rows if r["state"] == "expired" and last_lease[r["prompt_idx"]] == r["lease_id"]
+    ]
+    assert len(not_redispatched) == 0
+    return {
+        "leases": len(rows),
+        "trained": len(trained),
+        "expired_redispatched": states.get("expired", 0),
+        "rewound_retrained": sum(r["resumed"] == 1 for r in rows),
+        "too_stale": sum(r["reason"] == "too_stale" for r in rows),
     }
-    db.close()
-    return figures
 
 
 def check_run(res: ChaosResult, run_dir: Path, steps: int, n_kills: int) -> dict:
@@ -390,10 +381,10 @@ def check_run(res: ChaosResult, run_dir: Path, steps: int, n_kills: int) -> dict
     evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, steps]  # restarts do not repeat the first eval
     # no half-written version or checkpoint is left where a reader would take it
-    from popo.actors.actor import latest_published
+    from popo.common.run_dir import RunDir
     from popo.common.weights import verify_weights
 
-    last = latest_published(run_dir)
+    last = RunDir(run_dir).weight_store().latest()
     assert last is not None
     verify_weights(Path(last.path) / "model.safetensors", last.sha256, last.nbytes)
     figures.update(kills=len(res.kills), kills_by_role=by_role, wall_s=round(res.wall_s, 1))

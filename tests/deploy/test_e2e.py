@@ -13,6 +13,8 @@ import pytest
 from e2e_helpers import assert_exactly_once, popo_train, train_args
 from safetensors.torch import load_file
 
+from popo.common.run_dir import RunDir
+
 pytestmark = pytest.mark.vllm
 
 
@@ -25,9 +27,10 @@ def test_train_end_to_end(tmp_path, demo_model_dir):
 
     # the policy changed: the last published version differs from the base model
     base = load_file(str(demo_model_dir / "model.safetensors"))
-    versions = sorted(int(p.name[1:]) for p in (run_dir / "weights").glob("v*"))
+    store = RunDir(run_dir).weight_store()
+    versions = store.versions()
     assert versions and versions[-1] >= 3
-    new = load_file(str(run_dir / "weights" / f"v{versions[-1]}" / "model.safetensors"))
+    new = load_file(str(store.weights_file(versions[-1])))
     assert any((new[k] - base[k]).abs().max() > 0 for k in base)
 
     # actors moved to the new versions; metrics.jsonl was written by every role

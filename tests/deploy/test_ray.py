@@ -28,7 +28,9 @@ from pathlib import Path
 
 import pytest
 
+from popo.common.run_dir import RunDir
 from popo.deploy.cli import OFFLINE_ENV
+from popo.learner.ledger import LedgerReader
 
 HEAD_IP, WORKER_IP = "10.231.0.1", "10.231.0.2"
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -218,25 +220,19 @@ def ray_cluster() -> Iterator[Cluster]:
 
 def _ledger_now(run_dir: Path) -> tuple[int, int]:
     """(last trained step, leases outstanding) of the live run."""
-    if not (run_dir / "ledger.db").exists():
+    ledger = RunDir(run_dir).ledger
+    if not ledger.exists():
         return 0, 0
-    db = sqlite3.connect(run_dir / "ledger.db", timeout=10)
     try:
-        (step,) = db.execute("SELECT MAX(step) FROM leases WHERE state='trained'").fetchone()
-        (out,) = db.execute("SELECT COUNT(*) FROM leases WHERE state='outstanding'").fetchone()
+        with LedgerReader(ledger) as db:
+            return db.last_trained_step(), len(db.outstanding())
     except sqlite3.OperationalError:  # schema not created yet
         return 0, 0
-    finally:
-        db.close()
-    return step or 0, out
 
 
 def _outstanding(run_dir: Path) -> list[int]:
-    db = sqlite3.connect(run_dir / "ledger.db", timeout=10)
-    try:
-        return [r[0] for r in db.execute("SELECT lease_id FROM leases WHERE state='outstanding'")]
-    finally:
-        db.close()
+    with LedgerReader(RunDir(run_dir).ledger) as db:
+        return db.outstanding()
 
 
 def _actor_mid_work(run_dir: Path) -> bool:
@@ -401,29 +397,16 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == STEPS
     assert summary["ledger_problems"] == []
-    db = sqlite3.connect(run_dir / "ledger.db")
-    states = dict(db.execute("SELECT state, COUNT(*) FROM leases GROUP BY state").fetchall())
-    (max_step,) = db.execute("SELECT MAX(step) FROM leases WHERE state='trained'").fetchone()
-    (unended,) = db.execute(
-        "SELECT COUNT(*) FROM leases WHERE state IN ('trained','skipped','expired')"
-        " AND ended_at IS NULL"
-    ).fetchone()
-    (dups,) = db.execute(
-        "SELECT COUNT(*) FROM (SELECT lease_id FROM leases WHERE state='trained'"
-        " GROUP BY lease_id HAVING COUNT(*) > 1)"
-    ).fetchone()
-    db.close()
+    with LedgerReader(RunDir(run_dir).ledger) as db:
+        states = db.state_counts()
+        max_step = db.last_trained_step()
+        unended = db.ended_without_time()
+        trained = [r["lease_id"] for r in db.leases() if r["state"] == "trained"]
+        # Every lease open when the actor died ended once: delivered before the kill (trained or
+        # skipped), or expired at its deadline and its prompt re-dispatched to the restarted actor.
+        ended = db.states(at_kill)
+    dups = len(trained) - len(set(trained))
     assert max_step == STEPS and unended == 0 and dups == 0, states
-    # Every lease open when the actor died ended once: delivered before the kill (trained or
-    # skipped), or expired at its deadline and its prompt re-dispatched to the restarted actor.
-    db = sqlite3.connect(run_dir / "ledger.db")
-    marks = ",".join("?" * len(at_kill))
-    ended = dict(
-        db.execute(
-            f"SELECT lease_id, state FROM leases WHERE lease_id IN ({marks})", at_kill
-        ).fetchall()
-    )
-    db.close()
     assert at_kill and set(ended) == set(at_kill), (at_kill, ended)
     assert set(ended.values()) <= {"trained", "skipped", "expired"}, ended
 
@@ -530,18 +513,9 @@ def test_ray_resume_with_the_learner_on_another_node(ray_cluster, tmp_path, demo
     # SQLite resolves the /proc/PID/root link to "/" (the head's view): read a copy
     for f in remote.glob("ledger.db*"):
         shutil.copy(f, tmp_path / f.name)
-    db = sqlite3.connect(tmp_path / "ledger.db")
-    steps = [
-        s
-        for (s,) in db.execute(
-            "SELECT DISTINCT step FROM leases WHERE state='trained' AND kind='train' ORDER BY step"
-        )
-    ]
-    (dups,) = db.execute(
-        "SELECT COUNT(*) FROM (SELECT prompt_idx FROM leases WHERE state='trained'"
-        " AND kind='train' GROUP BY prompt_idx HAVING COUNT(*) > 1)"
-    ).fetchone()
-    db.close()
+    with LedgerReader(tmp_path / RunDir.LEDGER) as db:
+        steps = db.trained_steps(kind="train")
+        dups = db.prompts_trained_twice(kind="train")
     assert steps == [1, 2, 3, 4] and dups == 0, (steps, dups)
 
     # a new run in the same directory must not silently continue the learner node's run

@@ -7,6 +7,9 @@ import socket
 import pytest
 from e2e_helpers import assert_exactly_once, popo_train, train_args
 
+from popo.common.run_dir import RunDir
+from popo.common.weights import WeightStore
+
 # ~80 s on 2 cores: opt-in; tests/actors/test_actor_stream.py covers fetch -> reload in the default suite
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -27,12 +30,11 @@ def test_train_with_streamed_weights(tmp_path, demo_model_dir):
     streamed = [line for line in log.splitlines() if "streamed version" in line]
     assert len(streamed) >= 2, log[-3000:]
     assert "weights mode stream" in log
-    cache = run_dir / "weights-cache" / socket.gethostname()  # one cache per node
-    published = sorted(p.name for p in (run_dir / "weights").glob("v*"))
-    newest = published[-1]
-    assert (cache / newest / "model.safetensors").read_bytes() == (
-        run_dir / "weights" / newest / "model.safetensors"
-    ).read_bytes()
+    run = RunDir(run_dir)
+    cache = WeightStore(run.weights_cache(socket.gethostname()))  # one cache per node
+    published = run.weight_store()
+    newest = published.versions()[-1]
+    assert cache.weights_file(newest).read_bytes() == published.weights_file(newest).read_bytes()
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     actor = [r for r in recs if r["role"] == "actor"]
     assert max(r.get("popo_actor_policy_version", 0) for r in actor) >= 2

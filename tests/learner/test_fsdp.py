@@ -12,6 +12,7 @@ from learner_helpers import VOCAB, make_groups, tiny_qwen2
 from safetensors.torch import load_file, save_file
 
 from popo.common.config import LearnerConfig, algorithm_config
+from popo.common.weights import WeightStore
 from popo.learner.publish import hf_state_dict, publish_weights
 from popo.learner.trainer import Trainer
 
@@ -68,7 +69,7 @@ def test_fsdp2_two_ranks_match_single_process(tmp_path):
     want = ref.train_step(make_groups(5, 4, seed=8))
     for k in KEYS:
         assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), k
-    published = load_file(str(tmp_path / "weights/v1/model.safetensors"))
+    published = load_file(str(WeightStore(tmp_path / "weights").weights_file(1)))
     for k, v in ref.policy.state_dict().items():
         # Adam's first step is ~lr·sign(g): round-off on near-zero gradients may flip a sign
         torch.testing.assert_close(published[k], v, atol=2.5e-4, rtol=0)

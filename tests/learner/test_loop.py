@@ -25,8 +25,9 @@ from popo.common.messages import (
     pack_f32,
     pack_ids,
 )
+from popo.common.run_dir import RunDir
 from popo.learner.batches import BatchSource
-from popo.learner.ledger import Ledger
+from popo.learner.ledger import Ledger, LedgerReader
 from popo.learner.service import Learner
 from popo.learner.staleness import StalenessPolicy
 
@@ -177,13 +178,8 @@ def _run(
 
 
 def _leases(run_dir: Path) -> list[dict]:
-    import sqlite3
-
-    db = sqlite3.connect(run_dir / "ledger.db")
-    db.row_factory = sqlite3.Row
-    rows = [dict(r) for r in db.execute("SELECT * FROM leases ORDER BY lease_id")]
-    db.close()
-    return rows
+    with LedgerReader(RunDir(run_dir).ledger) as db:
+        return db.leases()
 
 
 def test_trains_evaluates_beside_training_and_skips_stale(tmp_path, random_model_dir):

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from popo.common.config import LearnerConfig, algorithm_config
 from popo.common.demo_model import save_random_model
 from popo.common.messages import WeightsReady, decode, encode, unpack_f32, unpack_ids
-from popo.common.weights import verify_weights
+from popo.common.weights import WeightStore, verify_weights
 from popo.learner.model import sequence_logprobs
-from popo.learner.publish import hf_state_dict, list_versions, publish_dtype, publish_weights
+from popo.learner.publish import hf_state_dict, publish_dtype, publish_weights
 from popo.learner.trainer import Trainer
 
 
@@ -38,7 +38,7 @@ def test_publish_names_checksum_retention_probe(tmp_path):
     msgs = [
         publish_weights(tr.policy, root, v, source_dir=src, keep=2, probe=probe) for v in (1, 2, 3)
     ]
-    assert list_versions(root) == [2, 3]
+    assert WeightStore(root).versions() == [2, 3]
     msg = decode(encode(msgs[-1]), WeightsReady)
     verify_weights(f"{msg.path}/model.safetensors", msg.sha256, msg.nbytes)
     # every HF tensor name of the source model, nothing else (no EMA, no predictor)
@@ -59,7 +59,7 @@ def test_publish_names_checksum_retention_probe(tmp_path):
     np.testing.assert_array_equal(unpack_f32(msg.probe_logprobs), want)
     # protected versions survive pruning; versions are immutable
     publish_weights(tr.policy, root, 4, keep=1, protect=[2])
-    assert list_versions(root) == [2, 4]
+    assert WeightStore(root).versions() == [2, 4]
     with pytest.raises(FileExistsError):
         publish_weights(tr.policy, root, 4)
 

@@ -20,9 +20,9 @@ import pytest
 from learner_helpers import make_groups, tiny_qwen2
 
 from popo.common.config import LearnerConfig, algorithm_config
-from popo.common.weights import WEIGHTS_FILE, retry_write, verify_weights
+from popo.common.weights import WEIGHTS_FILE, WeightStore, retry_write, verify_weights
 from popo.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from popo.learner.publish import list_versions, publish_weights
+from popo.learner.publish import publish_weights
 from popo.learner.trainer import Trainer
 
 
@@ -85,7 +85,7 @@ def test_publish_retries_a_failed_write_then_announces_a_complete_version(tmp_pa
     assert [e.errno for e in errors] == [errno.EFBIG, errno.EFBIG]
     assert msg is not None and msg.version == 1
     verify_weights(Path(msg.path) / WEIGHTS_FILE, msg.sha256, msg.nbytes)
-    assert list_versions(root) == [1]
+    assert WeightStore(root).versions() == [1]
     _no_leftovers(root)
 
 
@@ -98,7 +98,7 @@ def test_publish_that_keeps_failing_announces_nothing(tmp_path):
         publish_weights(model, root, 2, retries=2, backoff_s=0.01, on_failure=errors.append)
     assert info.value.errno == errno.EFBIG and len(errors) == 3
     # no v2 (and no message for it): actors that start now still find v1, complete
-    assert list_versions(root) == [1]
+    assert WeightStore(root).versions() == [1]
     _no_leftovers(root)
 
 

@@ -1,0 +1,58 @@
+"""`popo report`'s headline figures: summary.json when the run finished, else the ledger (read-only)
+and the learner's metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from popo.common.run_dir import RunDir
+from popo.deploy.report import markdown_table, summary_row
+from popo.learner.ledger import Ledger
+
+
+def _run(tmp_path: Path, metric_step: int) -> RunDir:
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    run.config.write_text('[algorithm]\nname = "popo"\n[learner]\nseed = 3\n')
+    recs = [
+        {"t": 100.0 + i, "instance": "learner", "popo_learner_step": i}
+        for i in range(metric_step + 1)
+    ]
+    run.metrics.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    evals = [{"step": 0, "accuracy": 0.25, "t": 100.0}, {"step": 5, "accuracy": 0.5, "t": 130.0}]
+    run.evals.write_text("".join(json.dumps(e) + "\n" for e in evals))
+    return run
+
+
+def test_an_unfinished_run_reports_the_ledgers_last_step(tmp_path):
+    run = _run(tmp_path, metric_step=3)  # the last snapshot lags the ledger
+    ledger = Ledger(run.ledger)
+    try:
+        ids = [x.lease_id for x in ledger.issue(5, "a0", 0, time.time() + 60, n_prompts=10)]
+        for step, lid in enumerate(ids, start=1):
+            ledger.receive(lid, 0, 4, 1, b"g")
+            ledger.mark_trained([lid], step)
+        # read beside the live learner, which keeps its connection open
+        row = summary_row(run.root)
+    finally:
+        ledger.close()
+    assert row["steps"] == 5
+    assert (row["acc_before"], row["acc_after"], row["wall_s"]) == (0.25, 0.5, 30.0)
+    # without summary.json the algorithm is unknown; the figures are there
+    assert "| run | ? | 25.0 % | 50.0 % | 5 |" in markdown_table([run.root])
+
+
+def test_without_a_ledger_the_metrics_say_how_far_it_got(tmp_path):
+    run = _run(tmp_path, metric_step=4)
+    assert summary_row(run.root)["steps"] == 4
+    assert not run.ledger.exists()  # reading never creates a ledger
+
+
+def test_a_finished_run_reports_its_summary(tmp_path):
+    run = _run(tmp_path, metric_step=3)
+    Ledger(run.ledger).close()
+    run.summary.write_text(json.dumps({"algorithm": "popo", "steps": 7, "tokens_trained": 900}))
+    row = summary_row(run.root)
+    assert (row["algorithm"], row["steps"], row["tokens"]) == ("popo", 7, 900)
