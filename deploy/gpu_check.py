@@ -398,7 +398,7 @@ def loss_agreement(a: argparse.Namespace, device: Any, batch: list) -> dict:
 
 def report(res: dict) -> str:
     """The Markdown tables of a result."""
-    from popo.common.benchstats import markdown_table
+    from popo.deploy.bench.stats import markdown_table
 
     rows = []
     for r in res["models"]:
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from popo.learner.bench import make_batch
+    from popo.deploy.bench.learn import make_batch
 
     if a.dry:
         device, keys = torch.device("cpu"), ["dry"]
