@@ -20,58 +20,8 @@ if TYPE_CHECKING:
     from popo.actors.engine import RolloutEngine
 
 
-def measure(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
-    """`popo bench generate`: the actor against its own engine's raw generate."""
-    model_dir = a.model or random_model(out / "model", a.hidden, a.layers)
-    bc = RunConfig()
-    ac = bc.actor
-    ac.group_size, ac.max_tokens, ac.max_inflight_prompts = a.group_size, a.max_tokens, a.inflight
-    ac.max_pending_groups = max(ac.max_pending_groups, a.inflight)
-    ac.max_num_seqs = a.inflight * a.group_size  # the raw reference runs under the same batch cap
-    bc.metrics.enabled = False
-    engine, start_s = start_engine(model_dir, bc)
-    prompts = arith_prompts(a.prompts)
-    tokens: dict[str, list[int]] = {"raw": [], "actor": []}
-
-    def raw() -> float:
-        n, dt = bench_raw(engine, prompts)
-        tokens["raw"].append(n)
-        return n / dt
-
-    def actor() -> float:
-        n, dt = bench_actor(engine, bc, model_dir, prompts)
-        tokens["actor"].append(n)
-        return n / dt
-
-    try:
-        bench_raw(engine, prompts[:8])  # compile / allocate before anything is timed
-        runs = alternate({"raw": raw, "actor": actor}, a.reps, warmup=1)
-    finally:
-        engine.close()
-    if min(tokens["raw"] + tokens["actor"]) <= 0:
-        raise RuntimeError(f"a repetition generated no tokens: {tokens}")
-    r = paired_ratio(runs["actor"], runs["raw"], a.max_spread, ">= 0.9")
-    res = BenchResult(
-        "generate",
-        f"actor tokens/s vs raw vLLM generate ({a.prompts} prompts x G={a.group_size}, "
-        f"max_tokens {a.max_tokens}, inflight {a.inflight}, {a.reps} alternating repetitions)",
-        ["measure", "tokens/s median [min, max]", "ratio to raw (target >= 0.9)"],
-    )
-    res.rows = [
-        ["raw vLLM generate (all prompts at once)", Summary.of(runs["raw"]).fmt(), "1.00"],
-        ["actor (leases -> engine -> verifier, ZeroMQ)", Summary.of(runs["actor"]).fmt(), r.fmt()],
-    ]
-    res.ratios["actor_over_raw"] = r
-    res.figures = {
-        "engine_start_s": start_s,
-        "tokens_per_s": runs,
-        "tokens": tokens,
-        "model": str(model_dir),
-    }
-    return res
-
-
 def arith_prompts(n: int) -> list[str]:
+    """`n` arithmetic prompts (three-term sums) in the demo task's format."""
     return [f"{(i * 37) % 100}+{(i * 53) % 100}+{(i * 11) % 10}=" for i in range(n)]
 
 
@@ -155,3 +105,54 @@ def start_engine(model_dir: Path, cfg: RunConfig) -> tuple[RolloutEngine, float]
     t0 = time.perf_counter()
     engine.start()
     return engine, time.perf_counter() - t0
+
+
+def measure(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
+    """`popo bench generate`: the actor against its own engine's raw generate."""
+    model_dir = a.model or random_model(out / "model", a.hidden, a.layers)
+    bc = RunConfig()
+    ac = bc.actor
+    ac.group_size, ac.max_tokens, ac.max_inflight_prompts = a.group_size, a.max_tokens, a.inflight
+    ac.max_pending_groups = max(ac.max_pending_groups, a.inflight)
+    ac.max_num_seqs = a.inflight * a.group_size  # the raw reference runs under the same batch cap
+    bc.metrics.enabled = False
+    engine, start_s = start_engine(model_dir, bc)
+    prompts = arith_prompts(a.prompts)
+    tokens: dict[str, list[int]] = {"raw": [], "actor": []}
+
+    def raw() -> float:
+        n, dt = bench_raw(engine, prompts)
+        tokens["raw"].append(n)
+        return n / dt
+
+    def actor() -> float:
+        n, dt = bench_actor(engine, bc, model_dir, prompts)
+        tokens["actor"].append(n)
+        return n / dt
+
+    try:
+        bench_raw(engine, prompts[:8])  # compile / allocate before anything is timed
+        runs = alternate({"raw": raw, "actor": actor}, a.reps, warmup=1)
+    finally:
+        engine.close()
+    if min(tokens["raw"] + tokens["actor"]) <= 0:
+        raise RuntimeError(f"a repetition generated no tokens: {tokens}")
+    r = paired_ratio(runs["actor"], runs["raw"], a.max_spread, ">= 0.9")
+    res = BenchResult(
+        "generate",
+        f"actor tokens/s vs raw vLLM generate ({a.prompts} prompts x G={a.group_size}, "
+        f"max_tokens {a.max_tokens}, inflight {a.inflight}, {a.reps} alternating repetitions)",
+        ["measure", "tokens/s median [min, max]", "ratio to raw (target >= 0.9)"],
+    )
+    res.rows = [
+        ["raw vLLM generate (all prompts at once)", Summary.of(runs["raw"]).fmt(), "1.00"],
+        ["actor (leases -> engine -> verifier, ZeroMQ)", Summary.of(runs["actor"]).fmt(), r.fmt()],
+    ]
+    res.ratios["actor_over_raw"] = r
+    res.figures = {
+        "engine_start_s": start_s,
+        "tokens_per_s": runs,
+        "tokens": tokens,
+        "model": str(model_dir),
+    }
+    return res

@@ -115,6 +115,73 @@ StepFn = Callable[[], float]
 """One training step; returns the completion tokens it trained."""
 
 
+def step_variants(
+    base: torch.nn.Module, vocab: int, groups: int, g: int, micro_batch_tokens: int
+) -> dict[str, tuple[object, list[ScoredGroup]]]:
+    """name -> (trainer, batch): NLL, GRPO and three POPO settings, each on its own model copy."""
+    lc = LearnerConfig(
+        lr=1e-4, device="cpu", micro_batch_tokens=micro_batch_tokens, total_steps=10_000
+    )
+    mixed = make_batch(groups, g, vocab, 0)
+    positive = make_batch(groups, g, vocab, 0, pass_rate=1.0)
+
+    def trainer(**algo: object) -> Trainer:
+        return Trainer(copy.deepcopy(base), lc, algorithm_config(**algo), max_completion_len=64)
+
+    return {
+        "plain NLL": (NLLStep(copy.deepcopy(base), lc), mixed),
+        "GRPO (clip 0.2/0.28, no reference)": (trainer(name="grpo"), mixed),
+        "POPO, alpha = 0 (no EMA forward)": (trainer(alpha=0.0, kl_monitor_every=0), positive),
+        "POPO, KL monitor off": (trainer(kl_monitor_every=0), positive),
+        "POPO, KL monitor every step (default)": (trainer(kl_monitor_every=1), positive),
+    }
+
+
+def pass_rate_variants(
+    base: torch.nn.Module,
+    vocab: int,
+    groups: int,
+    g: int,
+    micro_batch_tokens: int,
+    pass_rates: Sequence[float] = PASS_RATES,
+) -> dict[str, tuple[object, list[ScoredGroup]]]:
+    """GRPO on the full batch, and POPO on the batch of each pass rate (it trains its positives
+    only: what the verifier forwards). Same sequences throughout (same seed)."""
+    lc = LearnerConfig(
+        lr=1e-4, device="cpu", micro_batch_tokens=micro_batch_tokens, total_steps=10_000
+    )
+    out: dict[str, tuple[object, list[ScoredGroup]]] = {
+        "grpo": (
+            Trainer(copy.deepcopy(base), lc, algorithm_config(name="grpo"), max_completion_len=64),
+            make_batch(groups, g, vocab, 0),
+        )
+    }
+    for p in pass_rates:
+        out[f"popo@{p:g}"] = (
+            Trainer(copy.deepcopy(base), lc, algorithm_config(), max_completion_len=64),
+            make_batch(groups, g, vocab, 0, pass_rate=p),
+        )
+    return out
+
+
+def as_step(
+    trainer: object, batch: list[ScoredGroup], tokens: dict[str, float], name: str
+) -> StepFn:
+    """A step closure that records its trained tokens under `name`."""
+
+    def step() -> float:
+        m = trainer.train_step(batch)  # type: ignore[attr-defined]
+        tokens[name] = m["tokens"]
+        return m["tokens"]
+
+    return step
+
+
+def timer(fn: Callable[[], Any]) -> Callable[[], float]:
+    """`fn` as a measurement: its seconds per call."""
+    return lambda: timed(fn)
+
+
 def measure(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
     """`popo bench learn`: step cost per variant, and POPO's against GRPO's per pass rate."""
     torch.set_num_threads(a.threads)
@@ -218,70 +285,3 @@ def measure(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
         x="pass_rate",
     )
     return res
-
-
-def timer(fn: Callable[[], Any]) -> Callable[[], float]:
-    """`fn` as a measurement: its seconds per call."""
-    return lambda: timed(fn)
-
-
-def step_variants(
-    base: torch.nn.Module, vocab: int, groups: int, g: int, micro_batch_tokens: int
-) -> dict[str, tuple[object, list[ScoredGroup]]]:
-    """name -> (trainer, batch): NLL, GRPO and three POPO settings, each on its own model copy."""
-    lc = LearnerConfig(
-        lr=1e-4, device="cpu", micro_batch_tokens=micro_batch_tokens, total_steps=10_000
-    )
-    mixed = make_batch(groups, g, vocab, 0)
-    positive = make_batch(groups, g, vocab, 0, pass_rate=1.0)
-
-    def trainer(**algo: object) -> Trainer:
-        return Trainer(copy.deepcopy(base), lc, algorithm_config(**algo), max_completion_len=64)
-
-    return {
-        "plain NLL": (NLLStep(copy.deepcopy(base), lc), mixed),
-        "GRPO (clip 0.2/0.28, no reference)": (trainer(name="grpo"), mixed),
-        "POPO, alpha = 0 (no EMA forward)": (trainer(alpha=0.0, kl_monitor_every=0), positive),
-        "POPO, KL monitor off": (trainer(kl_monitor_every=0), positive),
-        "POPO, KL monitor every step (default)": (trainer(kl_monitor_every=1), positive),
-    }
-
-
-def pass_rate_variants(
-    base: torch.nn.Module,
-    vocab: int,
-    groups: int,
-    g: int,
-    micro_batch_tokens: int,
-    pass_rates: Sequence[float] = PASS_RATES,
-) -> dict[str, tuple[object, list[ScoredGroup]]]:
-    """GRPO on the full batch, and POPO on the batch of each pass rate (it trains its positives
-    only: what the verifier forwards). Same sequences throughout (same seed)."""
-    lc = LearnerConfig(
-        lr=1e-4, device="cpu", micro_batch_tokens=micro_batch_tokens, total_steps=10_000
-    )
-    out: dict[str, tuple[object, list[ScoredGroup]]] = {
-        "grpo": (
-            Trainer(copy.deepcopy(base), lc, algorithm_config(name="grpo"), max_completion_len=64),
-            make_batch(groups, g, vocab, 0),
-        )
-    }
-    for p in pass_rates:
-        out[f"popo@{p:g}"] = (
-            Trainer(copy.deepcopy(base), lc, algorithm_config(), max_completion_len=64),
-            make_batch(groups, g, vocab, 0, pass_rate=p),
-        )
-    return out
-
-
-def as_step(
-    trainer: object, batch: list[ScoredGroup], tokens: dict[str, float], name: str
-) -> StepFn:
-    """A step closure that records its trained tokens under `name`."""
-
-    def step() -> float:
-        m = trainer.train_step(batch)  # type: ignore[attr-defined]
-        tokens[name] = m["tokens"]
-        return m["tokens"]
-
-    return step

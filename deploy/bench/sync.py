@@ -26,6 +26,41 @@ if TYPE_CHECKING:
     from popo.common.messages import WeightsReady
 
 
+class Reloader:
+    """The actor's own reload path (`Actor._load`: sha256 + header check off the loop, in-place
+    engine reload, parity probe) on an already started engine, without sockets: the `sync`
+    benchmark hands it the learner's announcements directly."""
+
+    def __init__(self, engine: RolloutEngine, cfg: RunConfig, model_dir: Path) -> None:
+        from popo.actors.actor import Actor, ActorEndpoints
+        from popo.actors.reload import model_schema
+
+        self.engine = engine
+        self.actor = Actor(cfg, model_dir, ActorEndpoints("", [], ""), engine=engine)
+        self.actor._schema = model_schema(model_dir)
+        self.timings: list[ReloadTiming] = []
+        """The engine's own phases (pause, load, resume) of every reload, in order."""
+        inner = engine.reload_async
+
+        async def reload_async(weights_dir: str, version: int) -> ReloadTiming:
+            t = await inner(weights_dir, version)
+            self.timings.append(t)
+            return t
+
+        # the actor's `_load` calls the engine's method: record its timing on the way
+        engine.reload_async = reload_async  # type: ignore[method-assign]
+
+    def reload(self, msg: WeightsReady) -> tuple[float, float | None]:
+        """Load one announced version; -> (actor reload seconds, probe mismatch KL or None)."""
+        r = self.engine.call(self.actor._load(msg)).result()
+        if self.engine.version != msg.version:
+            raise RuntimeError(f"engine serves v{self.engine.version}, announced v{msg.version}")
+        return r.seconds, r.mismatch_kl
+
+    def close(self) -> None:
+        self.actor.stats.metrics.close()
+
+
 def raw_write_read(data: bytes, path: Path) -> float:
     """Seconds to write `data` to a new file, fsync it, and read it back: the physical floor of a
     publish + load through the filesystem."""
@@ -263,38 +298,3 @@ def measure(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
             log=True,
         )
     return res
-
-
-class Reloader:
-    """The actor's own reload path (`Actor._load`: sha256 + header check off the loop, in-place
-    engine reload, parity probe) on an already started engine, without sockets: the `sync`
-    benchmark hands it the learner's announcements directly."""
-
-    def __init__(self, engine: RolloutEngine, cfg: RunConfig, model_dir: Path) -> None:
-        from popo.actors.actor import Actor, ActorEndpoints
-        from popo.actors.reload import model_schema
-
-        self.engine = engine
-        self.actor = Actor(cfg, model_dir, ActorEndpoints("", [], ""), engine=engine)
-        self.actor._schema = model_schema(model_dir)
-        self.timings: list[ReloadTiming] = []
-        """The engine's own phases (pause, load, resume) of every reload, in order."""
-        inner = engine.reload_async
-
-        async def reload_async(weights_dir: str, version: int) -> ReloadTiming:
-            t = await inner(weights_dir, version)
-            self.timings.append(t)
-            return t
-
-        # the actor's `_load` calls the engine's method: record its timing on the way
-        engine.reload_async = reload_async  # type: ignore[method-assign]
-
-    def reload(self, msg: WeightsReady) -> tuple[float, float | None]:
-        """Load one announced version; -> (actor reload seconds, probe mismatch KL or None)."""
-        r = self.engine.call(self.actor._load(msg)).result()
-        if self.engine.version != msg.version:
-            raise RuntimeError(f"engine serves v{self.engine.version}, announced v{msg.version}")
-        return r.seconds, r.mismatch_kl
-
-    def close(self) -> None:
-        self.actor.stats.metrics.close()

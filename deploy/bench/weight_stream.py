@@ -194,7 +194,9 @@ def table(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m popo.deploy.bench.weight_stream", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--mib", type=int, default=256, help="size of model.safetensors in MiB")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--chunk-mib", type=float, default=4.0)
