@@ -161,8 +161,10 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "quick": dict(
             reps=1,
             step_reps=2,
-            train_flags="--learner.total_steps=2 "
-            "--learner.eval_every=1 --learner.prompts_per_step=4 --data.eval_size=8",
+            # metrics every 0.5 s: the idle fractions need two records inside the few seconds
+            # between the first and the last of two steps
+            train_flags="--learner.total_steps=2 --learner.eval_every=1 "
+            "--learner.prompts_per_step=4 --data.eval_size=8 --metrics.jsonl_every_s=0.5",
         ),
     },
 }
