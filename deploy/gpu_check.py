@@ -56,44 +56,31 @@ SITE = Path("/tmp/popo-gpu-check-site")
 NEEDED = ("pydantic", "pydantic_settings", "msgspec")
 """Modules the learner's config and messages import that a bare torch image may lack."""
 
+
+def qwen2(
+    hidden: int, mlp: int, layers: int, heads: int, kv: int, vocab: int, tied: bool, pos: int = 4096
+) -> dict[str, Any]:
+    """The shape fields of a Qwen2 config.json: hidden and MLP sizes, layers, attention and
+    key/value heads, vocabulary, tied embeddings, positions."""
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        max_position_embeddings=pos,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tied,
+    )
+
+
 # Published config.json values of the two models (random-init here: only the shapes matter).
 SHAPES: dict[str, dict[str, Any]] = {
-    "1.5b": dict(
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-    ),
-    "7b": dict(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    ),
-    "dry": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-    ),
+    "1.5b": qwen2(1536, 8960, layers=28, heads=12, kv=2, vocab=151936, tied=True),
+    "7b": qwen2(3584, 18944, layers=28, heads=28, kv=4, vocab=152064, tied=False),
+    "dry": qwen2(64, 128, layers=2, heads=4, kv=2, vocab=512, tied=True, pos=256),
 }
 NAMES = {"1.5b": "Qwen2.5-Math-1.5B", "7b": "Qwen2.5-Math-7B", "dry": "tiny Qwen2 (dry run)"}
 
@@ -227,6 +214,34 @@ def default_algorithm() -> Any:
     return algo
 
 
+def learner_config(a: argparse.Namespace, device: Any) -> Any:
+    """The learner section of both checks: a small constant learning rate on `device`."""
+    from popo.common.config import LearnerConfig
+
+    return LearnerConfig(
+        device=str(device),
+        lr=1e-6,
+        total_steps=1000,
+        warmup_ratio=0.0,
+        micro_batch_tokens=a.micro_batch_tokens,
+    )
+
+
+def positive_batch(a: argparse.Namespace, groups: int, vocab: int, seed: int) -> list:
+    """`groups` groups of `a.group_size` all-positive completions of `a.completion_tokens` tokens
+    each (what the verifier forwards to a POPO learner)."""
+    from popo.deploy.bench.learn import make_batch
+
+    return make_batch(
+        groups,
+        a.group_size,
+        vocab,
+        seed,
+        pass_rate=1.0,
+        completion_len=(a.completion_tokens, a.completion_tokens),
+    )
+
+
 def set_precision(trainer: Any, precision: str) -> None:
     """Force the step's compute precision. The Trainer's own choice is bf16 autocast on CUDA and
     fp32 on CPU; the agreement check needs both on the same device."""
@@ -259,17 +274,10 @@ def run_model(
     """Warm-up + `a.steps` timed POPO steps of the `key` shape; -> its row of the report."""
     import torch
 
-    from popo.common.config import LearnerConfig
     from popo.learner.trainer import Trainer, flatten_groups, pack_micro_batches
 
     shape = SHAPES[key]
-    lc = LearnerConfig(
-        device=str(device),
-        lr=1e-6,
-        total_steps=1000,
-        warmup_ratio=0.0,
-        micro_batch_tokens=a.micro_batch_tokens,
-    )
+    lc = learner_config(a, device)
     ac = default_algorithm()
     seqs = flatten_groups(batch, ac.name)
     micro = pack_micro_batches(seqs, lc.micro_batch_tokens)
@@ -363,18 +371,11 @@ def loss_agreement(a: argparse.Namespace, device: Any, batch: list) -> dict:
     """The first step's loss and gradient norm from the same initial weights, bf16 vs fp32."""
     import torch
 
-    from popo.common.config import LearnerConfig
     from popo.learner.trainer import Trainer
 
     key = "dry" if a.dry else "1.5b"
     shape = SHAPES[key]
-    lc = LearnerConfig(
-        device=str(device),
-        lr=1e-6,
-        total_steps=1000,
-        warmup_ratio=0.0,
-        micro_batch_tokens=a.micro_batch_tokens,
-    )
+    lc = learner_config(a, device)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32, not TF32
     torch.backends.cudnn.allow_tf32 = False
     out: dict[str, Any] = {"model": key, "name": NAMES[key]}
@@ -398,7 +399,7 @@ def loss_agreement(a: argparse.Namespace, device: Any, batch: list) -> dict:
 
 def report(res: dict) -> str:
     """The Markdown tables of a result."""
-    from popo.common.benchstats import markdown_table
+    from popo.deploy.bench.stats import markdown_table
 
     rows = []
     for r in res["models"]:
@@ -487,8 +488,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from popo.learner.bench import make_batch
-
     if a.dry:
         device, keys = torch.device("cpu"), ["dry"]
     else:
@@ -527,27 +526,12 @@ def main(argv: list[str] | None = None) -> int:
         "models": [],
     }
     for key in keys:
-        vocab = SHAPES[key]["vocab_size"]
-        batch = make_batch(
-            a.groups,
-            a.group_size,
-            vocab,
-            a.seed,
-            pass_rate=1.0,
-            completion_len=(a.completion_tokens, a.completion_tokens),
-        )
+        batch = positive_batch(a, a.groups, SHAPES[key]["vocab_size"], a.seed)
         print(f"{NAMES[key]}-shaped model:", flush=True)
         res["models"].append(run_model(key, a, device, batch, peak))
     if not a.no_agreement:
         vocab = SHAPES["dry" if a.dry else "1.5b"]["vocab_size"]
-        batch = make_batch(
-            a.agreement_groups,
-            a.group_size,
-            vocab,
-            a.seed + 1,
-            pass_rate=1.0,
-            completion_len=(a.completion_tokens, a.completion_tokens),
-        )
+        batch = positive_batch(a, a.agreement_groups, vocab, a.seed + 1)
         print("bf16 vs fp32, first step:", flush=True)
         res["loss_agreement"] = loss_agreement(a, device, batch)
     res["total_s"] = time.perf_counter() - t_start

@@ -23,7 +23,7 @@ import torch
 from popo.common.config import RunConfig
 from popo.common.demo_model import resolve_model_dir
 from popo.common.process import release_free_memory
-from popo.learner.bench import make_batch
+from popo.deploy.bench.learn import make_batch
 from popo.learner.ops import build_trainer, write_checkpoint, write_weights
 
 

@@ -224,19 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         if run_dir.exists():
             raise SystemExit(f"{run_dir} exists; pick another --out")
         out.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "popo.deploy.cli",
-            "train",
-            f"--deploy.run_dir={run_dir}",
-            "--learner.total_steps=1000000",
-            *args.train_args,
-        ]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        from popo.deploy.bench.runs import train_command
         from popo.deploy.cli import OFFLINE_ENV
 
-        env.update(OFFLINE_ENV)
+        cmd = train_command(run_dir, "--learner.total_steps=1000000", *args.train_args)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV}
         print("soak:", " ".join(cmd), flush=True)
         with open(out / "train.log", "wb") as log:
             proc = subprocess.Popen(

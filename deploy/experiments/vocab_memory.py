@@ -36,7 +36,7 @@ def measure(a: argparse.Namespace) -> dict[str, float]:
 
     from popo.common.config import LearnerConfig, algorithm_config
     from popo.common.process import release_free_memory
-    from popo.learner.bench import make_batch
+    from popo.deploy.bench.learn import make_batch
     from popo.learner.trainer import Trainer
 
     torch.set_num_threads(a.threads)

@@ -21,9 +21,6 @@ ALLOWED: dict[str, set[str]] = {
 
 EXCEPTIONS: dict[tuple[str, str], str] = {
     # (path, imported package) -> why it is allowed. An entry that matches nothing fails the test.
-    ("actors/bench.py", "deploy"): "`python -m popo.actors.bench` hands over to the bench driver",
-    ("learner/bench.py", "deploy"): "`python -m popo.learner.bench` hands over to the bench driver",
-    ("verifier/bench.py", "deploy"): "`python -m popo.verifier.bench` hands over to the driver",
 }
 
 

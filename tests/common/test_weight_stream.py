@@ -329,27 +329,6 @@ def test_auto_streams_when_the_weights_dir_is_hidden_on_this_node(weights, serve
     assert_same_dir(Path(msg.path), Path(local))  # the parent sees the real weights and the copy
 
 
-def test_bench_stream_measures_every_side(tmp_path):
-    from popo.common.weight_stream_bench import bench_stream, table
-
-    res = bench_stream(8 << 20, reps=1, chunk_bytes=1 << 20, window=4, work_dir=tmp_path)
-    assert set(res["bytes_per_s"]) == {
-        "sha256 (in memory)",
-        "raw",
-        "raw->tmpfs",
-        "raw->disk",
-        "stream->tmpfs",
-        "stream->disk",
-    }
-    assert all(v["median"] > 0 for v in res["bytes_per_s"].values())
-    r = res["ratios"]["stream->tmpfs / raw"]
-    assert r["median"] == pytest.approx(
-        res["bytes_per_s"]["stream->tmpfs"]["median"] / res["bytes_per_s"]["raw"]["median"]
-    )
-    assert "stream->disk / raw->disk" in table(res)
-    assert list(tmp_path.iterdir()) == []  # cleaned up
-
-
 def test_a_broken_local_cache_fails_the_version_not_the_actor(weights, server, fetcher, tmp_path):
     msg = publish(weights, 1)
     shutil.rmtree(tmp_path / "cache")

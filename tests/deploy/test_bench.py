@@ -1,5 +1,6 @@
 """`popo bench`: the statistics and refusal, the schedule the e2e comparison relies on, the
-role pinning, and every subcommand's `--quick` mode run for real (harness, not timing thresholds)."""
+role pinning, the weight-streaming benchmark, and every subcommand's `--quick` mode run for real
+(harness, not timing thresholds)."""
 
 import json
 import os
@@ -11,12 +12,11 @@ from pathlib import Path
 import pytest
 import zmq
 
-from popo.common.benchstats import Summary, alternate, markdown_table, paired_ratio, spread
 from popo.common.config import RunConfig
 from popo.common.data import Problem
 from popo.common.messages import LeaseRequest, Leases
 from popo.common.transport import connect
-from popo.deploy.bench import (
+from popo.deploy.bench.e2e import (
     learner_split,
     overlap_ceiling,
     overlap_fraction,
@@ -26,6 +26,7 @@ from popo.deploy.bench import (
     train_flags,
     window_throughput,
 )
+from popo.deploy.bench.stats import Summary, alternate, markdown_table, paired_ratio, spread
 from popo.deploy.launch import Role, role_cpus
 from popo.learner.dispatch import Dispatcher, SharedState
 from popo.learner.ledger import Ledger
@@ -157,6 +158,30 @@ def test_train_flags_passes_extras_and_refuses_harness_keys():
     assert train_flags("") == []
     with pytest.raises(SystemExit, match=r"learner\.max_staleness"):
         train_flags("--learner.max_staleness=3")
+
+
+# --- weight streaming against a raw ZeroMQ transfer --------------------------------------------------
+
+
+def test_bench_stream_measures_every_side(tmp_path):
+    from popo.deploy.bench.weight_stream import bench_stream, table
+
+    res = bench_stream(8 << 20, reps=1, chunk_bytes=1 << 20, window=4, work_dir=tmp_path)
+    assert set(res["bytes_per_s"]) == {
+        "sha256 (in memory)",
+        "raw",
+        "raw->tmpfs",
+        "raw->disk",
+        "stream->tmpfs",
+        "stream->disk",
+    }
+    assert all(v["median"] > 0 for v in res["bytes_per_s"].values())
+    r = res["ratios"]["stream->tmpfs / raw"]
+    assert r["median"] == pytest.approx(
+        res["bytes_per_s"]["stream->tmpfs"]["median"] / res["bytes_per_s"]["raw"]["median"]
+    )
+    assert "stream->disk / raw->disk" in table(res)
+    assert list(tmp_path.iterdir()) == []  # cleaned up
 
 
 # --- role pinning (deploy.cpu_affinity) ---------------------------------------------------------------

@@ -67,6 +67,20 @@ def test_dockerfile_copies_what_exists_and_runs_offline() -> None:
     assert "ADD " not in DOCKERFILE and "latest" not in DOCKERFILE
 
 
+def test_the_install_lists_every_package_folder() -> None:
+    """A regular install (the Docker image's) takes only the packages pyproject lists: every folder
+    with an `__init__.py` under a listed top-level folder must be among them."""
+    setup = PYPROJECT["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    found = set()
+    for name, folder in setup["package-dir"].items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder)
+            found.add(".".join([name, *rel.parts]))
+    assert found - listed == set(), "not installed: " + ", ".join(sorted(found - listed))
+    assert listed <= found
+
+
 def test_ray_version_agrees_across_extra_manifests_and_install() -> None:
     ray = _pin(EXTRAS["gpu"], "ray")
     assert importlib.metadata.version("ray") == ray

@@ -1,24 +1,29 @@
-"""Learner-step cost of POPO vs GRPO vs a plain NLL step on the same batch of the same model, and
-POPO's saving from training on positives only as a function of the pass rate.
+"""`popo bench learn`: learner-step cost of POPO vs GRPO vs a plain NLL step on the same batch of
+the same model, and POPO's saving from training on positives only as a function of the pass rate.
 
-    popo bench learn [--quick] [--reps 7] [--groups 16] [--group-size 8] [--threads 1]
-
-(`python -m popo.learner.bench ...` is the same command.) Every variant trains the same sequences
-from the same initial weights (POPO keeps only the positives, as the verifier forwards them; GRPO
-takes the whole group). Variants run round-robin, so slow phases of a shared machine hit all of them
-alike; the driver (`popo.deploy.bench`) turns the per-repetition times into paired ratios.
+Every variant trains the same sequences from the same initial weights (POPO keeps only the
+positives, as the verifier forwards them; GRPO takes the whole group). Variants run round-robin, so
+slow phases of a shared machine hit all of them alike; the per-repetition times become paired
+ratios. `make_batch` (synthetic scored groups) also feeds `popo bench default`'s standalone step,
+`deploy/gpu_check.py` and the experiments under `deploy/experiments/`.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from popo.common.config import LearnerConfig, algorithm_config
+from popo.common.config import LearnerConfig, RunConfig, algorithm_config
 from popo.common.messages import ScoredCompletion, ScoredGroup, pack_f32, pack_ids
+from popo.deploy.bench.models import base_model
+from popo.deploy.bench.plot import plot_ratios
+from popo.deploy.bench.stats import BenchResult, Summary, alternate, paired_ratio, timed
 from popo.learner import losses
 from popo.learner.model import collate, policy_forward
 from popo.learner.trainer import Trainer, flatten_groups, pack_micro_batches
@@ -110,24 +115,6 @@ StepFn = Callable[[], float]
 """One training step; returns the completion tokens it trained."""
 
 
-def base_model(hidden: int, layers: int) -> tuple[torch.nn.Module, int]:
-    """A random-init model of the demo architecture and its vocabulary size."""
-    from popo.common.demo_model import build_tokenizer, make_model
-
-    tok = build_tokenizer()
-    heads = max(1, hidden // 64)  # head size 64 (32 below hidden 64): one vLLM supports
-    model = make_model(
-        tok,
-        seed=0,
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=max(1, heads // 2),
-        intermediate_size=4 * hidden,
-    )
-    return model, len(tok)
-
-
 def step_variants(
     base: torch.nn.Module, vocab: int, groups: int, g: int, micro_batch_tokens: int
 ) -> dict[str, tuple[object, list[ScoredGroup]]]:
@@ -190,9 +177,111 @@ def as_step(
     return step
 
 
-if __name__ == "__main__":
-    import sys
+def timer(fn: Callable[[], Any]) -> Callable[[], float]:
+    """`fn` as a measurement: its seconds per call."""
+    return lambda: timed(fn)
 
-    from popo.deploy.bench import main
 
-    raise SystemExit(main(["learn", *sys.argv[1:]]))
+def measure(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
+    """`popo bench learn`: step cost per variant, and POPO's against GRPO's per pass rate."""
+    torch.set_num_threads(a.threads)
+    base, vocab = base_model(a.hidden, a.layers)
+    tokens: dict[str, float] = {}
+
+    def timers(variants: dict[str, tuple[object, list]]) -> dict[str, Callable[[], float]]:
+        return {k: timer(as_step(t, b, tokens, k)) for k, (t, b) in variants.items()}
+
+    steps = alternate(
+        timers(step_variants(base, vocab, a.groups, a.group_size, a.micro_batch_tokens)), a.reps
+    )
+    rates = [float(x) for x in str(a.pass_rates).split(",")]
+    curve = alternate(
+        timers(
+            pass_rate_variants(base, vocab, a.groups, a.group_size, a.micro_batch_tokens, rates)
+        ),
+        a.reps,
+    )
+    n_params = sum(p.numel() for p in base.parameters())
+    res = BenchResult(
+        "learn",
+        f"learner step, Qwen2 hidden {a.hidden} x {a.layers} layers ({n_params / 1e6:.2f} M "
+        f"params), {a.groups} groups x G={a.group_size}, torch threads {a.threads}, "
+        f"{a.reps} round-robin repetitions",
+        ["step", "completion tokens", "seconds median [min, max]", "tokens/s", "cost ratio"],
+    )
+    ref = "plain NLL"
+    for name, ts in steps.items():
+        r = paired_ratio(ts, steps[ref], a.max_spread)
+        res.ratios[f"cost_over_nll/{name}"] = r
+        s = Summary.of(ts)
+        res.rows.append(
+            [
+                name,
+                f"{tokens[name]:,.0f}",
+                s.fmt(".3f"),
+                f"{tokens[name] / s.median:,.0f}",
+                f"{r.fmt()} (to NLL)",
+            ]
+        )
+    grpo = curve["grpo"]
+    s = Summary.of(grpo)
+    res.rows.append(
+        [
+            "GRPO, full batch (pass-rate curve reference)",
+            f"{tokens['grpo']:,.0f}",
+            s.fmt(".3f"),
+            f"{tokens['grpo'] / s.median:,.0f}",
+            "1.00 (to GRPO)",
+        ]
+    )
+    points = []
+    for p in rates:
+        name = f"popo@{p:g}"
+        r = paired_ratio(curve[name], grpo, a.max_spread)
+        res.ratios[f"popo_over_grpo/pass_rate={p:g}"] = r
+        s = Summary.of(curve[name])
+        res.rows.append(
+            [
+                f"POPO, pass rate {p:g} (positives only)",
+                f"{tokens[name]:,.0f}",
+                s.fmt(".3f"),
+                f"{tokens[name] / s.median:,.0f}",
+                f"{r.fmt()} (to GRPO)",
+            ]
+        )
+        points.append(
+            {
+                "pass_rate": p,
+                "tokens": tokens[name],
+                "ratio": r.median,
+                "min": r.min,
+                "max": r.max,
+                "refused": r.refused,
+                "token_fraction": tokens[name] / tokens["grpo"],
+            }
+        )
+    res.figures = {
+        "step_seconds": steps,
+        "pass_rate_seconds": curve,
+        "tokens": tokens,
+        "pass_rate_curve": points,
+        "params": n_params,
+    }
+    res.notes.append(
+        "POPO's saving at pass rate p = 1 - (cost ratio to GRPO); its token fraction "
+        "of GRPO's batch is the ideal (a step costing exactly its tokens)."
+    )
+    plot_ratios(
+        out / "learn.png",
+        "POPO step cost vs GRPO on the full batch",
+        "pass rate (positive fraction of each group)",
+        "POPO step time / GRPO step time",
+        {
+            "POPO / GRPO (median, min-max)": points,
+            "token fraction (ideal)": [
+                {"pass_rate": q["pass_rate"], "ratio": q["token_fraction"]} for q in points
+            ],
+        },
+        x="pass_rate",
+    )
+    return res

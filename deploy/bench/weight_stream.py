@@ -1,6 +1,6 @@
 """Weight streaming throughput against a raw ZeroMQ transfer of the same bytes.
 
-    python -m popo.common.weight_stream_bench [--mib 256] [--reps 5] [--chunk-mib 4] [--window 8]
+    python -m popo.deploy.bench.weight_stream [--mib 256] [--reps 5] [--chunk-mib 4] [--window 8]
 
 One safetensors file of `--mib` MiB is published as the learner does (`weights/v1/`). Each
 repetition, round-robin so a busy phase of a shared machine hits every side alike:
@@ -16,7 +16,7 @@ repetition, round-robin so a busy phase of a shared machine hits every side alik
 - `sha256 (in memory)`: hashing the bytes on one core, which every verified copy must pay.
 Figures are bytes/s (median [min, max]) and paired ratios: stream->tmpfs / raw (the whole cost of
 streaming over the bare link, when the cache's fsync is free) and stream->disk / raw->disk (its
-cost over the disk's own floor). `bench_stream` returns them as a dict, for `popo bench`.
+cost over the disk's own floor). `bench_stream` returns them as a dict.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from typing import Any
 
 import zmq
 
-from popo.common.benchstats import Summary, alternate, markdown_table, paired_ratio
 from popo.common.config import TransportConfig
 from popo.common.messages import WeightsReady
 from popo.common.weight_stream import WeightFetcher, WeightServer
 from popo.common.weights import WEIGHTS_FILE
+from popo.deploy.bench.stats import Summary, alternate, markdown_table, paired_ratio
 
 
 def _publish(root: Path, nbytes: int) -> WeightsReady:
@@ -194,7 +194,9 @@ def table(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m popo.deploy.bench.weight_stream", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--mib", type=int, default=256, help="size of model.safetensors in MiB")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--chunk-mib", type=float, default=4.0)

@@ -1,7 +1,5 @@
-"""Benchmark: verifications/s of the verifier service, per worker, against math-verify called
-directly in one process on the same completions.
-
-    popo bench verify [--quick] [--workers 1,2] [--reps 5]   (= python -m popo.verifier.bench)
+"""`popo bench verify`: verifications/s of the verifier service, per worker, against math-verify
+called directly in one process on the same completions.
 
 The service runs as in production: its own process (with its worker processes), real ZeroMQ
 sockets on 127.0.0.1; this process plays the actors (PUSH) and the learner (PULL). Completions are
@@ -9,14 +7,21 @@ built from the gold answers of MATH-500 / AIME 2025 / AMC 2023 (shipped in commo
 G = 8 short reasoning texts, 3 boxing the gold, 4 boxing wrong answers, 1 with no box. Every
 repetition scores a disjoint slice of the prompts, so math-verify's parse caches help neither
 side more than the other. Ratio = (service completions/s / workers) / direct completions/s, paired
-per repetition by the driver (`popo.deploy.bench`).
+per repetition.
 """
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import os
 import time
+from pathlib import Path
+from typing import Any
+
+from popo.common.config import RunConfig
+from popo.deploy.bench import ints
+from popo.deploy.bench.stats import BenchResult, Summary, paired_ratio
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -74,7 +79,6 @@ def _serve(cfg_json: str, ingest_addr: str, conn: mp.connection.Connection) -> N
     """Child process: one verifier replica until the bench closes the pipe."""
     import threading
 
-    from popo.common.config import RunConfig
     from popo.verifier.service import Verifier
 
     v = Verifier(RunConfig.model_validate_json(cfg_json), ingest_addr=ingest_addr)
@@ -103,7 +107,6 @@ class ServiceBench:
         import zmq
 
         from popo.common import transport
-        from popo.common.config import RunConfig
 
         cfg = RunConfig(
             verifier={"num_workers": workers, "forward": "all", "timeout_s": 10.0},
@@ -178,9 +181,55 @@ class ServiceBench:
         self.ctx.term()
 
 
-if __name__ == "__main__":
-    import sys
-
-    from popo.deploy.bench import main
-
-    raise SystemExit(main(["verify", *sys.argv[1:]]))
+def measure(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
+    """`popo bench verify`: the service per worker against math-verify in one process."""
+    workers = ints(a.workers)
+    per_rep = a.groups
+    n = per_rep * G
+    # Disjoint slices per (worker count, repetition) plus a warm-up slice: math-verify's parse
+    # caches help neither side, and both sides score the same slice in the same repetition.
+    n_slices = len(workers) * (a.reps + 1)
+    groups = build_groups(per_rep * n_slices)
+    slices = [groups[i * per_rep : (i + 1) * per_rep] for i in range(n_slices)]
+    res = BenchResult(
+        "verify",
+        f"verifier service per worker vs math-verify direct ({n} completions per repetition, "
+        f"{a.reps} alternating repetitions)",
+        [
+            "setup",
+            "verifications/s median [min, max]",
+            "per worker/s",
+            "ratio per worker / direct (target >= 0.8)",
+        ],
+    )
+    figures: dict[str, Any] = {"completions_per_rep": n}
+    k = 0
+    for w in workers:
+        svc = ServiceBench(w)
+        direct_rate: list[float] = []
+        svc_rate: list[float] = []
+        try:
+            for rep in range(a.reps + 1):
+                part = slices[k]
+                k += 1
+                d_s, dv = run_direct(part)
+                s_s, sv = svc.run(part)
+                if dv != sv:
+                    raise RuntimeError(f"service and direct verdicts differ ({w} workers)")
+                if rep:  # the first slice warms both up
+                    direct_rate.append(n / d_s)
+                    svc_rate.append(n / s_s / w)
+        finally:
+            svc.close()
+        r = paired_ratio(svc_rate, direct_rate, a.max_spread, ">= 0.8")
+        res.ratios[f"per_worker_over_direct_w{w}"] = r
+        if w == workers[0]:
+            d = Summary.of(direct_rate)
+            res.rows.append(["math-verify direct, 1 process", d.fmt(), d.fmt(), "1.00"])
+        tot = Summary.of([x * w for x in svc_rate])
+        res.rows.append(
+            [f"service, {w} worker{'s' * (w > 1)}", tot.fmt(), Summary.of(svc_rate).fmt(), r.fmt()]
+        )
+        figures[f"w{w}"] = {"direct_per_s": direct_rate, "service_per_worker_per_s": svc_rate}
+    res.figures = figures
+    return res

@@ -1,29 +1,27 @@
-"""Actor measurements for `popo bench generate` and `popo bench sync` (`popo.deploy.bench`).
-
-- Throughput: completion tokens/s of the running actor (fake learner + fake verifier on real
-  ZeroMQ sockets, the whole lease -> sample -> push path) against the same engine's raw `generate`
-  of the same prompts with the same sampling, in the same process, alternating runs.
-- Reload: the actor's own in-place reload path (`Reloader`), fed the learner's announcements.
-
-`python -m popo.actors.bench ...` is `popo bench generate ...`.
+"""`popo bench generate`: completion tokens/s of the running actor (fake learner + fake verifier on
+real ZeroMQ sockets, the whole lease -> sample -> push path) against the same engine's raw
+`generate` of the same prompts with the same sampling, in the same process, alternating runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from popo.common.config import RunConfig
 from popo.common.process import free_ports
+from popo.deploy.bench.models import random_model
+from popo.deploy.bench.stats import BenchResult, Summary, alternate, paired_ratio
 
 if TYPE_CHECKING:
-    from popo.actors.engine import ReloadTiming, RolloutEngine
-    from popo.common.config import RunConfig
-    from popo.common.messages import WeightsReady
+    from popo.actors.engine import RolloutEngine
 
 
 def arith_prompts(n: int) -> list[str]:
+    """`n` arithmetic prompts (three-term sums) in the demo task's format."""
     return [f"{(i * 37) % 100}+{(i * 53) % 100}+{(i * 11) % 10}=" for i in range(n)]
 
 
@@ -99,58 +97,6 @@ def bench_actor(engine, cfg, model_dir: Path, prompts: list[str]) -> tuple[int, 
     return tokens, dt
 
 
-class Reloader:
-    """The actor's own reload path (`Actor._load`: sha256 + header check off the loop, in-place
-    engine reload, parity probe) on an already started engine, without sockets: the `sync`
-    benchmark hands it the learner's announcements directly."""
-
-    def __init__(self, engine: RolloutEngine, cfg: RunConfig, model_dir: Path) -> None:
-        from popo.actors.actor import Actor, ActorEndpoints
-        from popo.actors.reload import model_schema
-
-        self.engine = engine
-        self.actor = Actor(cfg, model_dir, ActorEndpoints("", [], ""), engine=engine)
-        self.actor._schema = model_schema(model_dir)
-        self.timings: list[ReloadTiming] = []
-        """The engine's own phases (pause, load, resume) of every reload, in order."""
-        inner = engine.reload_async
-
-        async def reload_async(weights_dir: str, version: int) -> ReloadTiming:
-            t = await inner(weights_dir, version)
-            self.timings.append(t)
-            return t
-
-        # the actor's `_load` calls the engine's method: record its timing on the way
-        engine.reload_async = reload_async  # type: ignore[method-assign]
-
-    def reload(self, msg: WeightsReady) -> tuple[float, float | None]:
-        """Load one announced version; -> (actor reload seconds, probe mismatch KL or None)."""
-        r = self.engine.call(self.actor._load(msg)).result()
-        if self.engine.version != msg.version:
-            raise RuntimeError(f"engine serves v{self.engine.version}, announced v{msg.version}")
-        return r.seconds, r.mismatch_kl
-
-    def close(self) -> None:
-        self.actor.stats.metrics.close()
-
-
-def random_model(out: Path, hidden: int, layers: int) -> Path:
-    """A random-init model of the demo architecture (head size 32 up to hidden 128, else 64: sizes
-    vLLM's CPU attention supports)."""
-    from popo.common.demo_model import save_random_model
-
-    heads = max(1, hidden // (32 if hidden <= 128 else 64))
-    return save_random_model(
-        out,
-        seed=0,
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=max(1, heads // 2),
-        intermediate_size=4 * hidden,
-    )
-
-
 def start_engine(model_dir: Path, cfg: RunConfig) -> tuple[RolloutEngine, float]:
     """A started engine for `model_dir` with the actor config of `cfg`; -> (engine, start seconds)."""
     from popo.actors.engine import RolloutEngine
@@ -161,9 +107,52 @@ def start_engine(model_dir: Path, cfg: RunConfig) -> tuple[RolloutEngine, float]
     return engine, time.perf_counter() - t0
 
 
-if __name__ == "__main__":
-    import sys
+def measure(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
+    """`popo bench generate`: the actor against its own engine's raw generate."""
+    model_dir = a.model or random_model(out / "model", a.hidden, a.layers)
+    bc = RunConfig()
+    ac = bc.actor
+    ac.group_size, ac.max_tokens, ac.max_inflight_prompts = a.group_size, a.max_tokens, a.inflight
+    ac.max_pending_groups = max(ac.max_pending_groups, a.inflight)
+    ac.max_num_seqs = a.inflight * a.group_size  # the raw reference runs under the same batch cap
+    bc.metrics.enabled = False
+    engine, start_s = start_engine(model_dir, bc)
+    prompts = arith_prompts(a.prompts)
+    tokens: dict[str, list[int]] = {"raw": [], "actor": []}
 
-    from popo.deploy.bench import main
+    def raw() -> float:
+        n, dt = bench_raw(engine, prompts)
+        tokens["raw"].append(n)
+        return n / dt
 
-    raise SystemExit(main(["generate", *sys.argv[1:]]))
+    def actor() -> float:
+        n, dt = bench_actor(engine, bc, model_dir, prompts)
+        tokens["actor"].append(n)
+        return n / dt
+
+    try:
+        bench_raw(engine, prompts[:8])  # compile / allocate before anything is timed
+        runs = alternate({"raw": raw, "actor": actor}, a.reps, warmup=1)
+    finally:
+        engine.close()
+    if min(tokens["raw"] + tokens["actor"]) <= 0:
+        raise RuntimeError(f"a repetition generated no tokens: {tokens}")
+    r = paired_ratio(runs["actor"], runs["raw"], a.max_spread, ">= 0.9")
+    res = BenchResult(
+        "generate",
+        f"actor tokens/s vs raw vLLM generate ({a.prompts} prompts x G={a.group_size}, "
+        f"max_tokens {a.max_tokens}, inflight {a.inflight}, {a.reps} alternating repetitions)",
+        ["measure", "tokens/s median [min, max]", "ratio to raw (target >= 0.9)"],
+    )
+    res.rows = [
+        ["raw vLLM generate (all prompts at once)", Summary.of(runs["raw"]).fmt(), "1.00"],
+        ["actor (leases -> engine -> verifier, ZeroMQ)", Summary.of(runs["actor"]).fmt(), r.fmt()],
+    ]
+    res.ratios["actor_over_raw"] = r
+    res.figures = {
+        "engine_start_s": start_s,
+        "tokens_per_s": runs,
+        "tokens": tokens,
+        "model": str(model_dir),
+    }
+    return res

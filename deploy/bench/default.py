@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from popo.common.benchstats import BenchResult, Summary, paired_ratio, timed
 from popo.common.config import RunConfig
 from popo.common.process import free_port_flags
+from popo.deploy.bench.e2e import idle_fractions, step_times
+from popo.deploy.bench.runs import run_logged, train_command
+from popo.deploy.bench.stats import BenchResult, Summary, paired_ratio, timed
 
 PLAIN = "plain synchronous trainer"
 DEFAULT = "popo train (defaults)"
@@ -39,25 +39,6 @@ def sides(a: argparse.Namespace) -> dict[str, list[str] | None]:
         name, _, flags = spec.partition("=")
         out[f"popo train {name.strip()}"] = shlex.split(flags)
     return out
-
-
-def _run(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> float:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as f:
-        t0 = time.time()
-        proc = subprocess.run(
-            cmd,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            timeout=3600,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
-    if proc.returncode != 0:
-        tail = "\n".join(log_path.read_text().splitlines()[-20:])
-        raise RuntimeError(
-            f"{shlex.join(cmd[:4])}... failed ({proc.returncode}); {log_path}:\n{tail}"
-        )
-    return t0
 
 
 def one_run(
@@ -84,17 +65,8 @@ def one_run(
             *common,
         ]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "popo.deploy.cli",
-            "train",
-            f"--deploy.run_dir={run_dir}",
-            *free_port_flags(),
-            *common,
-            *flags,
-        ]
-    t0 = _run(cmd, run_dir.parent / f"{run_dir.name}.log", env)
+        cmd = train_command(run_dir, *free_port_flags(), *common, *flags)
+    t0 = run_logged(cmd, run_dir.parent / f"{run_dir.name}.log", timeout=3600, env=env)
     wall = time.time() - t0
     evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
     hit = next((e for e in evals if e["accuracy"] >= a.threshold), None)
@@ -111,8 +83,6 @@ def one_run(
 
 
 def _train_figures(run_dir: Path) -> dict[str, Any]:
-    from popo.deploy.bench import idle_fractions, step_times
-
     summary = json.loads((run_dir / "summary.json").read_text())
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in recs if r["role"] == "learner"][-1]
@@ -167,7 +137,7 @@ def standalone_step(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from popo.learner.bench import make_batch
+    from popo.deploy.bench.learn import make_batch
     from popo.learner.trainer import Trainer
 
     torch.set_num_threads(threads)
@@ -192,7 +162,8 @@ def med(xs: Any) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def bench_default(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
+def measure(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
+    """`popo bench default`: every side run to the end, alternating, repetitions as seeds."""
     from popo.common.demo_model import resolve_model_dir
 
     model_dir = resolve_model_dir(cfg)
