@@ -14,7 +14,7 @@ server answers each with exactly one chunk, so the link stays busy (no stop-and-
 learner's send queue per actor never holds more than window x chunk bytes. A chunk's bytes travel
 as a second ZeroMQ frame beside the msgpack `Chunk` header, sent and received without a copy, and
 the fetcher writes and hashes them on helper threads while the next chunks arrive (throughput
-against a raw ZeroMQ transfer: BENCHMARKS.md, `weight_stream_bench`). The server thread only
+against a raw ZeroMQ transfer: BENCHMARKS.md, `popo.deploy.bench.weight_stream`). The server thread only
 reads finished, immutable version directories and serves only the plain files listed in a version's
 manifest (no path reaches the filesystem from the wire). A corrupt, short or timed-out transfer is
 retried from scratch; a version the learner has pruned is a clean `StreamError`, not a retry.

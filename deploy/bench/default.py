@@ -23,6 +23,7 @@ from typing import Any
 
 from popo.common.config import RunConfig
 from popo.common.process import free_port_flags
+from popo.common.run_dir import RunDir
 from popo.deploy.bench.e2e import idle_fractions, step_times
 from popo.deploy.bench.runs import run_logged, train_command
 from popo.deploy.bench.stats import BenchResult, Summary, paired_ratio, timed
@@ -68,7 +69,7 @@ def one_run(
         cmd = train_command(run_dir, *free_port_flags(), *common, *flags)
     t0 = run_logged(cmd, run_dir.parent / f"{run_dir.name}.log", timeout=3600, env=env)
     wall = time.time() - t0
-    evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
+    evals = [json.loads(x) for x in RunDir(run_dir).evals.read_text().splitlines()]
     hit = next((e for e in evals if e["accuracy"] >= a.threshold), None)
     info: dict[str, Any] = {
         "name": name,
@@ -83,13 +84,13 @@ def one_run(
 
 
 def _train_figures(run_dir: Path) -> dict[str, Any]:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads(RunDir(run_dir).summary.read_text())
+    recs = [json.loads(x) for x in RunDir(run_dir).metrics.read_text().splitlines()]
     last = [r for r in recs if r["role"] == "learner"][-1]
     n = last.get("popo_learner_step_seconds_count", 0)
     steps = step_times(run_dir)
     ks = sorted(steps)
-    cfg = RunConfig.model_validate(_toml(run_dir / "config.toml"))
+    cfg = RunConfig.model_validate(_toml(RunDir(run_dir).config))
     idle = idle_fractions(
         run_dir, steps[ks[0]]["end"], steps[ks[-1]]["end"], cfg.verifier.num_workers
     )
@@ -106,7 +107,7 @@ def _train_figures(run_dir: Path) -> dict[str, Any]:
         "train_s": steps[ks[-1]]["end"] - steps[ks[0]]["end"],
         "idle": idle,
         "cpu_s": cpu,
-        "placement": _json(run_dir / "placement.json"),
+        "placement": _json(RunDir(run_dir).placement),
     }
 
 

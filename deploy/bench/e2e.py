@@ -13,16 +13,17 @@ import itertools
 import json
 import os
 import shlex
-import sqlite3
 import statistics
 from pathlib import Path
 from typing import Any
 
 from popo.common.config import RunConfig
 from popo.common.process import free_port_flags
+from popo.common.run_dir import RunDir
 from popo.deploy.bench import ints
 from popo.deploy.bench.runs import run_logged, train_command
 from popo.deploy.bench.stats import BenchResult, Summary, paired_ratio
+from popo.learner.ledger import LedgerReader
 
 
 def parse_pin(spec: str) -> dict[str, list[int]]:
@@ -39,17 +40,16 @@ def parse_pin(spec: str) -> dict[str, list[int]]:
 def step_times(run_dir: Path) -> dict[int, dict[str, float]]:
     """Per trained step, from the ledger: when its leases were closed (`end`, right after the
     step's publish), the earliest lease issue (`first_issued`), and positives trained."""
-    db = sqlite3.connect(f"file:{run_dir / 'ledger.db'}?mode=ro", uri=True)
-    try:
-        rows = db.execute(
-            "SELECT step, MAX(ended_at), MIN(issued_at), SUM(n_positive), COUNT(*) FROM leases"
-            " WHERE state='trained' AND kind='train' GROUP BY step ORDER BY step"
-        ).fetchall()
-    finally:
-        db.close()
+    with LedgerReader(RunDir(run_dir).ledger) as ledger:
+        timings = ledger.step_timings()
     return {
-        int(s): {"end": e, "first_issued": i, "positives": float(p), "groups": float(n)}
-        for s, e, i, p, n in rows
+        t.step: {
+            "end": t.end,
+            "first_issued": t.first_issued,
+            "positives": float(t.positives),
+            "groups": float(t.groups),
+        }
+        for t in timings
     }
 
 
@@ -89,7 +89,7 @@ def idle_fractions(
     """Per role instance, the fraction of [t0, t1] it spent idle, from metrics.jsonl: actor = no
     prompt in its engine, learner = waiting for a full batch, verifier = workers not scoring."""
     series: dict[str, list[tuple[float, float]]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in RunDir(run_dir).metrics.read_text().splitlines():
         rec = json.loads(line)
         key = IDLE_COUNTERS.get(rec["role"])
         if key in rec and t0 - 0.5 <= rec["t"] <= t1 + 0.5:
@@ -135,7 +135,7 @@ def learner_split(run_dir: Path, t0: float, t1: float) -> dict[str, float]:
     (blocked on a batch), `train` (optimizer step), `publish` (write + announce, amortised over
     steps when `publish_every` > 1); means over the steps the first and last records span."""
     pts = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in RunDir(run_dir).metrics.read_text().splitlines():
         rec = json.loads(line)
         if rec["role"] == "learner" and t0 - 0.5 <= rec["t"] <= t1 + 0.5:
             pts.append(rec)

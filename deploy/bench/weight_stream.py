@@ -44,12 +44,11 @@ from popo.deploy.bench.stats import Summary, alternate, markdown_table, paired_r
 def _publish(root: Path, nbytes: int) -> WeightsReady:
     import torch
 
-    from popo.common.weights import write_version_dir
+    from popo.common.weights import WeightStore
 
     g = torch.Generator().manual_seed(0)
     tensors = {"w": torch.randn(nbytes // 4, generator=g)}
-    path, sha, size = write_version_dir(root / "v1", tensors, extra_files={"config.json": b"{}"})
-    return WeightsReady(version=1, path=str(path.parent), sha256=sha, nbytes=size)
+    return WeightStore(root).publish(1, tensors, extra_files={"config.json": b"{}"})
 
 
 def _raw(data: bytes, chunk: int, sink: Path | None) -> float:
