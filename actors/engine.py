@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from popo.common.config import ActorConfig, ModelConfig
+from popo.common.data import encode_prompt
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -249,8 +250,8 @@ class RolloutEngine:
         return self._llm
 
     def encode(self, text: str) -> list[int]:
-        """Prompt text -> token ids, exactly as vLLM would tokenize a text prompt."""
-        return list(self.llm.get_tokenizer().encode(text))
+        """Prompt text -> token ids, encoded as the learner encodes it (`encode_prompt`)."""
+        return encode_prompt(self.llm.get_tokenizer(), text)
 
     def _prompt(self, prompt_ids: list[int]) -> Any:
         from vllm.inputs import TokensPrompt

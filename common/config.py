@@ -109,7 +109,11 @@ class DemoModelConfig(_Section):
 class ModelConfig(_Section):
     path: str = "auto"
     """Hugging Face model directory (safetensors + tokenizer). `auto` builds or reuses the embedded
-    demo model (`popo demo-model`) in `demo.cache_dir`."""
+    demo model (`popo demo-model`) in `demo.cache_dir`; a packaged model's name (`smollm2`: the
+    `real` extra) builds or reuses that model (`popo prepare-model NAME`) in `packaged_cache_dir`."""
+    packaged_cache_dir: str = ".cache/packaged-models"
+    """Where packaged models named by `path` are built and cached (relative to the working
+    directory)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Parameter dtype for actors and learner: `auto` is float32 on CPU and bfloat16 on GPU."""
     max_model_len: int = Field(256, gt=0)
@@ -139,7 +143,10 @@ class SyntheticTaskConfig(_Section):
 
 class DataConfig(_Section):
     source: str = "synthetic"
-    """`synthetic` for the embedded arithmetic task, or a path to a JSONL / parquet file of prompts."""
+    """`synthetic` for the embedded arithmetic task (`17+58=`); `sums` for the same sums asked as
+    a question (`What is 17+58? Put the answer in \\boxed{}.`), for chat models; a shipped
+    benchmark's name (e.g. `gsm8k`: its first `eval_size` rows are held out, the rest train); or a
+    path to a JSONL / parquet file of prompts."""
     prompt_field: str = "problem"
     """Field holding the problem text (e.g. `question` for GSM8K)."""
     answer_field: str = "answer"
@@ -149,23 +156,31 @@ class DataConfig(_Section):
     `boxed` takes the last `\\boxed{}` of a solution text."""
     id_field: str | None = None
     """Optional field used as the prompt id; the row number is used when absent."""
-    template: Literal["auto", "qwen_math", "plain"] = "auto"
-    """Prompt template: `qwen_math` wraps the problem in the Qwen-math chat format with the system
-    prompt of the reference run; `plain` passes the problem text as is (the demo model's format); `auto` is
-    `plain` for the synthetic task and `qwen_math` for a file."""
+    template: Literal["auto", "chat", "qwen_math", "plain"] = "auto"
+    """Prompt template: `chat` renders the problem as the user turn of the model's own chat
+    template (with `system_prompt`, if set); `qwen_math` wraps the problem in the Qwen-math chat
+    format with the system prompt of the reference run; `plain` passes the problem text as is (the
+    demo model's format); `auto` is `chat` when the model's tokenizer has a chat template, else
+    `plain` for the synthetic and sums tasks and `qwen_math` for a file."""
+    system_prompt: str | None = None
+    """System turn of the `chat` template; `None` sends the user turn alone (the model's template
+    may still insert its own default system turn)."""
     eval_size: int = Field(200, gt=0)
     """Held-out prompts evaluated (the first N of the eval split); G samples each."""
     eval_source: str | None = None
-    """Held-out benchmark (path) evaluated during training; `None` uses the synthetic test split."""
+    """Held-out benchmark (path or shipped name) evaluated during training; `None` uses the
+    source's own held-out split (the test split of `synthetic` / `sums`, the first `eval_size` rows
+    of a shipped benchmark), else the synthetic test split."""
     synthetic: SyntheticTaskConfig = SyntheticTaskConfig()
     """Parameters of the embedded synthetic arithmetic task."""
 
     @property
-    def resolved_template(self) -> Literal["qwen_math", "plain"]:
-        """The template after `auto` is resolved against the source."""
+    def resolved_template(self) -> Literal["chat", "qwen_math", "plain"]:
+        """The template after `auto` is resolved against the source alone (without a tokenizer:
+        `popo.common.data.resolve_template` also looks at the model's chat template)."""
         if self.template != "auto":
             return self.template
-        return "plain" if self.source == "synthetic" else "qwen_math"
+        return "plain" if self.source in ("synthetic", "sums") else "qwen_math"
 
 
 class ActorConfig(_Section):

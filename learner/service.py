@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from popo.common.config import RunConfig
+from popo.common.data import encode_prompt
 from popo.common.messages import RankCommand, ScoredGroup, decode, encode
 from popo.common.metrics import RoleMetrics, role_port
 from popo.common.process import LAUNCH_T0_ENV, process_start_time, release_free_memory
@@ -64,8 +65,8 @@ class Learner:
         # A fixed (prompt, continuation) whose log-probs learner and actors compare after each
         # reload: the first held-out prompt followed by its boxed gold answer.
         self.probe = (
-            tokenizer(p.problem)["input_ids"],
-            tokenizer(f"\\boxed{{{p.gold}}}")["input_ids"],
+            encode_prompt(tokenizer, p.problem),
+            encode_prompt(tokenizer, f"\\boxed{{{p.gold}}}"),
         )
         if self.trainer.step > 0 or self.orch.resumed_weights:
             # A resumed learner announces its restored weights as a new version: actors may

@@ -576,7 +576,7 @@ def test_ray_placement_by_node_labels(ray_cluster, tmp_path):
 # --- placement, discovery and the example cluster configs (no Ray needed) --------------------------
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((REPO / "deploy" / "configs").glob("*.toml"))
+CONFIGS = sorted((REPO / "deploy" / "configs").glob("*node.toml"))  # the cluster configs
 
 
 def test_placement_and_peer_flags(tmp_path):

