@@ -86,6 +86,7 @@ def _prepare_model(cfg: RunConfig, args: argparse.Namespace) -> int:
         PACKAGED_MODELS,
         build_packaged_model,
         ensure_packaged_model,
+        gguf_path,
     )
 
     if args.name not in PACKAGED_MODELS:
@@ -93,7 +94,8 @@ def _prepare_model(cfg: RunConfig, args: argparse.Namespace) -> int:
             f"unknown packaged model {args.name!r} (known: {', '.join(PACKAGED_MODELS)})"
         )
     if args.out:
-        path = build_packaged_model(args.name, args.out)
+        source = gguf_path(args.name, cfg.model.packaged_cache_dir)
+        path = build_packaged_model(args.name, args.out, source=source)
     else:
         path = ensure_packaged_model(args.name, cfg.model.packaged_cache_dir)
     print(path)
@@ -139,10 +141,10 @@ def _check_model_path(cfg: RunConfig) -> None:
     """Refuse a wrong `model.path` before a role starts (one line, not its traceback); `auto`
     (the demo model) and a packaged model's name are built by the role itself."""
     from popo.common.demo_model import check_model_dir
-    from popo.common.packaged_models import gguf_path, is_packaged
+    from popo.common.packaged_models import check_extras, is_packaged
 
     if is_packaged(cfg.model.path):
-        gguf_path(cfg.model.path)  # its optional packages are installed
+        check_extras(cfg.model.path)
     elif cfg.model.path != "auto":
         check_model_dir(cfg.model.path)
 

