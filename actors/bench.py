@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from popo.common.process import free_ports
 
@@ -100,8 +100,8 @@ def bench_actor(engine, cfg, model_dir: Path, prompts: list[str]) -> tuple[int, 
 
 
 class Reloader:
-    """The actor's own reload path (`Actor._load`: sha256 + header check off the loop, in-place
-    engine reload, parity probe) on an already started engine, without sockets: the `sync`
+    """The actor's own reload path (`Actor._load`: header check off the loop, in-place engine
+    reload with the sha256 beside it, parity probe) on an already started engine, without sockets: the `sync`
     benchmark hands it the learner's announcements directly."""
 
     def __init__(self, engine: RolloutEngine, cfg: RunConfig, model_dir: Path) -> None:
@@ -115,8 +115,8 @@ class Reloader:
         """The engine's own phases (pause, load, resume) of every reload, in order."""
         inner = engine.reload_async
 
-        async def reload_async(weights_dir: str, version: int) -> ReloadTiming:
-            t = await inner(weights_dir, version)
+        async def reload_async(weights_dir: str, version: int, *check: Any) -> ReloadTiming:
+            t = await inner(weights_dir, version, *check)
             self.timings.append(t)
             return t
 
