@@ -19,10 +19,11 @@ loaded in place between engine steps without dropping in-flight requests, its sh
 while the engine loads it (generation resumes only once it passed); a bad version is rejected and
 counted, the served weights are loaded back before anything is sampled, and the next announcement
 is taken. Announcements that arrive during a reload collapse to the newest. After each reload the
-probe carried in the announcement is run and its mismatch goes into the next LeaseRequest. Where the announced path is
-not visible on this node (`transport.weights_mode`), the version is first streamed from the
-learner into the node's weight cache (`common.weight_stream`: one download per version per node,
-shared with the node's other actors) while the old version keeps serving.
+probe carried in the announcement is run and its mismatch goes into the next LeaseRequest. Where
+the announced path is not visible on this node (`transport.weights_mode`), or its bytes are not the
+announced ones, the version is streamed from the learner into the node's weight cache
+(`common.weight_stream`: one download per version per node, shared with the node's other actors)
+while the old version keeps serving.
 """
 
 from __future__ import annotations
