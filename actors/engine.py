@@ -82,6 +82,7 @@ class ReloadTiming:
 
     pause_s: float
     load_s: float
+    """The load, with the files' check running beside it (until both are done)."""
     resume_s: float
 
     @property
