@@ -14,14 +14,16 @@ even if no verifier takes anything, pending groups never exceed `max_pending_gro
 verifier fills that bound and the actor stops asking (backpressure, bounded memory). A learner that
 is not up yet (or silent) is re-asked with exponential back-off; ZeroMQ reconnects by itself.
 
-Weights. A `WeightsReady` is checked (sha256, size, tensor names and shapes) off the loop thread,
-then loaded in place between engine steps without dropping in-flight requests; a bad version is
-rejected and counted, the served one stays, and the next announcement is taken. Announcements that
-arrive during a reload collapse to the newest. After each reload the probe carried in the
-announcement is run and its mismatch goes into the next LeaseRequest. Where the announced path is
-not visible on this node (`transport.weights_mode`), the version is first streamed from the
-learner into the node's weight cache (`common.weight_stream`: one download per version per node,
-shared with the node's other actors) while the old version keeps serving.
+Weights. A `WeightsReady` is checked (size, tensor names and shapes) off the loop thread, then
+loaded in place between engine steps without dropping in-flight requests, its sha256 computed
+while the engine loads it (generation resumes only once it passed); a bad version is rejected and
+counted, the served weights are loaded back before anything is sampled, and the next announcement
+is taken. Announcements that arrive during a reload collapse to the newest. After each reload the
+probe carried in the announcement is run and its mismatch goes into the next LeaseRequest. Where
+the announced path is not visible on this node (`transport.weights_mode`), or its bytes are not the
+announced ones, the version is streamed from the learner into the node's weight cache
+(`common.weight_stream`: one download per version per node, shared with the node's other actors)
+while the old version keeps serving.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import uuid
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import zmq
@@ -60,7 +63,7 @@ from popo.common.messages import (
 from popo.common.metrics import RoleMetrics, role_port
 from popo.common.run_dir import RunDir
 from popo.common.weight_stream import WeightFetcher, default_cache_dir, local_weights
-from popo.common.weights import WEIGHTS_FILE, WeightsError
+from popo.common.weights import WEIGHTS_FILE, WeightsError, verify_weights
 
 log = logging.getLogger(__name__)
 
@@ -421,16 +424,27 @@ class Actor:
         import asyncio
 
         t0 = time.perf_counter()
+        wmode = self.cfg.transport.weights_mode
+        protect = {self.engine.version}
         local, mode = await asyncio.to_thread(
-            local_weights,
-            msg,
-            self.cfg.transport.weights_mode,
-            self._fetcher,
-            protect={self.engine.version},
+            local_weights, msg, wmode, self._fetcher, protect, verify_shared=False
         )
         path = local / WEIGHTS_FILE
         await asyncio.to_thread(check_schema, path, self._schema)
-        await self.engine.reload_async(str(local), msg.version)
+        # The sha256 of a shared file runs beside the engine's load of it (the engine stays paused
+        # until it passes, and takes its old weights back if it fails); a streamed one is checked.
+        verify = partial(verify_weights, path, msg.sha256, msg.nbytes)
+        try:
+            await self.engine.reload_async(str(local), msg.version, verify, mode == "stream")
+        except WeightsError as e:
+            if mode == "stream" or wmode != "auto" or self._fetcher is None:
+                raise
+            log.warning("%s; streaming version %d instead", e, msg.version)
+            local, mode = await asyncio.to_thread(self._fetcher.fetch, msg, protect), "stream"
+            path = local / WEIGHTS_FILE
+            await asyncio.to_thread(check_schema, path, self._schema)
+            verify = partial(verify_weights, path, msg.sha256, msg.nbytes)
+            await self.engine.reload_async(str(local), msg.version, verify, True)
         seconds = time.perf_counter() - t0
         kl = max_abs = None
         if msg.probe_token_ids and msg.probe_prompt_len > 0:

@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +83,7 @@ class ReloadTiming:
 
     pause_s: float
     load_s: float
+    """The load, with the files' check running beside it (until both are done)."""
     resume_s: float
 
     @property
@@ -151,6 +152,8 @@ class RolloutEngine:
         )
         self._ids = itertools.count()
         self._reload_lock: asyncio.Lock | None = None
+        self._served: tuple[str, Callable[[], None] | None] = (self.model_path, None)
+        """(directory, check) of the weights the engine serves: what a refused version restores."""
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -346,30 +349,89 @@ class RolloutEngine:
 
     # --- weights ---------------------------------------------------------------------------------
 
-    def reload(self, weights_dir: str | Path, version: int) -> Future:
+    def reload(
+        self, weights_dir: str | Path, version: int, verify: Callable[[], None] | None = None
+    ) -> Future:
         """Load `weights_dir/*.safetensors` in place and label it `version`; resolves to
         `ReloadTiming`. In-flight requests are frozen, not dropped, and their later tokens carry
         the new version; their KV is recomputed with the new weights, or kept with
-        `actor.reload_keeps_kv`."""
-        return self.call(self.reload_async(str(weights_dir), version))
+        `actor.reload_keeps_kv`. `verify`: see `reload_async`."""
+        return self.call(self.reload_async(str(weights_dir), version, verify))
 
-    async def reload_async(self, weights_dir: str, version: int) -> ReloadTiming:
+    async def reload_async(
+        self,
+        weights_dir: str,
+        version: int,
+        verify: Callable[[], None] | None = None,
+        verified: bool = False,
+    ) -> ReloadTiming:
+        """`reload`, on the engine's loop.
+
+        verify: a blocking check of the files in `weights_dir` (their sha256) that raises when they
+        are not the announced bytes. Unless `verified` (the caller has run it already) it runs on a
+        thread while the engine loads the same files, so the check costs no time of its own, and
+        generation stays paused until both are done. If it raises, the version is refused: the
+        previous weights are loaded back, checked by their own `verify`, before generation resumes,
+        and the error propagates; nothing is ever sampled from unchecked bytes. Should the previous
+        weights fail to load or check, the engine stays paused and a RuntimeError propagates (the
+        role must exit). `verify` is kept with the weights for that purpose.
+        """
         assert self._reload_lock is not None
         llm = self.llm
         async with self._reload_lock:
             t0 = time.perf_counter()
             await llm.pause_generation(mode="keep", clear_cache=not self.cfg.reload_keeps_kv)
             t1 = time.perf_counter()
+            resume = True
             try:
-                await llm.collective_rpc("reload_weights", kwargs={"weights_path": weights_dir})
+                refused = await self._load_checked(weights_dir, None if verified else verify)
+                if refused is not None:
+                    served_dir, served_verify = self._served
+                    try:
+                        broken = await self._load_checked(served_dir, served_verify)
+                    except Exception as e:
+                        broken = e
+                    if broken is not None:
+                        resume = False
+                        raise RuntimeError(
+                            f"version {version} was refused ({refused}) and the served weights "
+                            f"{served_dir} could not be loaded back: {broken}"
+                        ) from broken
+                    raise refused
                 await llm.update_weight_version(str(version))
                 self.version = version
+                self._served = (weights_dir, verify)
                 t2 = time.perf_counter()
             finally:
-                # Even a failed load must not leave the engine paused with requests frozen.
-                await llm.resume_generation()
+                # Even a failed load must not leave the engine paused with requests frozen, unless
+                # the weights in it are unchecked bytes.
+                if resume:
+                    await llm.resume_generation()
             t3 = time.perf_counter()
         return ReloadTiming(pause_s=t1 - t0, load_s=t2 - t1, resume_s=t3 - t2)
+
+    async def _load_checked(
+        self, weights_dir: str, verify: Callable[[], None] | None
+    ) -> Exception | None:
+        """Load `weights_dir` into the paused engine while `verify` checks it on a thread; ->
+        `verify`'s error (the engine then holds the refused bytes), or None. An engine error with
+        a passing check propagates."""
+        load = self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights_dir})
+        if verify is None:
+            await load
+            return None
+        loaded, checked = await asyncio.gather(
+            load, asyncio.to_thread(verify), return_exceptions=True
+        )
+        if isinstance(checked, Exception):
+            if isinstance(loaded, BaseException):
+                log.warning("loading refused weights %s also failed: %s", weights_dir, loaded)
+            return checked
+        if isinstance(checked, BaseException):
+            raise checked  # cancelled
+        if isinstance(loaded, BaseException):
+            raise loaded
+        return None
 
     def num_unfinished(self) -> int:
         return self.llm.get_num_unfinished_requests()

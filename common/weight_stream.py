@@ -738,14 +738,19 @@ def local_weights(
     mode: Literal["auto", "shared", "stream"],
     fetcher: WeightFetcher | None,
     protect: Collection[int] = (),
+    verify_shared: bool = True,
 ) -> tuple[Path, Literal["shared", "stream"]]:
     """The verified directory of version `msg` on this node, and how it got there. Blocking.
 
     `shared` reads the announced path (full sha256 check); `stream` fetches into the fetcher's
     cache; `auto` reads the path when `shared_visible` says it holds the announced bytes here and
     streams otherwise, also when the full checksum of a visible path fails. Raises WeightsError.
+    verify_shared=False returns a shared path without its sha256 check, which the caller then owes
+    (`verify_weights`) before it uses the bytes, and the fallback to streaming with it.
     """
     if mode == "shared" or (mode == "auto" and shared_visible(msg)):
+        if not verify_shared:
+            return Path(msg.path), "shared"
         try:
             verify_weights(Path(msg.path) / WEIGHTS_FILE, msg.sha256, msg.nbytes)
             return Path(msg.path), "shared"

@@ -18,8 +18,9 @@ import shutil
 import struct
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -75,6 +76,7 @@ _SAFETENSORS_DTYPES = {
     "uint64": "U64",
 }
 _RANK = {k: i for i, k in enumerate(_SAFETENSORS_DTYPES)}
+_CAST_BUFFERS = 4  # blocks a casting writer has in flight: one being written, the rest hashing
 
 
 def write_safetensors(
@@ -82,6 +84,7 @@ def write_safetensors(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
     chunk: int = 1 << 20,
+    dtype: torch.dtype | None = None,
 ) -> tuple[str, int]:
     """Write `tensors` as a safetensors file, fsync it, and return (sha256 hex, size in bytes).
 
@@ -95,12 +98,15 @@ def write_safetensors(
     tensors is byte for byte what `save_file` writes. Each tensor is written straight from its
     storage (a zero-copy view of a contiguous CPU tensor); only a non-contiguous or non-CPU tensor
     is copied, one at a time. Tensors sharing storage are each written whole, as independent ones.
+    dtype: every tensor is written as this dtype (as `t.to(dtype)` would round it), cast block by
+    block into a few reused buffers on the way out: no copy of the whole state in the new dtype
+    is ever made (which would cost its allocation and a second pass over memory).
     """
     import torch
 
     if sys.byteorder != "little":
         raise RuntimeError("safetensors stores little-endian bytes; this host is big-endian")
-    dtypes = {k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items()}
+    dtypes = {k: str(dtype or t.dtype).removeprefix("torch.") for k, t in tensors.items()}
     unknown = {k: d for k, d in dtypes.items() if d not in _SAFETENSORS_DTYPES}
     if unknown:
         raise ValueError(f"no safetensors dtype for {unknown}")
@@ -109,20 +115,12 @@ def write_safetensors(
     end = 0
     for k in order:
         t = tensors[k]
-        begin, end = end, end + t.numel() * t.element_size()
-        dtype = _SAFETENSORS_DTYPES[dtypes[k]]
-        header[k] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [begin, end]}
+        itemsize = dtype.itemsize if dtype is not None else t.element_size()
+        begin, end = end, end + t.numel() * itemsize
+        name = _SAFETENSORS_DTYPES[dtypes[k]]
+        header[k] = {"dtype": name, "shape": list(t.shape), "data_offsets": [begin, end]}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-
-    def blocks() -> Iterator[bytes | memoryview]:
-        yield struct.pack("<Q", len(raw))
-        yield raw
-        for k in order:
-            t = tensors[k].detach().cpu().contiguous()  # no copy unless it has to be
-            data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-            for i in range(0, len(data), chunk):
-                yield data[i : i + chunk]
 
     h = hashlib.sha256()
     # sha256 costs more CPU than writing the bytes (~170 vs ~70 ms for 242 MiB), so with a spare
@@ -130,8 +128,33 @@ def write_safetensors(
     # order as it is written and finishing while the file is fsynced. Pinned to one core, the
     # thread only adds cache misses (+20 % CPU measured): hash each block right after writing it.
     spare_core = len(os.sched_getaffinity(0)) > 1
+    hashed: deque[Future[None]] = deque()
+    step = max(1, chunk // dtype.itemsize) if dtype is not None else 0  # elements per cast block
+    ring = [torch.empty(step, dtype=dtype) for _ in range(_CAST_BUFFERS if dtype else 0)]
+
+    def blocks() -> Iterator[bytes | memoryview]:
+        yield struct.pack("<Q", len(raw))
+        yield raw
+        n = 0
+        for k in order:
+            t = tensors[k].detach().cpu().contiguous()  # no copy unless it has to be
+            if dtype is None or t.dtype == dtype:
+                data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                for i in range(0, len(data), chunk):
+                    yield data[i : i + chunk]
+                continue
+            flat = t.reshape(-1)
+            for i in range(0, flat.numel(), step):
+                # The hasher reads blocks in order: with fewer blocks in its queue than buffers,
+                # the one this buffer held is hashed already.
+                while len(hashed) >= _CAST_BUFFERS:
+                    hashed.popleft().result()
+                out = ring[n % _CAST_BUFFERS][: min(step, flat.numel() - i)]
+                n += 1
+                out.copy_(flat[i : i + step])
+                yield memoryview(out.view(torch.uint8).numpy())
+
     with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher, open(path, "wb") as f:
-        hashed = []
         for block in blocks():
             if spare_core:
                 hashed.append(hasher.submit(h.update, block))
@@ -223,10 +246,12 @@ def write_version_dir(
     tensors: Mapping[str, torch.Tensor],
     extra_files: Mapping[str, bytes] | None = None,
     link_files: Mapping[str, Path] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Path, str, int]:
     """Atomically create directory `out_dir` holding `model.safetensors` (+ its .sha256) and
     `extra_files` (name -> bytes) and `link_files` (name -> existing file, hard-linked when possible
-    so unchanged config/tokenizer files cost no copy).
+    so unchanged config/tokenizer files cost no copy). dtype: the tensors' dtype in the file
+    (`write_safetensors`), None: their own.
 
     Returns (path of model.safetensors, sha256 hex, size in bytes). Fails if `out_dir` exists.
     """
@@ -238,7 +263,9 @@ def write_version_dir(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        digest, nbytes = write_safetensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+        digest, nbytes = write_safetensors(
+            tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"}, dtype=dtype
+        )
         (tmp / CHECKSUM_FILE).write_text(digest + "\n")
         _fsync_file(tmp / CHECKSUM_FILE)  # actors that start late read it
         for name, data in (extra_files or {}).items():
@@ -355,11 +382,13 @@ class WeightStore:
         tensors: Mapping[str, torch.Tensor],
         extra_files: Mapping[str, bytes] | None = None,
         link_files: Mapping[str, Path] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> WeightsReady:
-        """Write `version` atomically with its checksum (`write_version_dir`) and return its
-        announcement. Fails if the version exists: versions are immutable."""
+        """Write `version` atomically with its checksum (`write_version_dir`, cast to `dtype` on
+        the way) and return its announcement. Fails if the version exists: versions are
+        immutable."""
         path, digest, nbytes = write_version_dir(
-            self.path(version), tensors, extra_files, link_files
+            self.path(version), tensors, extra_files, link_files, dtype
         )
         return WeightsReady(version=version, path=str(path.parent), sha256=digest, nbytes=nbytes)
 

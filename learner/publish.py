@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -83,30 +84,39 @@ def publish_weights(
     """
     import torch.distributed as dist
 
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    tensors = hf_state_dict(model, dtype)
-    learner_lp = None
-    if probe is not None:
-        prompt, cont = (np.asarray(a, dtype=np.int64) for a in probe)
-        learner_lp = sequence_logprobs(model, prompt, cont, pad_id)
-    if rank != 0:
-        return None
-    links = {}
-    if source_dir is not None:
-        for p in Path(source_dir).iterdir():
-            if p.is_file() and not _SKIP.search(p.name):
-                links[p.name] = p
-    store = WeightStore(weights_root)
-    msg = retry_write(
-        lambda: store.publish(version, tensors, link_files=links),
-        f"weights {store.dir_name(version)}",
-        retries,
-        backoff_s,
-        on_failure,
-    )
-    store.prune(keep, protect={*protect, version})
-    if probe is not None and learner_lp is not None:
-        msg.probe_token_ids = pack_ids(np.concatenate([prompt, cont]))
-        msg.probe_prompt_len = len(prompt)
-        msg.probe_logprobs = pack_f32(learner_lp)
+    sharded = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if sharded else 0
+    # A CPU policy is cast by the writer, block by block (no second copy of the whole state); on
+    # an accelerator the cast runs there, before the copy to the host, which it halves.
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    tensors = hf_state_dict(model, None if on_cpu else dtype)
+    with ThreadPoolExecutor(1, thread_name_prefix="probe") as probing:
+        learner_lp: Callable[[], np.ndarray] | None = None
+        if probe is not None:
+            prompt, cont = (np.asarray(a, dtype=np.int64) for a in probe)
+            if sharded:  # its forward is a collective: every rank issues it now, in this order
+                lp = sequence_logprobs(model, prompt, cont, pad_id)
+                learner_lp = lambda: lp  # noqa: E731
+            else:  # it only reads the weights: it runs while they are written
+                learner_lp = probing.submit(sequence_logprobs, model, prompt, cont, pad_id).result
+        if rank != 0:
+            return None
+        links = {}
+        if source_dir is not None:
+            for p in Path(source_dir).iterdir():
+                if p.is_file() and not _SKIP.search(p.name):
+                    links[p.name] = p
+        store = WeightStore(weights_root)
+        msg = retry_write(
+            lambda: store.publish(version, tensors, link_files=links, dtype=dtype),
+            f"weights {store.dir_name(version)}",
+            retries,
+            backoff_s,
+            on_failure,
+        )
+        store.prune(keep, protect={*protect, version})
+        if learner_lp is not None:
+            msg.probe_token_ids = pack_ids(np.concatenate([prompt, cont]))
+            msg.probe_prompt_len = len(prompt)
+            msg.probe_logprobs = pack_f32(learner_lp())
     return msg

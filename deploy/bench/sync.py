@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 
 
 class Reloader:
-    """The actor's own reload path (`Actor._load`: sha256 + header check off the loop, in-place
-    engine reload, parity probe) on an already started engine, without sockets: the `sync`
-    benchmark hands it the learner's announcements directly."""
+    """The actor's own reload path (`Actor._load`: header check off the loop, in-place engine
+    reload with the sha256 beside it, parity probe) on an already started engine, without
+    sockets: the `sync` benchmark hands it the learner's announcements directly."""
 
     def __init__(self, engine: RolloutEngine, cfg: RunConfig, model_dir: Path) -> None:
         from popo.actors.actor import Actor, ActorEndpoints
@@ -42,8 +42,8 @@ class Reloader:
         """The engine's own phases (pause, load, resume) of every reload, in order."""
         inner = engine.reload_async
 
-        async def reload_async(weights_dir: str, version: int) -> ReloadTiming:
-            t = await inner(weights_dir, version)
+        async def reload_async(weights_dir: str, version: int, *check: Any) -> ReloadTiming:
+            t = await inner(weights_dir, version, *check)
             self.timings.append(t)
             return t
 
@@ -61,20 +61,26 @@ class Reloader:
         self.actor.stats.metrics.close()
 
 
-def raw_write_read(data: bytes, path: Path) -> float:
+def raw_write_read(data: bytes, path: Path, chunk: int = 1 << 20) -> float:
     """Seconds to write `data` to a new file, fsync it, and read it back: the physical floor of a
-    publish + load through the filesystem."""
+    publish + load through the filesystem. The read lands in one reused `chunk` buffer, as the
+    actor's reads do (sha256 blocks; the engine maps the file): reading into a new object of the
+    file's size would add its allocation and page faults (~2x the read) to the floor. Both sides
+    read what was just written, from the page cache."""
+    buf = bytearray(chunk)
     t0 = time.perf_counter()
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    with open(path, "rb") as f:
-        back = f.read()
+    back = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            back += n
     dt = time.perf_counter() - t0
     path.unlink()
-    if len(back) != len(data):
-        raise RuntimeError(f"read back {len(back)} of {len(data)} bytes")
+    if back != len(data):
+        raise RuntimeError(f"read back {back} of {len(data)} bytes")
     return dt
 
 
@@ -86,7 +92,7 @@ def sync_size(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from popo.actors.engine import resolve_dtype
-    from popo.common.weights import WEIGHTS_FILE
+    from popo.common.weights import WeightStore
     from popo.deploy.bench.generate import start_engine
     from popo.learner.publish import publish_weights
 
@@ -144,12 +150,12 @@ def sync_size(
         return t2 - t0
 
     def raw() -> float:
-        data = (root / f"v{engine.version}" / WEIGHTS_FILE).read_bytes()
+        data = WeightStore(root).weights_file(engine.version).read_bytes()
         return raw_write_read(data, root / "raw.bin")
 
     try:
         runs = alternate({"sync": sync, "raw": raw}, a.reps, warmup=1)
-        steps = publish_steps(model, root / f"v{engine.version}", dtype, probe, a.reps)
+        steps = publish_steps(model, WeightStore(root).path(engine.version), dtype, probe, a.reps)
     finally:
         reloader.close()
         engine.close()
@@ -168,10 +174,11 @@ def publish_steps(
     model: Any, version_dir: Path, dtype: Any, probe: tuple[list[int], list[int]], reps: int
 ) -> dict[str, list[float]]:
     """Seconds of each step of a publish and of the actor's checks, taken one at a time on the
-    last published version (after the timed rounds, so they do not disturb them): the state dict
-    in the published dtype, the probe's log-probs, the one-pass write (+ sha256 on a second thread
-    when there is a spare core) with its fsync, the actor's sha256 of the file and its header
-    check. The engine's own load time comes from the reloads themselves."""
+    last published version (after the timed rounds, so they do not disturb them): the state dict,
+    the probe's log-probs (which a publish runs beside the write), the one-pass write with its
+    cast to the published dtype (+ sha256 on a second thread when there is a spare core) and its
+    fsync, the actor's sha256 of the file (which a reload runs beside the engine's load) and
+    its header check. The engine's own load time comes from the reloads themselves."""
     import numpy as np
 
     from popo.actors.reload import check_schema, model_schema
@@ -189,11 +196,11 @@ def publish_steps(
     prompt, cont = (np.asarray(p) for p in probe)
     for _ in range(reps):
         t0 = time.perf_counter()
-        tensors = hf_state_dict(model, dtype)
+        tensors = hf_state_dict(model)  # a CPU policy: the writer casts, as in publish_weights
         t1 = time.perf_counter()
         sequence_logprobs(model, prompt, cont)
         t2 = time.perf_counter()
-        write_safetensors(scratch, tensors)
+        write_safetensors(scratch, tensors, dtype=dtype)
         t3 = time.perf_counter()
         scratch.unlink()
         del tensors
@@ -268,11 +275,13 @@ def measure(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
         )
     res.figures = {"sizes": points}
     res.notes.append(
-        "publish = the learner's publish_weights (state dict, probe log-probs, "
-        "safetensors write, fsync, sha256, atomic rename); actor reload = sha256 "
-        "check + header check + vLLM in-place reload (pause, load, resume) + "
-        "parity probe. Per-step medians (notes below, `sizes[].*_s` in the JSON): "
-        "engine_load and pause_resume from the reloads themselves; state_dict, probe, "
+        "publish = the learner's publish_weights (state dict, probe log-probs beside the "
+        "safetensors write with its cast, fsync, sha256, atomic rename, pruning of old "
+        "versions); actor reload = header check + vLLM in-place reload (pause, load with "
+        "the sha256 check beside it, resume) + parity probe. raw reads into a reused "
+        "buffer; both sides read what was just written, from the page cache. Per-step "
+        "medians (notes below, `sizes[].*_s` in the JSON): engine_load (with the overlapped "
+        "sha256) and pause_resume from the reloads themselves; state_dict, probe, "
         "write_hash_fsync, actor_sha256 and actor_header_check timed one at a time "
         "after the rounds."
     )

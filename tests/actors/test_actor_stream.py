@@ -3,6 +3,7 @@ a real WeightServer into its node-local cache and reloads it in place (`transpor
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from actor_harness import actor_test_config, announce_until, assert_serves, publ
 from popo.actors.actor import Actor, ActorEndpoints
 from popo.common.messages import WeightsReady
 from popo.common.weight_stream import WeightServer
-from popo.common.weights import WeightStore
+from popo.common.weights import WEIGHTS_FILE, WeightStore
 
 pytestmark = pytest.mark.vllm
 
@@ -78,8 +79,31 @@ def test_actor_streams_a_version_it_cannot_see_and_serves_it(
                 metrics.get_sample_value("popo_actor_weights_streamed_bytes_total")
                 == actor.stats.streamed_bytes
             )
-        reference.load(s2)
-        assert_serves(engine, reference, prompt_ids)  # the streamed weights are the ones served
+            reference.load(s2)
+            assert_serves(engine, reference, prompt_ids)  # the streamed weights are served
+
+            # 3. the path is visible with the announced size and sidecar but holds other bytes
+            # (a damaged node copy): its sha256, checked while the engine loads it, fails; the
+            # engine takes v2 back, then the learner's own bytes are streamed and served
+            v3 = v2 + 1
+            s3 = reference.perturbed(seed=4000 + v3)
+            d3, sha3, n3 = publish(root, f"v{v3}", s3)
+            stale = tmp_path / "node-copy" / f"v{v3}"
+            shutil.copytree(d3, stale)
+            raw = bytearray((stale / WEIGHTS_FILE).read_bytes())
+            raw[len(raw) // 2] ^= 0xFF
+            (stale / WEIGHTS_FILE).write_bytes(raw)
+            announce_until(
+                peers,
+                WeightsReady(version=v3, path=str(stale), sha256=sha3, nbytes=n3),
+                lambda: actor.stats.version == v3,
+            )
+            assert actor.stats.mode == "stream" and actor.stats.reload_failures == 0
+            assert (tmp_path / "node-cache" / f"v{v3}" / WEIGHTS_FILE).read_bytes() == (
+                d3 / WEIGHTS_FILE
+            ).read_bytes()
+        reference.load(s3)
+        assert_serves(engine, reference, prompt_ids)  # the learner's v3, not the damaged copy
     except BaseException:
         reference.load(prev_state)
         raise

@@ -86,3 +86,21 @@ def test_a_dtype_safetensors_cannot_store_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="complex64"):
         write_version_dir(tmp_path / "v1", {"z": torch.zeros(2, dtype=torch.complex64)})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("cores", [1, 2])
+@pytest.mark.parametrize("chunk", [6, 1 << 20])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_casting_writer_is_byte_for_byte_the_cast_state(tmp_path, monkeypatch, dtype, chunk, cores):
+    """The writer's cast, block by block through its reused buffers (chunk 6: many blocks per
+    tensor, the buffers reused over and over, with the hasher on its own thread or not), writes
+    exactly what casting the whole state first and writing that does."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(cores)))
+    tensors = _tensors(torch.float32)
+    tensors["model.big"] = torch.randn(300, generator=torch.Generator().manual_seed(2))
+    cast = {k: v.to(dtype) for k, v in tensors.items()}
+    want = write_safetensors(tmp_path / "cast.safetensors", cast, chunk=chunk)
+    got = write_safetensors(tmp_path / "ours.safetensors", tensors, chunk=chunk, dtype=dtype)
+    ours = (tmp_path / "ours.safetensors").read_bytes()
+    assert ours == (tmp_path / "cast.safetensors").read_bytes()
+    assert got == want == (hashlib.sha256(ours).hexdigest(), len(ours))

@@ -21,6 +21,7 @@ from popo.deploy.bench.e2e import (
     overlap_ceiling,
     overlap_fraction,
     parse_pin,
+    raw_write_read,
     step_times,
     sync_ceilings,
     train_flags,
@@ -86,6 +87,12 @@ def test_parse_pin():
         "verifier": [1, 2],
     }
     assert parse_pin("none") == {}
+
+
+def test_raw_write_read_reads_back_every_byte_and_leaves_nothing(tmp_path):
+    data = os.urandom(3 << 20 | 5)  # several read buffers and a partial one
+    assert raw_write_read(data, tmp_path / "raw.bin", chunk=1 << 20) > 0
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ceilings_by_hand():
