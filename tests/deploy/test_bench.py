@@ -21,13 +21,13 @@ from popo.deploy.bench.e2e import (
     overlap_ceiling,
     overlap_fraction,
     parse_pin,
-    raw_write_read,
     step_times,
     sync_ceilings,
     train_flags,
     window_throughput,
 )
 from popo.deploy.bench.stats import Summary, alternate, markdown_table, paired_ratio, spread
+from popo.deploy.bench.sync import raw_write_read
 from popo.deploy.launch import Role, role_cpus
 from popo.learner.dispatch import Dispatcher, SharedState
 from popo.learner.ledger import Ledger
