@@ -146,6 +146,133 @@ def _logp_entropy_block(
     return logp, -(logprobs.exp() * logprobs).sum(-1)
 
 
+def _head_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
+    """Dtype of the head's matmul: autocast's when it is on (as `lm_head(h)` would run), else the
+    weight's."""
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype
+
+
+class _BlockedHead(torch.autograd.Function):
+    """log π(target) and entropy of softmax(spec(h Wᵀ + b)), block by block, for a plain
+    `nn.Linear` head. Autograd keeps only the inputs: the backward recomputes each block's logits
+    and writes its analytic gradient in place, so forward and backward hold two fp32 [c, V]
+    tensors at a time, and the head's gradient is summed into ONE [V, H] tensor (checkpointing
+    each block through autograd instead returns a [V, H] gradient per block that the engine adds
+    to the previous ones: a second [V, H] tensor). Under autocast the weight is cast once per pass,
+    not once per block."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, spec, rows, need_entropy, grad_in_place):
+        dt = _head_dtype(h, weight)
+        w, hc = weight.to(dt), h.to(dt)
+        b = None if bias is None else bias.to(dt)
+        logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        ent = torch.empty(h.shape[0] if need_entropy else 0, dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], rows):
+                lsm = _block_log_softmax(hc[s : s + rows], w, b, spec)  # [c, V]
+                logp[s : s + rows] = lsm.gather(-1, targets[s : s + rows, None])[:, 0]
+                if need_entropy:
+                    ent[s : s + rows] = -lsm.exp().mul_(lsm).sum(-1)
+        ctx.save_for_backward(h, weight, bias, targets, ent)
+        ctx.spec, ctx.rows, ctx.dt, ctx.grad_in_place = spec, rows, dt, grad_in_place
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h, weight, bias, targets, ent = ctx.saved_tensors
+        spec, rows, dt = ctx.spec, ctx.rows, ctx.dt
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w, hc = weight.to(dt), h.to(dt)
+        b = None if bias is None else bias.to(dt)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = grad_b = None
+        in_place = need_w and ctx.grad_in_place and weight.grad is not None
+        if need_w:
+            # `backward()` adds a gradient into an existing .grad in place; doing it here spares
+            # the [V, H] tensor returned first (asked for by the trainer only: its head has no
+            # gradient hooks and it never calls autograd.grad)
+            grad_w = weight.grad if in_place else torch.zeros_like(weight)
+        if need_b:
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        g_ent = g_ent if g_ent.numel() else None
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], rows):
+                hs = hc[s : s + rows]
+                dz = _block_logit_grad(
+                    hs,
+                    w,
+                    b,
+                    spec,
+                    targets[s : s + rows],
+                    g_logp[s : s + rows],
+                    None if g_ent is None else g_ent[s : s + rows],
+                    None if g_ent is None else ent[s : s + rows],
+                ).to(dt)  # [c, V]
+                if grad_h is not None:
+                    grad_h[s : s + rows] = dz @ w
+                if grad_w is not None:
+                    if dz.dtype == grad_w.dtype:
+                        grad_w.addmm_(dz.T, hs)
+                    else:  # low-precision matmul as autocast's, summed in the weight's dtype
+                        grad_w.add_(dz.T @ hs)
+                if grad_b is not None:
+                    grad_b += dz.float().sum(0)
+        if in_place:
+            grad_w = None  # already in weight.grad
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _block_log_softmax(h: Tensor, w: Tensor, b: Tensor | None, spec: LogitSpec) -> Tensor:
+    """log π of one block: h [c, H], w [V, H] -> [c, V] fp32."""
+    z = spec.apply(torch.nn.functional.linear(h, w, b).float())
+    return z.sub_(torch.logsumexp(z, -1, keepdim=True))
+
+
+def _block_logit_grad(
+    h: Tensor,
+    w: Tensor,
+    b: Tensor | None,
+    spec: LogitSpec,
+    targets: Tensor,
+    g_logp: Tensor,
+    g_ent: Tensor | None,
+    ent: Tensor | None,
+) -> Tensor:
+    """∂L/∂u of one block, u = h Wᵀ + b the head's raw output, given ∂L/∂ log π(target) g_logp
+    [c] and ∂L/∂H g_ent [c] (H [c]: the block's entropies) -> [c, V] fp32.
+
+    With z = spec(u), p = softmax(z): ∂ log p_t/∂z = onehot(t) − p and ∂H/∂z = −p ⊙ (log p + H);
+    then through spec (scale, softcap, temperature)."""
+    u = torch.nn.functional.linear(h, w, b).float()
+    z = spec.apply(u)
+    softcapped = z if spec.softcap is not None else None  # needed by the softcap's derivative
+    lsm = (z if softcapped is None else z.clone()).sub_(torch.logsumexp(z, -1, keepdim=True))
+    del u
+    p = lsm.exp()
+    if g_ent is not None:
+        dz = lsm.add_(ent[:, None]).mul_(p).mul_(-g_ent[:, None])
+        dz.sub_(p.mul_(g_logp[:, None]))
+    else:
+        dz = p.mul_(-g_logp[:, None])
+    del p
+    dz.scatter_add_(-1, targets[:, None], g_logp[:, None].to(dz.dtype))
+    if spec.temperature != 1.0:
+        dz.div_(spec.temperature)
+    if softcapped is not None:
+        # z = cap·tanh(s·u/cap)/T: ∂z/∂(s·u) = 1 − tanh², tanh = z·T/cap
+        t = softcapped.mul_(spec.temperature / spec.softcap)
+        dz.mul_(t.mul_(t).neg_().add_(1.0))
+    if spec.scale != 1.0:
+        dz.mul_(spec.scale)
+    return dz
+
+
 def token_logp_entropy(
     lm_head: nn.Module,
     h: Tensor,
@@ -155,21 +282,32 @@ def token_logp_entropy(
     spec: LogitSpec = LogitSpec(),
     chunk_bytes: int = LOGITS_CHUNK_BYTES,
     min_blocks: int = 1,
+    grad_in_place: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of `targets` and entropies of π = softmax(spec(lm_head(h))) without materialising
     the [M, V] logits at once: h [M, H], targets [M] -> (log π [M], entropy [M] or None), fp32.
 
     The M positions are cut into blocks of c = chunk_bytes / (4·V) rows; each block's fp32 logits,
     log-softmax and entropy exist only while that block is computed, and under autograd the block
-    is recomputed in the backward (activation checkpointing), so memory holds O(c·V) rather than
-    O(M·V) whatever the vocabulary. When all M rows fit in one block (small vocabularies), or with
+    is recomputed in the backward, so memory holds O(c·V) rather than O(M·V) whatever the
+    vocabulary. A plain `nn.Linear` head runs `_BlockedHead` (analytic backward, one [V, H]
+    gradient); any other head (e.g. an FSDP unit, whose hooks must see every call) checkpoints
+    each block through autograd. When all M rows fit in one block (small vocabularies), or with
     `chunk_bytes` 0, it is one plain block and nothing is recomputed. `min_blocks`: run at least
     this many blocks (empty ones past the rows): FSDP ranks must call lm_head equally often.
+    `grad_in_place`: add the head weight's gradient straight into an existing `.grad`, as
+    `backward()` would, without a second [V, H] tensor; only for callers that run `backward()`
+    with no hooks on that weight.
     """
     rows = block_rows(lm_head, h.shape[0], chunk_bytes)
     n_blocks = max(min_blocks, -(-h.shape[0] // rows))
     if n_blocks == 1:
         logp, ent = _logp_entropy_block(lm_head, spec, h, targets, need_entropy)
+        return logp, ent if need_entropy else None
+    if type(lm_head) is nn.Linear:
+        logp, ent = _BlockedHead.apply(
+            h, lm_head.weight, lm_head.bias, targets, spec, rows, need_entropy, grad_in_place
+        )
         return logp, ent if need_entropy else None
     checkpointed = torch.is_grad_enabled() and (
         h.requires_grad or any(p.requires_grad for p in lm_head.parameters())
@@ -195,6 +333,7 @@ def _token_logp_entropy(
     spec: LogitSpec,
     chunk_bytes: int,
     min_blocks: int = 1,
+    grad_in_place: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Vocabulary projection of the M real completion positions only: h_pred [N, T, H],
     targets, mask [N, T] -> log π [N, T] and entropy [N, T] (or None), 0 on padding."""
@@ -207,6 +346,7 @@ def _token_logp_entropy(
         spec=spec,
         chunk_bytes=chunk_bytes,
         min_blocks=min_blocks,
+        grad_in_place=grad_in_place,
     )
     logp = torch.zeros(mask.shape, dtype=lp_flat.dtype, device=mask.device)
     logp = logp.masked_scatter(sel, lp_flat)
@@ -239,11 +379,13 @@ def policy_forward(
     temperature: float = 1.0,
     chunk_bytes: int = LOGITS_CHUNK_BYTES,
     min_blocks: int = 1,
+    grad_in_place: bool = False,
 ) -> PolicyOutput:
     """ONE forward of a HF causal LM (`model.model` + `model.lm_head`) -> log-probs, entropies and
     features of the completion tokens, all with grad (docs/architecture.md, Loss). Log-probs and entropies are those
     of the sampling distribution at `temperature`; the vocabulary projection runs in blocks of at
-    most `chunk_bytes` of fp32 logits (`token_logp_entropy`)."""
+    most `chunk_bytes` of fp32 logits (`token_logp_entropy`, which also says what
+    `grad_in_place` does)."""
     h = _hidden(model, batch)  # [N, L, H]
     h_pred = _gather_positions(h, batch.pred_pos)  # [N, T, H]
     logp, entropy = _token_logp_entropy(
@@ -255,6 +397,7 @@ def policy_forward(
         logit_spec(model, temperature),
         chunk_bytes,
         min_blocks,
+        grad_in_place,
     )
     return PolicyOutput(logp, entropy, _pool(h, batch.pred_pos, batch.mask))
 

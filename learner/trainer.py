@@ -333,6 +333,8 @@ class Trainer:
             self.policy,
             batch,
             need_entropy=self.algorithm.needs_entropy,
+            # the step only calls backward(); FSDP heads take the hooked path anyway
+            grad_in_place=True,
             **self.forward_kwargs(batch),
         )
         group_ids = torch.tensor([s.group for s in mb], device=self.device)
