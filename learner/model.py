@@ -364,10 +364,54 @@ def _pool(h: Tensor, pred_pos: Tensor, mask: Tensor) -> Tensor:
     return (h_tok * m).sum(1) / m.sum(1).clamp_min(1)
 
 
-def _hidden(model: nn.Module, batch: Batch) -> Tensor:
-    """Final-norm hidden states [N, L, H] of the base model; no KV cache (nothing decodes)."""
+class _Embedding(torch.autograd.Function):
+    """`F.embedding` whose backward adds the rows' gradients straight into the weight's existing
+    `.grad` (nn.Embedding's dense backward first builds a zero [V, H] tensor, which autograd then
+    adds to .grad); with no .grad yet it returns that tensor as usual. Rows of `padding_idx` get
+    no gradient, as in nn.Embedding. ids [N, L] int, weight [V, H] -> [N, L, H]."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx):
+        ctx.save_for_backward(ids, weight)
+        ctx.padding_idx = padding_idx
+        return torch.nn.functional.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ids, weight = ctx.saved_tensors
+        if not ctx.needs_input_grad[1]:
+            return None, None, None
+        ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        if ctx.padding_idx is not None:
+            keep = ids != ctx.padding_idx
+            ids, grad = ids[keep], grad[keep]
+        if weight.grad is not None:
+            weight.grad.index_add_(0, ids, grad.to(weight.grad.dtype))
+            return None, None, None
+        return None, torch.zeros_like(weight).index_add_(0, ids, grad.to(weight.dtype)), None
+
+
+def _embed_in_place(model: nn.Module, ids: Tensor) -> Tensor | None:
+    """The input embeddings through `_Embedding`, or None when the model's embedding is not a
+    plain nn.Embedding with default options (a subclass may scale its output, max_norm renorms
+    the weight, sparse and scale_grad_by_freq change the gradient)."""
+    emb = model.get_input_embeddings()
+    if type(emb) is not nn.Embedding or emb.max_norm is not None:
+        return None
+    if emb.sparse or emb.scale_grad_by_freq:
+        return None
+    return _Embedding.apply(ids, emb.weight, emb.padding_idx)
+
+
+def _hidden(model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> Tensor:
+    """Final-norm hidden states [N, L, H] of the base model; no KV cache (nothing decodes).
+    `inputs_embeds` [N, L, H]: the input embeddings, when computed by the caller."""
+    ids = batch.input_ids if inputs_embeds is None else None
     return model.model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        input_ids=ids,
+        inputs_embeds=inputs_embeds,
+        attention_mask=batch.attention_mask,
+        use_cache=False,
     )[0]
 
 
@@ -384,9 +428,14 @@ def policy_forward(
     """ONE forward of a HF causal LM (`model.model` + `model.lm_head`) -> log-probs, entropies and
     features of the completion tokens, all with grad (docs/architecture.md, Loss). Log-probs and entropies are those
     of the sampling distribution at `temperature`; the vocabulary projection runs in blocks of at
-    most `chunk_bytes` of fp32 logits (`token_logp_entropy`, which also says what
-    `grad_in_place` does)."""
-    h = _hidden(model, batch)  # [N, L, H]
+    most `chunk_bytes` of fp32 logits (`token_logp_entropy`).
+
+    `grad_in_place`: the vocabulary matrices' gradients (input embedding and head) go straight
+    into their existing `.grad`, as `backward()` would add them, without first building another
+    [V, H] tensor each; only for callers that run `backward()` with no hooks on those weights and
+    no FSDP sharding of them."""
+    embeds = _embed_in_place(model, batch.input_ids) if grad_in_place else None
+    h = _hidden(model, batch, embeds)  # [N, L, H]
     h_pred = _gather_positions(h, batch.pred_pos)  # [N, T, H]
     logp, entropy = _token_logp_entropy(
         model.lm_head,

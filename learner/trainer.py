@@ -333,8 +333,9 @@ class Trainer:
             self.policy,
             batch,
             need_entropy=self.algorithm.needs_entropy,
-            # the step only calls backward(); FSDP heads take the hooked path anyway
-            grad_in_place=True,
+            # the step only calls backward(), and puts no hooks on the vocabulary matrices
+            # unless FSDP shards them
+            grad_in_place=not self.sharded,
             **self.forward_kwargs(batch),
         )
         group_ids = torch.tensor([s.group for s in mb], device=self.device)

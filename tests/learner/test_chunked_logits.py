@@ -238,3 +238,29 @@ def test_blocked_head_allocates_no_token_by_vocabulary_tensor_and_one_head_gradi
         assert max(n[0] for _, n in sizes if len(n) == 2 and n[1] == vocab) == rows
         assert sum(n == (vocab, hidden) for _, n in sizes) == head_grads, sizes
     assert head.weight.grad is not None and h.grad is not None
+
+
+@pytest.mark.parametrize(
+    "make, padding_idx",
+    [(tiny_qwen2, None), (tiny_qwen2, 0), (tiny_llama_tied, None)],
+    ids=["qwen2", "qwen2_padding_idx", "llama_tied"],
+)
+def test_gradients_in_place_over_micro_batches_equal_autograds(make, padding_idx):
+    # two backwards, as two micro-batches: the second adds the embedding's and the head's
+    # gradients into the existing .grad; the reference is plain autograd, whole-batch logits
+    batches = [_batch(5), _batch(6)]
+    grads = []
+    for kw in [{"chunk_bytes": 0}, {"chunk_bytes": 3 * 4 * VOCAB, "grad_in_place": True}]:
+        model = make()
+        model.get_input_embeddings().padding_idx = padding_idx  # collate pads with id 0
+        for batch in batches:
+            out = policy_forward(model, batch, **kw)
+            w = torch.linspace(0.5, 1.5, out.logp.numel()).view_as(out.logp)
+            (w * out.logp + 0.3 * w.flip(0) * out.entropy).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    want, got = grads
+    assert want.keys() == got.keys()
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-5, msg=name)
+    if padding_idx is not None:
+        assert got["model.embed_tokens.weight"][padding_idx].abs().max() == 0
