@@ -146,6 +146,18 @@ def _logp_entropy_block(
     return logp, -(logprobs.exp() * logprobs).sum(-1)
 
 
+def _grad_buffer(weight: Tensor, in_place: bool) -> Tensor:
+    """Where a backward sums `weight`'s gradient: with `in_place`, `weight.grad` itself (zeros
+    when there is none yet), as `backward()` would accumulate it but without first building
+    another [V, H] tensor, and nothing is returned to autograd; else a new zero tensor, returned.
+    In place suits only callers that run `backward()` with no hooks on `weight` (the trainer)."""
+    if not in_place:
+        return torch.zeros_like(weight)
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    return weight.grad
+
+
 def _head_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
     """Dtype of the head's matmul: autocast's when it is on (as `lm_head(h)` would run), else the
     weight's."""
@@ -190,12 +202,8 @@ class _BlockedHead(torch.autograd.Function):
         b = None if bias is None else bias.to(dt)
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = grad_b = None
-        in_place = need_w and ctx.grad_in_place and weight.grad is not None
         if need_w:
-            # `backward()` adds a gradient into an existing .grad in place; doing it here spares
-            # the [V, H] tensor returned first (asked for by the trainer only: its head has no
-            # gradient hooks and it never calls autograd.grad)
-            grad_w = weight.grad if in_place else torch.zeros_like(weight)
+            grad_w = _grad_buffer(weight, ctx.grad_in_place)
         if need_b:
             grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         g_ent = g_ent if g_ent.numel() else None
@@ -221,7 +229,7 @@ class _BlockedHead(torch.autograd.Function):
                         grad_w.add_(dz.T @ hs)
                 if grad_b is not None:
                     grad_b += dz.float().sum(0)
-        if in_place:
+        if ctx.grad_in_place:
             grad_w = None  # already in weight.grad
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
@@ -295,9 +303,7 @@ def token_logp_entropy(
     each block through autograd. When all M rows fit in one block (small vocabularies), or with
     `chunk_bytes` 0, it is one plain block and nothing is recomputed. `min_blocks`: run at least
     this many blocks (empty ones past the rows): FSDP ranks must call lm_head equally often.
-    `grad_in_place`: add the head weight's gradient straight into an existing `.grad`, as
-    `backward()` would, without a second [V, H] tensor; only for callers that run `backward()`
-    with no hooks on that weight.
+    `grad_in_place`: sum the head weight's gradient straight into its `.grad` (`_grad_buffer`).
     """
     rows = block_rows(lm_head, h.shape[0], chunk_bytes)
     n_blocks = max(min_blocks, -(-h.shape[0] // rows))
@@ -365,10 +371,10 @@ def _pool(h: Tensor, pred_pos: Tensor, mask: Tensor) -> Tensor:
 
 
 class _Embedding(torch.autograd.Function):
-    """`F.embedding` whose backward adds the rows' gradients straight into the weight's existing
-    `.grad` (nn.Embedding's dense backward first builds a zero [V, H] tensor, which autograd then
-    adds to .grad); with no .grad yet it returns that tensor as usual. Rows of `padding_idx` get
-    no gradient, as in nn.Embedding. ids [N, L] int, weight [V, H] -> [N, L, H]."""
+    """`F.embedding` whose backward adds the rows' gradients straight into the weight's `.grad`
+    (`_grad_buffer`, in place): nn.Embedding's dense backward builds a zero [V, H] tensor per
+    call, which autograd then adds to .grad. Rows of `padding_idx` get no gradient, as in
+    nn.Embedding. ids [N, L] int, weight [V, H] -> [N, L, H]."""
 
     @staticmethod
     def forward(ctx, ids, weight, padding_idx):
@@ -379,16 +385,14 @@ class _Embedding(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         ids, weight = ctx.saved_tensors
-        if not ctx.needs_input_grad[1]:
-            return None, None, None
-        ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
-        if ctx.padding_idx is not None:
-            keep = ids != ctx.padding_idx
-            ids, grad = ids[keep], grad[keep]
-        if weight.grad is not None:
-            weight.grad.index_add_(0, ids, grad.to(weight.grad.dtype))
-            return None, None, None
-        return None, torch.zeros_like(weight).index_add_(0, ids, grad.to(weight.dtype)), None
+        if ctx.needs_input_grad[1]:
+            ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+            if ctx.padding_idx is not None:
+                keep = ids != ctx.padding_idx
+                ids, grad = ids[keep], grad[keep]
+            buf = _grad_buffer(weight, in_place=True)
+            buf.index_add_(0, ids, grad.to(buf.dtype))
+        return None, None, None
 
 
 def _embed_in_place(model: nn.Module, ids: Tensor) -> Tensor | None:
@@ -430,10 +434,9 @@ def policy_forward(
     of the sampling distribution at `temperature`; the vocabulary projection runs in blocks of at
     most `chunk_bytes` of fp32 logits (`token_logp_entropy`).
 
-    `grad_in_place`: the vocabulary matrices' gradients (input embedding and head) go straight
-    into their existing `.grad`, as `backward()` would add them, without first building another
-    [V, H] tensor each; only for callers that run `backward()` with no hooks on those weights and
-    no FSDP sharding of them."""
+    `grad_in_place`: the vocabulary matrices' gradients (input embedding and head) are summed
+    straight into their `.grad` (`_grad_buffer`), not into a new [V, H] tensor each; not for
+    FSDP-sharded models, whose hooks must see those gradients."""
     embeds = _embed_in_place(model, batch.input_ids) if grad_in_place else None
     h = _hidden(model, batch, embeds)  # [N, L, H]
     h_pred = _gather_positions(h, batch.pred_pos)  # [N, T, H]

@@ -200,17 +200,15 @@ def test_blocked_head_analytic_gradients_equal_autograd(spec, bias):
             torch.testing.assert_close(g, n * wg, rtol=1e-5, atol=1e-5)
 
 
-def test_blocked_head_allocates_no_token_by_vocabulary_tensor_and_one_head_gradient():
+def _allocations():
+    """A dispatch mode recording the shape of every tensor an op allocates (not a view of, nor an
+    in-place result on, one of its inputs), in `.sizes`."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    vocab, hidden, m, rows = 500, 8, 40, 4
-    sizes: list[tuple[str, tuple[int, ...]]] = []
-
-    class Shapes(TorchDispatchMode):
+    class Allocations(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
-            # new memory only: not a view of, nor an in-place result on, an input
             seen = {
                 t.untyped_storage().data_ptr()
                 for a in [*args, *kwargs.values()]
@@ -219,24 +217,30 @@ def test_blocked_head_allocates_no_token_by_vocabulary_tensor_and_one_head_gradi
             }
             for t in out if isinstance(out, (tuple, list)) else [out]:
                 if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                    sizes.append((str(func), tuple(t.shape)))
+                    self.sizes.append(tuple(t.shape))
             return out
 
+    mode = Allocations()
+    mode.sizes: list[tuple[int, ...]] = []
+    return mode
+
+
+def test_blocked_head_allocates_no_token_by_vocabulary_tensor_and_one_head_gradient():
+    vocab, hidden, m, rows = 500, 8, 40, 4
     torch.manual_seed(0)
     head = torch.nn.Linear(hidden, vocab, bias=False)
     h = torch.randn(m, hidden, requires_grad=True)
     targets = torch.randint(0, vocab, (m,))
     for in_place, head_grads in [(False, 1), (True, 0)]:
-        sizes.clear()
-        with Shapes():
+        with _allocations() as mode:
             lp, ent = token_logp_entropy(
                 head, h, targets, chunk_bytes=rows * 4 * vocab, grad_in_place=in_place
             )
             (lp.sum() + ent.sum()).backward()
         # blocks of `rows` logits only, and one [V, H] gradient summed in place (none when it
         # goes straight into the existing .grad)
-        assert max(n[0] for _, n in sizes if len(n) == 2 and n[1] == vocab) == rows
-        assert sum(n == (vocab, hidden) for _, n in sizes) == head_grads, sizes
+        assert max(n[0] for n in mode.sizes if len(n) == 2 and n[1] == vocab) == rows
+        assert mode.sizes.count((vocab, hidden)) == head_grads, mode.sizes
     assert head.weight.grad is not None and h.grad is not None
 
 
@@ -264,3 +268,14 @@ def test_gradients_in_place_over_micro_batches_equal_autograds(make, padding_idx
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-5, msg=name)
     if padding_idx is not None:
         assert got["model.embed_tokens.weight"][padding_idx].abs().max() == 0
+
+
+def test_tied_vocabulary_matrix_gets_one_gradient_tensor_in_place():
+    # head and input embedding share the matrix: both backwards sum into the one .grad
+    model = tiny_llama_tied()
+    batch = _batch(7)
+    with _allocations() as mode:
+        out = policy_forward(model, batch, chunk_bytes=3 * 4 * VOCAB, grad_in_place=True)
+        (out.logp.sum() + out.entropy.sum()).backward()
+    assert mode.sizes.count(tuple(model.lm_head.weight.shape)) == 1
+    assert model.lm_head.weight.grad is model.get_input_embeddings().weight.grad
