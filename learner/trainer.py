@@ -215,7 +215,14 @@ class Trainer:
         self.predictor_params = [] if self.predictor is None else list(self.predictor.parameters())
         params += self.predictor_params
         self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=learner.lr, weight_decay=learner.weight_decay)
+        # the fused kernel updates in place; the default per-tensor AdamW on CPU builds two
+        # temporaries the size of the largest parameter (the vocabulary matrix) on every step
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=learner.lr,
+            weight_decay=learner.weight_decay,
+            fused=self.device.type in ("cpu", "cuda"),
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(learner.total_steps, learner.warmup_ratio)
         )
