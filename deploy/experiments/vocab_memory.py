@@ -26,7 +26,10 @@ micro-batch budget, so each group is one micro-batch. Two figures per case:
   creates AdamW's state).
 
 `--chunk-mib 0` is the unchunked vocabulary projection (at V = 151,936 its fp32 [tokens x V]
-logits take 2.3 GiB per copy for 4096 tokens: mind the machine's memory).
+logits take 2.3 GiB per copy for 4096 tokens: mind the machine's memory). On a 2-core machine a
+V = 151,936 step of the default shape takes minutes; `--tokens 128 --micro-batch-tokens 1024`
+keeps two micro-batches at a quarter of the cost. Method and figures: docs/benchmarks-notes.md,
+"Learner memory against the vocabulary".
 """
 
 from __future__ import annotations
