@@ -146,6 +146,141 @@ def _logp_entropy_block(
     return logp, -(logprobs.exp() * logprobs).sum(-1)
 
 
+def _grad_buffer(weight: Tensor, in_place: bool) -> Tensor:
+    """Where a backward sums `weight`'s gradient: with `in_place`, `weight.grad` itself (zeros
+    when there is none yet), as `backward()` would accumulate it but without first building
+    another [V, H] tensor, and nothing is returned to autograd; else a new zero tensor, returned.
+    In place suits only callers that run `backward()` with no hooks on `weight` (the trainer)."""
+    if not in_place:
+        return torch.zeros_like(weight)
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    return weight.grad
+
+
+def _head_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
+    """Dtype of the head's matmul: autocast's when it is on (as `lm_head(h)` would run), else the
+    weight's."""
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype
+
+
+class _BlockedHead(torch.autograd.Function):
+    """log π(target) and entropy of softmax(spec(h Wᵀ + b)), block by block, for a plain
+    `nn.Linear` head. Autograd keeps only the inputs: the backward recomputes each block's logits
+    and writes its analytic gradient in place, so forward and backward hold two fp32 [c, V]
+    tensors at a time, and the head's gradient is summed into ONE [V, H] tensor (checkpointing
+    each block through autograd instead returns a [V, H] gradient per block that the engine adds
+    to the previous ones: a second [V, H] tensor). Under autocast the weight is cast once per pass,
+    not once per block."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, spec, rows, need_entropy, grad_in_place):
+        dt = _head_dtype(h, weight)
+        w, hc = weight.to(dt), h.to(dt)
+        b = None if bias is None else bias.to(dt)
+        logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        ent = torch.empty(h.shape[0] if need_entropy else 0, dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], rows):
+                lsm = _block_log_softmax(hc[s : s + rows], w, b, spec)  # [c, V]
+                logp[s : s + rows] = lsm.gather(-1, targets[s : s + rows, None])[:, 0]
+                if need_entropy:
+                    ent[s : s + rows] = -lsm.exp().mul_(lsm).sum(-1)
+        ctx.save_for_backward(h, weight, bias, targets, ent)
+        ctx.spec, ctx.rows, ctx.dt, ctx.grad_in_place = spec, rows, dt, grad_in_place
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h, weight, bias, targets, ent = ctx.saved_tensors
+        spec, rows, dt = ctx.spec, ctx.rows, ctx.dt
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w, hc = weight.to(dt), h.to(dt)
+        b = None if bias is None else bias.to(dt)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = grad_b = None
+        if need_w:
+            grad_w = _grad_buffer(weight, ctx.grad_in_place)
+        if need_b:
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        g_ent = g_ent if g_ent.numel() else None
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], rows):
+                hs = hc[s : s + rows]
+                dz = _block_logit_grad(
+                    hs,
+                    w,
+                    b,
+                    spec,
+                    targets[s : s + rows],
+                    g_logp[s : s + rows],
+                    None if g_ent is None else g_ent[s : s + rows],
+                    None if g_ent is None else ent[s : s + rows],
+                ).to(dt)  # [c, V]
+                if grad_h is not None:
+                    grad_h[s : s + rows] = dz @ w
+                if grad_w is not None:
+                    if dz.dtype == grad_w.dtype:
+                        grad_w.addmm_(dz.T, hs)
+                    else:  # low-precision matmul as autocast's, summed in the weight's dtype
+                        grad_w.add_(dz.T @ hs)
+                if grad_b is not None:
+                    grad_b += dz.float().sum(0)
+        if ctx.grad_in_place:
+            grad_w = None  # already in weight.grad
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _block_log_softmax(h: Tensor, w: Tensor, b: Tensor | None, spec: LogitSpec) -> Tensor:
+    """log π of one block: h [c, H], w [V, H] -> [c, V] fp32."""
+    z = spec.apply(torch.nn.functional.linear(h, w, b).float())
+    return z.sub_(torch.logsumexp(z, -1, keepdim=True))
+
+
+def _block_logit_grad(
+    h: Tensor,
+    w: Tensor,
+    b: Tensor | None,
+    spec: LogitSpec,
+    targets: Tensor,
+    g_logp: Tensor,
+    g_ent: Tensor | None,
+    ent: Tensor | None,
+) -> Tensor:
+    """∂L/∂u of one block, u = h Wᵀ + b the head's raw output, given ∂L/∂ log π(target) g_logp
+    [c] and ∂L/∂H g_ent [c] (H [c]: the block's entropies) -> [c, V] fp32.
+
+    With z = spec(u), p = softmax(z): ∂ log p_t/∂z = onehot(t) − p and ∂H/∂z = −p ⊙ (log p + H);
+    then through spec (scale, softcap, temperature)."""
+    u = torch.nn.functional.linear(h, w, b).float()
+    z = spec.apply(u)
+    softcapped = z if spec.softcap is not None else None  # needed by the softcap's derivative
+    lsm = (z if softcapped is None else z.clone()).sub_(torch.logsumexp(z, -1, keepdim=True))
+    del u
+    p = lsm.exp()
+    if g_ent is not None:
+        dz = lsm.add_(ent[:, None]).mul_(p).mul_(-g_ent[:, None])
+        dz.sub_(p.mul_(g_logp[:, None]))
+    else:
+        dz = p.mul_(-g_logp[:, None])
+    del p
+    dz.scatter_add_(-1, targets[:, None], g_logp[:, None].to(dz.dtype))
+    if spec.temperature != 1.0:
+        dz.div_(spec.temperature)
+    if softcapped is not None:
+        # z = cap·tanh(s·u/cap)/T: ∂z/∂(s·u) = 1 − tanh², tanh = z·T/cap
+        t = softcapped.mul_(spec.temperature / spec.softcap)
+        dz.mul_(t.mul_(t).neg_().add_(1.0))
+    if spec.scale != 1.0:
+        dz.mul_(spec.scale)
+    return dz
+
+
 def token_logp_entropy(
     lm_head: nn.Module,
     h: Tensor,
@@ -155,21 +290,30 @@ def token_logp_entropy(
     spec: LogitSpec = LogitSpec(),
     chunk_bytes: int = LOGITS_CHUNK_BYTES,
     min_blocks: int = 1,
+    grad_in_place: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of `targets` and entropies of π = softmax(spec(lm_head(h))) without materialising
     the [M, V] logits at once: h [M, H], targets [M] -> (log π [M], entropy [M] or None), fp32.
 
     The M positions are cut into blocks of c = chunk_bytes / (4·V) rows; each block's fp32 logits,
     log-softmax and entropy exist only while that block is computed, and under autograd the block
-    is recomputed in the backward (activation checkpointing), so memory holds O(c·V) rather than
-    O(M·V) whatever the vocabulary. When all M rows fit in one block (small vocabularies), or with
+    is recomputed in the backward, so memory holds O(c·V) rather than O(M·V) whatever the
+    vocabulary. A plain `nn.Linear` head runs `_BlockedHead` (analytic backward, one [V, H]
+    gradient); any other head (e.g. an FSDP unit, whose hooks must see every call) checkpoints
+    each block through autograd. When all M rows fit in one block (small vocabularies), or with
     `chunk_bytes` 0, it is one plain block and nothing is recomputed. `min_blocks`: run at least
     this many blocks (empty ones past the rows): FSDP ranks must call lm_head equally often.
+    `grad_in_place`: sum the head weight's gradient straight into its `.grad` (`_grad_buffer`).
     """
     rows = block_rows(lm_head, h.shape[0], chunk_bytes)
     n_blocks = max(min_blocks, -(-h.shape[0] // rows))
     if n_blocks == 1:
         logp, ent = _logp_entropy_block(lm_head, spec, h, targets, need_entropy)
+        return logp, ent if need_entropy else None
+    if type(lm_head) is nn.Linear:
+        logp, ent = _BlockedHead.apply(
+            h, lm_head.weight, lm_head.bias, targets, spec, rows, need_entropy, grad_in_place
+        )
         return logp, ent if need_entropy else None
     checkpointed = torch.is_grad_enabled() and (
         h.requires_grad or any(p.requires_grad for p in lm_head.parameters())
@@ -195,6 +339,7 @@ def _token_logp_entropy(
     spec: LogitSpec,
     chunk_bytes: int,
     min_blocks: int = 1,
+    grad_in_place: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Vocabulary projection of the M real completion positions only: h_pred [N, T, H],
     targets, mask [N, T] -> log π [N, T] and entropy [N, T] (or None), 0 on padding."""
@@ -207,6 +352,7 @@ def _token_logp_entropy(
         spec=spec,
         chunk_bytes=chunk_bytes,
         min_blocks=min_blocks,
+        grad_in_place=grad_in_place,
     )
     logp = torch.zeros(mask.shape, dtype=lp_flat.dtype, device=mask.device)
     logp = logp.masked_scatter(sel, lp_flat)
@@ -224,10 +370,52 @@ def _pool(h: Tensor, pred_pos: Tensor, mask: Tensor) -> Tensor:
     return (h_tok * m).sum(1) / m.sum(1).clamp_min(1)
 
 
-def _hidden(model: nn.Module, batch: Batch) -> Tensor:
-    """Final-norm hidden states [N, L, H] of the base model; no KV cache (nothing decodes)."""
+class _Embedding(torch.autograd.Function):
+    """`F.embedding` whose backward adds the rows' gradients straight into the weight's `.grad`
+    (`_grad_buffer`, in place): nn.Embedding's dense backward builds a zero [V, H] tensor per
+    call, which autograd then adds to .grad. Rows of `padding_idx` get no gradient, as in
+    nn.Embedding. ids [N, L] int, weight [V, H] -> [N, L, H]."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx):
+        ctx.save_for_backward(ids, weight)
+        ctx.padding_idx = padding_idx
+        return torch.nn.functional.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ids, weight = ctx.saved_tensors
+        if ctx.needs_input_grad[1]:
+            ids, grad = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+            if ctx.padding_idx is not None:
+                keep = ids != ctx.padding_idx
+                ids, grad = ids[keep], grad[keep]
+            buf = _grad_buffer(weight, in_place=True)
+            buf.index_add_(0, ids, grad.to(buf.dtype))
+        return None, None, None
+
+
+def _embed_in_place(model: nn.Module, ids: Tensor) -> Tensor | None:
+    """The input embeddings through `_Embedding`, or None when the model's embedding is not a
+    plain nn.Embedding with default options (a subclass may scale its output, max_norm renorms
+    the weight, sparse and scale_grad_by_freq change the gradient)."""
+    emb = model.get_input_embeddings()
+    if type(emb) is not nn.Embedding or emb.max_norm is not None:
+        return None
+    if emb.sparse or emb.scale_grad_by_freq:
+        return None
+    return _Embedding.apply(ids, emb.weight, emb.padding_idx)
+
+
+def _hidden(model: nn.Module, batch: Batch, inputs_embeds: Tensor | None = None) -> Tensor:
+    """Final-norm hidden states [N, L, H] of the base model; no KV cache (nothing decodes).
+    `inputs_embeds` [N, L, H]: the input embeddings, when computed by the caller."""
+    ids = batch.input_ids if inputs_embeds is None else None
     return model.model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        input_ids=ids,
+        inputs_embeds=inputs_embeds,
+        attention_mask=batch.attention_mask,
+        use_cache=False,
     )[0]
 
 
@@ -239,12 +427,18 @@ def policy_forward(
     temperature: float = 1.0,
     chunk_bytes: int = LOGITS_CHUNK_BYTES,
     min_blocks: int = 1,
+    grad_in_place: bool = False,
 ) -> PolicyOutput:
     """ONE forward of a HF causal LM (`model.model` + `model.lm_head`) -> log-probs, entropies and
     features of the completion tokens, all with grad (docs/architecture.md, Loss). Log-probs and entropies are those
     of the sampling distribution at `temperature`; the vocabulary projection runs in blocks of at
-    most `chunk_bytes` of fp32 logits (`token_logp_entropy`)."""
-    h = _hidden(model, batch)  # [N, L, H]
+    most `chunk_bytes` of fp32 logits (`token_logp_entropy`).
+
+    `grad_in_place`: the vocabulary matrices' gradients (input embedding and head) are summed
+    straight into their `.grad` (`_grad_buffer`), not into a new [V, H] tensor each; not for
+    FSDP-sharded models, whose hooks must see those gradients."""
+    embeds = _embed_in_place(model, batch.input_ids) if grad_in_place else None
+    h = _hidden(model, batch, embeds)  # [N, L, H]
     h_pred = _gather_positions(h, batch.pred_pos)  # [N, T, H]
     logp, entropy = _token_logp_entropy(
         model.lm_head,
@@ -255,6 +449,7 @@ def policy_forward(
         logit_spec(model, temperature),
         chunk_bytes,
         min_blocks,
+        grad_in_place,
     )
     return PolicyOutput(logp, entropy, _pool(h, batch.pred_pos, batch.mask))
 

@@ -215,7 +215,14 @@ class Trainer:
         self.predictor_params = [] if self.predictor is None else list(self.predictor.parameters())
         params += self.predictor_params
         self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=learner.lr, weight_decay=learner.weight_decay)
+        # the fused kernel updates in place; the default per-tensor AdamW on CPU builds two
+        # temporaries the size of the largest parameter (the vocabulary matrix) on every step
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=learner.lr,
+            weight_decay=learner.weight_decay,
+            fused=self.device.type in ("cpu", "cuda"),
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(learner.total_steps, learner.warmup_ratio)
         )
@@ -333,6 +340,9 @@ class Trainer:
             self.policy,
             batch,
             need_entropy=self.algorithm.needs_entropy,
+            # the step only calls backward(), and puts no hooks on the vocabulary matrices
+            # unless FSDP shards them
+            grad_in_place=not self.sharded,
             **self.forward_kwargs(batch),
         )
         group_ids = torch.tensor([s.group for s in mb], device=self.device)

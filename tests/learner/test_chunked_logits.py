@@ -130,16 +130,19 @@ def test_token_logp_entropy_hand_computed():
     torch.testing.assert_close(ent, torch.tensor([h1, np.log(2.0)], dtype=torch.float32))
 
 
-def test_trainer_step_gradients_blockwise_equal_whole():
+@pytest.mark.parametrize("micro_batch_tokens", [4096, 24], ids=["one_micro_batch", "several"])
+def test_trainer_step_gradients_blockwise_equal_whole(micro_batch_tokens):
     from learner_helpers import make_groups
 
     from popo.common.config import LearnerConfig, algorithm_config
-    from popo.learner.trainer import Trainer
+    from popo.learner.trainer import Trainer, flatten_groups, pack_micro_batches
 
     groups = make_groups(4, 4, seed=6)
     results = []
     for chunk_bytes in (0, 2 * 4 * VOCAB):
-        lc = LearnerConfig(lr=1e-3, total_steps=10, device="cpu")
+        lc = LearnerConfig(
+            lr=1e-3, total_steps=10, device="cpu", micro_batch_tokens=micro_batch_tokens
+        )
         ac = algorithm_config(predictor_hidden=16, feature_noise_std=0.0)
         tr = Trainer(tiny_qwen2(), lc, ac, max_completion_len=8)
         tr.chunk_bytes = chunk_bytes
@@ -148,8 +151,131 @@ def test_trainer_step_gradients_blockwise_equal_whole():
             lambda opt, *_, grads=grads, tr=tr: grads.extend(p.grad.clone() for p in tr.params)
         )
         results.append((tr.train_step(groups), grads))
+    # several micro-batches: the head's gradient is added into the existing .grad in place
+    n_micro = len(pack_micro_batches(flatten_groups(groups, "popo"), micro_batch_tokens))
+    assert (n_micro > 1) == (micro_batch_tokens < 4096)
     (m1, g1), (m2, g2) = results
     for k in ("loss", "loss_nll", "loss_ent", "entropy", "ema_kl", "grad_norm"):
         assert m2[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-6), k
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+class _HookedLinear(torch.nn.Linear):
+    """Any head other than a plain nn.Linear (an FSDP unit is one) takes the checkpointed path."""
+
+
+def _head_grads(head, h0, targets, spec, chunk_bytes, backwards=1, **kw):
+    h = h0.clone().requires_grad_()
+    w = torch.linspace(0.5, 1.5, h.shape[0])
+    for _ in range(backwards):
+        lp, ent = token_logp_entropy(head, h, targets, spec=spec, chunk_bytes=chunk_bytes, **kw)
+        ((w * lp).sum() + 0.3 * (w.flip(0) * ent).sum()).backward()
+    grads = [h.grad, head.weight.grad] + ([head.bias.grad] if head.bias is not None else [])
+    head.zero_grad(set_to_none=True)
+    return lp.detach(), ent.detach(), *grads
+
+
+@pytest.mark.parametrize(
+    "spec", [LogitSpec(), LogitSpec(0.5, 3.0, 1.3)], ids=["plain", "scale_softcap_temperature"]
+)
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_blocked_head_analytic_gradients_equal_autograd(spec, bias):
+    vocab, rows = 300, 3
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, vocab, bias=bias)
+    hooked = _HookedLinear(16, vocab, bias=bias)
+    hooked.load_state_dict(head.state_dict())
+    h0, targets = torch.randn(23, 16) * 2, torch.randint(0, vocab, (23,))
+    want = _head_grads(head, h0, targets, spec, 0)
+    # two backwards: the second adds the head's gradient into the existing .grad in place
+    for got, n in [
+        (_head_grads(head, h0, targets, spec, rows * 4 * vocab), 1),
+        (_head_grads(hooked, h0, targets, spec, rows * 4 * vocab), 1),
+        (_head_grads(head, h0, targets, spec, rows * 4 * vocab, 2, grad_in_place=True), 2),
+    ]:
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)
+        for g, wg in zip(got[2:], want[2:], strict=True):
+            torch.testing.assert_close(g, n * wg, rtol=1e-5, atol=1e-5)
+
+
+def _allocations():
+    """A dispatch mode recording the shape of every tensor an op allocates (not a view of, nor an
+    in-place result on, one of its inputs), in `.sizes`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            seen = {
+                t.untyped_storage().data_ptr()
+                for a in [*args, *kwargs.values()]
+                for t in (a if isinstance(a, (tuple, list)) else [a])
+                if isinstance(t, torch.Tensor)
+            }
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                    self.sizes.append(tuple(t.shape))
+            return out
+
+    mode = Allocations()
+    mode.sizes: list[tuple[int, ...]] = []
+    return mode
+
+
+def test_blocked_head_allocates_no_token_by_vocabulary_tensor_and_one_head_gradient():
+    vocab, hidden, m, rows = 500, 8, 40, 4
+    torch.manual_seed(0)
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    h = torch.randn(m, hidden, requires_grad=True)
+    targets = torch.randint(0, vocab, (m,))
+    for in_place, head_grads in [(False, 1), (True, 0)]:
+        with _allocations() as mode:
+            lp, ent = token_logp_entropy(
+                head, h, targets, chunk_bytes=rows * 4 * vocab, grad_in_place=in_place
+            )
+            (lp.sum() + ent.sum()).backward()
+        # blocks of `rows` logits only, and one [V, H] gradient summed in place (none when it
+        # goes straight into the existing .grad)
+        assert max(n[0] for n in mode.sizes if len(n) == 2 and n[1] == vocab) == rows
+        assert mode.sizes.count((vocab, hidden)) == head_grads, mode.sizes
+    assert head.weight.grad is not None and h.grad is not None
+
+
+@pytest.mark.parametrize(
+    "make, padding_idx",
+    [(tiny_qwen2, None), (tiny_qwen2, 0), (tiny_llama_tied, None)],
+    ids=["qwen2", "qwen2_padding_idx", "llama_tied"],
+)
+def test_gradients_in_place_over_micro_batches_equal_autograds(make, padding_idx):
+    # two backwards, as two micro-batches: the second adds the embedding's and the head's
+    # gradients into the existing .grad; the reference is plain autograd, whole-batch logits
+    batches = [_batch(5), _batch(6)]
+    grads = []
+    for kw in [{"chunk_bytes": 0}, {"chunk_bytes": 3 * 4 * VOCAB, "grad_in_place": True}]:
+        model = make()
+        model.get_input_embeddings().padding_idx = padding_idx  # collate pads with id 0
+        for batch in batches:
+            out = policy_forward(model, batch, **kw)
+            w = torch.linspace(0.5, 1.5, out.logp.numel()).view_as(out.logp)
+            (w * out.logp + 0.3 * w.flip(0) * out.entropy).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    want, got = grads
+    assert want.keys() == got.keys()
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-5, msg=name)
+    if padding_idx is not None:
+        assert got["model.embed_tokens.weight"][padding_idx].abs().max() == 0
+
+
+def test_tied_vocabulary_matrix_gets_one_gradient_tensor_in_place():
+    # head and input embedding share the matrix: both backwards sum into the one .grad
+    model = tiny_llama_tied()
+    batch = _batch(7)
+    with _allocations() as mode:
+        out = policy_forward(model, batch, chunk_bytes=3 * 4 * VOCAB, grad_in_place=True)
+        (out.logp.sum() + out.entropy.sum()).backward()
+    assert mode.sizes.count(tuple(model.lm_head.weight.shape)) == 1
+    assert model.lm_head.weight.grad is model.get_input_embeddings().weight.grad
