@@ -3,9 +3,12 @@ into the role's Prometheus registry (`popo_actor_*`) and metrics.jsonl."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 from popo.common.metrics import LATENCY_BUCKETS, RoleMetrics
+
+log = logging.getLogger("popo.actor")
 
 
 class ActorStats:
@@ -88,8 +91,17 @@ class ActorStats:
         self._rollouts.inc()
 
     def expired(self, n: int = 1) -> None:
+        before = self.leases_expired
         self.leases_expired += n
         self._expired.inc(n)
+        # Work thrown away is silent otherwise (the learner re-dispatches the prompt); say so at
+        # the 1st, 10th, 100th... expiry rather than once per lease.
+        if len(str(self.leases_expired)) > len(str(before)) or before == 0:
+            log.warning(
+                "%d leases expired before their groups were sent: the engine is slower than "
+                "learner.lease_timeout_s allows (raise it or lower actor.max_inflight_prompts)",
+                self.leases_expired,
+            )
 
     def rejected(self) -> None:
         self._rejected.inc()

@@ -94,6 +94,8 @@ class RunView:
         rows.append(("learner tokens/s", _fmt(lt, 0)))
         for inst in sorted(k for k in self.latest if k.startswith("actor")):
             rows.append((f"{inst} tokens/s", _fmt(self._rate(inst, "popo_actor_tokens_total"), 0)))
+            if expired := self.latest[inst].get("popo_actor_leases_expired_total"):
+                rows.append((f"{inst} leases expired", f"{expired:.0f} (learner.lease_timeout_s)"))
         for inst in sorted(k for k in self.latest if k.startswith("verifier")):
             rate = self._rate(inst, "popo_verifier_completions_total")
             rows.append((f"{inst} verifications/s", _fmt(rate, 1)))
