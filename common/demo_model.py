@@ -233,7 +233,7 @@ def build_demo_model(
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or use ensure_demo_model")
-    log = _progress_logger(progress)
+    log = progress_logger(progress)
     t_start = time.monotonic()
     # One thread, always: results stay bit-reproducible (reduction order depends on the thread
     # count), and on a shared 2-core machine two OpenMP threads spin against other processes; a
@@ -253,7 +253,6 @@ def _build(model_cfg: ModelConfig, synth_cfg: SyntheticTaskConfig, out: Path, lo
     import torch
 
     from popo.common import synthetic
-    from popo.common.weights import fsync_dir
 
     torch.manual_seed(model_cfg.demo.seed)
 
@@ -302,16 +301,25 @@ def _build(model_cfg: ModelConfig, synth_cfg: SyntheticTaskConfig, out: Path, lo
     shutil.rmtree(tmp, ignore_errors=True)
     save_model_dir(model, tokenizer, tmp)
     info["build_seconds"] = round(time.monotonic() - t_start, 2)
+    commit_build(tmp, out, info)
+    return info
+
+
+def commit_build(tmp: Path, out: Path, info: dict[str, Any]) -> None:
+    """Finish a model build written into `tmp`: `info` as its BUILD_INFO (written last), every
+    file fsynced, then `tmp` renamed to `out`, so a crash never leaves a directory that looks
+    finished."""
+    from popo.common.weights import fsync_dir
+
     (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
     for f in tmp.iterdir():
         with open(f, "rb+") as fh:
             os.fsync(fh.fileno())
     os.rename(tmp, out)
     fsync_dir(out.parent)
-    return info
 
 
-def _progress_logger(enabled: bool):
+def progress_logger(enabled: bool):
     def log(line: str) -> None:
         if enabled:
             print(line, file=sys.stderr, flush=True)

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from popo.common.config import ConfigError
+from popo.common.demo_model import BUILD_INFO, commit_build, progress_logger
 
-BUILD_INFO = "build_info.json"
-"""Written last into a built directory: a directory without it is not a finished build."""
 BUILD_VERSION = 1
 """Bumped whenever the build recipe changes, so cached builds of an older recipe are redone."""
 REAL_EXTRA_HINT = "pip install '.[real]'"
@@ -185,16 +184,11 @@ def build_packaged_model(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from popo.common.weights import fsync_dir
-
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or use ensure_packaged_model")
     gguf = source
-
-    def log(line: str) -> None:
-        if progress:
-            print(line, file=sys.stderr, flush=True)
+    log = progress_logger(progress)
 
     t0 = time.monotonic()
     log(f"{name}: reading {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB) from {gguf.parent}")
@@ -237,12 +231,7 @@ def build_packaged_model(
         "build_seconds": round(time.monotonic() - t0, 2),
         "torch": torch.__version__,
     }
-    (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    for f in tmp.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-    os.rename(tmp, out)
-    fsync_dir(out.parent)
+    commit_build(tmp, out, info)
     size = sum(f.stat().st_size for f in out.iterdir())
     log(
         f"{name}: {info['params'] / 1e6:.1f} M parameters, {size / 1e6:.0f} MB saved to {out} "
