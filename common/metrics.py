@@ -92,45 +92,61 @@ class _RoleRestarts(Collector):
         yield fam
 
 
+def process_tree_usage(pid: int | None = None) -> dict[str, float]:
+    """Resident bytes, CPU seconds (user + system, live processes) and count of process `pid`
+    (default: this one) and all its descendants, from /proc; empty without /proc."""
+    children: dict[int, list[int]] = {}
+    usage: dict[int, tuple[int, int]] = {}
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return {}
+    for name in entries:
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # exited since the listing
+            continue
+        # fields after the command name (which may hold spaces and parentheses): state, ppid, ...
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(name))
+        usage[int(name)] = (int(fields[21]), int(fields[11]) + int(fields[12]))
+    tree, todo = [], [os.getpid() if pid is None else pid]
+    while todo:
+        p = todo.pop()
+        if p in usage:
+            tree.append(p)
+            todo.extend(children.get(p, []))
+    return {
+        "rss_bytes": float(os.sysconf("SC_PAGE_SIZE") * sum(usage[p][0] for p in tree)),
+        "cpu_seconds": sum(usage[p][1] for p in tree) / os.sysconf("SC_CLK_TCK"),
+        "processes": float(len(tree)),
+    }
+
+
 class _ProcessTree(Collector):
-    """`popo_process_tree_resident_memory_bytes` and `popo_process_tree_processes`: this process and
-    all its descendants, read from /proc at scrape time. `process_*` covers the role's own process
-    only, while an actor's vLLM engine core and the verifier's scoring workers are its children.
-    Nothing on a system without /proc."""
+    """`popo_process_tree_*`: this process and all its descendants, read from /proc at scrape
+    time. `process_*` covers the role's own process only, while an actor's vLLM engine core and
+    the verifier's scoring workers are its children. Nothing on a system without /proc."""
 
     def collect(self) -> Iterator[Metric]:
-        children: dict[int, list[int]] = {}
-        rss_pages: dict[int, int] = {}
-        try:
-            entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
-        except OSError:
+        usage = process_tree_usage()
+        if not usage:
             return
-        for name in entries:
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:  # exited since the listing
-                continue
-            # fields after the command name (which may hold spaces and parentheses): state, ppid, ...
-            fields = stat[stat.rindex(b")") + 2 :].split()
-            children.setdefault(int(fields[1]), []).append(int(name))
-            rss_pages[int(name)] = int(fields[21])
-        tree, todo = [], [os.getpid()]
-        while todo:
-            pid = todo.pop()
-            if pid in rss_pages:
-                tree.append(pid)
-                todo.extend(children.get(pid, []))
-        page = os.sysconf("SC_PAGE_SIZE")
         yield GaugeMetricFamily(
             PREFIX + "process_tree_resident_memory_bytes",
             "Resident memory of this process and its descendants (shared pages counted in each)",
-            value=page * sum(rss_pages[p] for p in tree),
+            value=usage["rss_bytes"],
+        )
+        yield CounterMetricFamily(
+            PREFIX + "process_tree_cpu_seconds",
+            "CPU seconds (user + system) of this process and its live descendants",
+            value=usage["cpu_seconds"],
         )
         yield GaugeMetricFamily(
             PREFIX + "process_tree_processes",
             "This process and its live descendants",
-            value=len(tree),
+            value=usage["processes"],
         )
 
 
@@ -277,10 +293,14 @@ class RoleMetrics:
         to the same file never interleave within a line)."""
         if self.jsonl_path is None:
             return
-        line = json.dumps(
-            {"t": time.time(), "role": self.role, "instance": self.instance, **self.snapshot()},
-            separators=(",", ":"),
-        )
+        # The process tree's CPU and memory too: what each role (its engine core or scoring
+        # workers included) used over a run, for reports and benchmarks after it has ended.
+        tree = process_tree_usage()
+        rec = {"t": time.time(), "role": self.role, "instance": self.instance, **self.snapshot()}
+        if tree:
+            rec[PREFIX + "process_tree_cpu_seconds_total"] = tree["cpu_seconds"]
+            rec[PREFIX + "process_tree_resident_memory_bytes"] = tree["rss_bytes"]
+        line = json.dumps(rec, separators=(",", ":"))
         fd = os.open(self.jsonl_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, (line + "\n").encode())

@@ -83,6 +83,21 @@ def one_run(
     return info
 
 
+CPU_KEY = "popo_process_tree_cpu_seconds_total"
+
+
+def cpu_shares(recs: list[dict[str, Any]], t0: float, t1: float) -> dict[str, float]:
+    """Per role instance, the cores its process tree used on average over [t0, t1]: the CPU
+    seconds between its first and last metrics record inside the window, over their time apart."""
+    out: dict[str, float] = {}
+    for inst in sorted({r["instance"] for r in recs}):
+        inside = [r for r in recs if r["instance"] == inst and t0 <= r["t"] <= t1 and CPU_KEY in r]
+        if len(inside) >= 2 and inside[-1]["t"] > inside[0]["t"]:
+            a, b = inside[0], inside[-1]
+            out[inst] = (b[CPU_KEY] - a[CPU_KEY]) / (b["t"] - a["t"])
+    return out
+
+
 def _train_figures(run_dir: Path) -> dict[str, Any]:
     summary = json.loads(RunDir(run_dir).summary.read_text())
     recs = [json.loads(x) for x in RunDir(run_dir).metrics.read_text().splitlines()]
@@ -94,11 +109,7 @@ def _train_figures(run_dir: Path) -> dict[str, Any]:
     idle = idle_fractions(
         run_dir, steps[ks[0]]["end"], steps[ks[-1]]["end"], cfg.verifier.num_workers
     )
-    cpu = {
-        r["instance"]: r["process_cpu_seconds_total"]
-        for r in recs
-        if "process_cpu_seconds_total" in r
-    }
+    cpu = cpu_shares(recs, steps[ks[0]]["end"], steps[ks[-1]]["end"])
     return {
         "startup": summary.get("startup", {}),
         "step_s": last["popo_learner_step_seconds_sum"] / n if n else None,
@@ -242,6 +253,8 @@ def measure(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
     in_sys = med(r["step_s"] for r in d)
     phases = {k: med(r["startup"].get(k) for r in d) for k in d[0]["startup"]}
     idle = {k: med(r["idle"].get(k) for r in d) for k in d[0]["idle"]}
+    cores = {k: med(r["cpu_s"].get(k) for r in d) for k in d[0]["cpu_s"]}
+    shares = {r["name"]: len(r["cpus"]) for r in d[0]["placement"].get("roles", [])}
     res.notes.append(
         f"{DEFAULT}, medians: start-up from launch "
         + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items() if v is not None)
@@ -250,6 +263,10 @@ def measure(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
         f"batch shape and {learner_threads} thread(s) (ratio standalone / in-system "
         f"{statistics.median(alone) / in_sys:.2f}); idle fraction while training: "
         + ", ".join(f"{k} {v:.0%}" for k, v in idle.items() if v is not None)
+        + "; cores used while training (process tree, of the cores placed): "
+        + ", ".join(
+            f"{k} {v:.2f} of {shares.get(k, '?')}" for k, v in cores.items() if v is not None
+        )
     )
     res.figures = {
         "runs": runs,

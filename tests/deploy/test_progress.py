@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,44 @@ def test_expired_leases_warn_at_each_power_of_ten(caplog: pytest.LogCaptureFixtu
     assert warned == ["1", "10", "112"]
     assert stats.leases_expired == 112
     assert "learner.lease_timeout_s" in caplog.records[0].getMessage()
+
+
+def test_jsonl_records_carry_the_process_trees_cpu_and_memory(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from popo.common.metrics import process_tree_usage
+
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    child = subprocess.Popen([sys.executable, "-c", busy + "time.sleep(30)"])
+    try:
+        deadline = time.time() + 20
+        while process_tree_usage(child.pid)["cpu_seconds"] < 0.25:
+            assert time.time() < deadline, "the child never used its CPU"
+            time.sleep(0.1)
+        tree = process_tree_usage()  # this process and the child
+        assert tree["processes"] >= 2 and tree["rss_bytes"] > 0
+        assert tree["cpu_seconds"] >= process_tree_usage(child.pid)["cpu_seconds"]
+        m = RoleMetrics("actor", MetricsConfig(), tmp_path, instance="actor-0")
+        m.write_jsonl()
+    finally:
+        child.kill()
+        child.wait()
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert rec["popo_process_tree_cpu_seconds_total"] >= 0.25
+    assert rec["popo_process_tree_resident_memory_bytes"] > 0
+
+
+def test_cpu_shares_are_cores_used_inside_the_training_window() -> None:
+    from popo.deploy.bench.default import cpu_shares
+
+    key = "popo_process_tree_cpu_seconds_total"
+    recs = [
+        {"instance": "actor-0", "t": 0.0, key: 0.0},  # before the window: left out
+        {"instance": "actor-0", "t": 10.0, key: 5.0},
+        {"instance": "actor-0", "t": 20.0, key: 14.0},
+        {"instance": "learner", "t": 12.0, key: 1.0},
+        {"instance": "learner", "t": 16.0, key: 3.0},
+        {"instance": "verifier-0", "t": 15.0, key: 1.0},  # one record: no rate
+    ]
+    assert cpu_shares(recs, 5.0, 25.0) == {"actor-0": 0.9, "learner": 0.5}
