@@ -79,6 +79,20 @@ def test_publish_writes_shared_tensors_and_casts(tmp_path, dtype):
         assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
 
 
+def _engine(src, dtype: str):
+    """An offline vLLM CPU engine on `src` (no prefix cache: every call recomputes)."""
+    from vllm import LLM
+
+    return LLM(
+        model=str(src),
+        dtype=dtype,
+        enforce_eager=True,
+        seed=0,
+        enable_prefix_caching=False,
+        max_model_len=256,
+    )
+
+
 def _vllm_logprobs(llm, prompt, cont):
     from vllm import SamplingParams, TokensPrompt
 
@@ -93,7 +107,6 @@ def _vllm_logprobs(llm, prompt, cont):
 def test_vllm_reload_matches_learner_logprobs(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
 
     src = save_random_model(tmp_path / "model", seed=0)
     tr = _trained(src, steps=3)
@@ -101,14 +114,7 @@ def test_vllm_reload_matches_learner_logprobs(tmp_path, monkeypatch):
     msg = publish_weights(tr.policy, tmp_path / "weights", 1, source_dir=src, probe=(prompt, cont))
     learner_lp = unpack_f32(msg.probe_logprobs)
 
-    llm = LLM(
-        model=str(src),
-        dtype="float32",
-        enforce_eager=True,
-        seed=0,
-        enable_prefix_caching=False,
-        max_model_len=256,
-    )
+    llm = _engine(src, "float32")
     before = _vllm_logprobs(llm, prompt, cont)
     assert np.abs(before - learner_lp).max() > 1e-2  # the trained policy differs from the base
     llm.collective_rpc("reload_weights", kwargs={"weights_path": msg.path})
@@ -125,20 +131,12 @@ def test_vllm_reloads_a_bf16_publish_exactly(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     from transformers import AutoModelForCausalLM
-    from vllm import LLM
 
     src = save_random_model(tmp_path / "model", seed=0)
     base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     tr = _trained(src, steps=3)
     prompt, cont = np.array([1, 40, 41, 23, 12]), np.array([50, 51, 14, 15, 77, 2])
-    llm = LLM(
-        model=str(src),
-        dtype="bfloat16",
-        enforce_eager=True,
-        seed=0,
-        enable_prefix_caching=False,
-        max_model_len=256,
-    )
+    llm = _engine(src, "bfloat16")
     before = _vllm_logprobs(llm, prompt, cont)
     root = tmp_path / "weights"
     trained = publish_weights(tr.policy, root, 1, source_dir=src, dtype=torch.bfloat16)
@@ -171,19 +169,11 @@ def test_vllm_fp32_engine_loads_a_bf16_publish_as_its_rounded_values(tmp_path, m
     fp32 version of the rounded weights — half the bytes, nothing lost beyond the rounding."""
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
 
     src = save_random_model(tmp_path / "model", seed=0)
     tr = _trained(src, steps=2)
     prompt, cont = np.array([1, 40, 41, 23, 12]), np.array([50, 51, 14, 15, 77, 2])
-    llm = LLM(
-        model=str(src),
-        dtype="float32",
-        enforce_eager=True,
-        seed=0,
-        enable_prefix_caching=False,
-        max_model_len=256,
-    )
+    llm = _engine(src, "float32")
     root = tmp_path / "weights"
     half = publish_weights(tr.policy, root, 1, source_dir=src, dtype=torch.bfloat16)
     assert half.nbytes < 0.51 * (src / "model.safetensors").stat().st_size
