@@ -54,14 +54,16 @@ def is_loopback(host: str) -> bool:
 def unauthenticated_bind(t: TransportConfig, hosts: Iterable[str]) -> str | None:
     """Why binding ZeroMQ endpoints on `hosts` would listen unauthenticated on a network address,
     as a message; None when it would not (every host loopback, CurveZMQ keys, or
-    `allow_insecure_bind`). The one check behind `transport.host` and `popo ray`'s node IPs."""
+    `allow_insecure_bind`). The one check behind `transport.host`, `popo ray`'s node IPs and every
+    socket bind."""
     if t.curve_keys_dir or t.allow_insecure_bind:
         return None
     exposed = sorted({h for h in hosts if not is_loopback(h)})
     if not exposed:
         return None
+    named = [f"{h!r} (every interface)" if h in WILDCARD_HOSTS else h for h in exposed]
     return (
-        f"the roles would bind {', '.join(exposed)} without CurveZMQ keys: set "
+        f"the roles would bind {', '.join(named)} without CurveZMQ keys: set "
         "transport.curve_keys_dir (`popo keys`) or transport.allow_insecure_bind = true"
     )
 
@@ -197,7 +199,7 @@ class ActorConfig(_Section):
     """Longest completion, in tokens (the reference run used 1024)."""
     stop: list[str] = []
     """Stop strings; the completion ends before them."""
-    max_inflight_prompts: int = Field(16, ge=1)
+    max_inflight_prompts: int = Field(32, ge=1)
     """Credit: prompts an actor holds leases for at once that are not yet finished (being sampled
     in the engine, or received and waiting for an engine slot)."""
     max_pending_groups: int = Field(64, ge=1)
@@ -492,11 +494,6 @@ class TransportConfig(_Section):
 
     @model_validator(mode="after")
     def _no_open_bind(self) -> TransportConfig:
-        if self.host in WILDCARD_HOSTS and not self.curve_keys_dir and not self.allow_insecure_bind:
-            raise ValueError(
-                f"transport.host: {self.host!r} binds every interface without CurveZMQ keys; set "
-                "transport.curve_keys_dir (`popo keys`) or transport.allow_insecure_bind = true"
-            )
         if (why := unauthenticated_bind(self, [self.host])) is not None:
             raise ValueError(f"transport.host: {why}")
         return self
@@ -562,8 +559,6 @@ class RayConfig(_Section):
     peers at those IPs (no hand-edited addresses); false keeps `transport.host`/`metrics.host`."""
     ready_timeout_s: float = Field(600.0, gt=0.0)
     """How long to wait for the placement group (the cluster's free resources) before giving up."""
-    stop_grace_s: float = Field(40.0, gt=0.0)
-    """At the end of a run: how long a role may drain after SIGTERM before it is killed."""
     env_vars: dict[str, str] = {}
     """Extra environment for every role (added to the offline environment passed through Ray's
     `runtime_env`)."""
@@ -593,6 +588,12 @@ class DeployConfig(_Section):
     learner_min_uptime_s: float = Field(60.0, ge=0.0)
     """A learner that exits non-zero without a signal sooner than this after its start failed to
     start (config, data, code error): the run stops with its error instead of restarting it."""
+    stop_grace_s: float = Field(60.0, gt=0.0)
+    """On stop (Ctrl-C, SIGTERM, a failed role): how long each role may take after SIGTERM before
+    it is killed: the learner finishes its current step and publish, an actor drains for up to
+    `actor.drain_timeout_s` and shuts its engine down. Must exceed `actor.drain_timeout_s`; raise
+    it for models whose step takes longer (a killed learner loses the steps since its last
+    checkpoint, nothing else)."""
     ray: RayConfig = RayConfig()
     """`popo ray`: the Ray cluster, placement of the roles and their restart policy."""
     placement: Literal["auto", "off"] = "auto"
@@ -644,6 +645,11 @@ class RunConfig(BaseSettings):
                 f"verifier.forward = 'positives' cannot train {self.algorithm.name}, which needs negatives"
             )
         self._check_behaviour_logprobs()
+        if self.deploy.stop_grace_s <= self.actor.drain_timeout_s:
+            raise ValueError(
+                f"deploy.stop_grace_s: {self.deploy.stop_grace_s:g} s would kill an actor still "
+                f"draining (actor.drain_timeout_s = {self.actor.drain_timeout_s:g} s); make it longer"
+            )
         return self
 
     def _check_behaviour_logprobs(self) -> None:

@@ -36,7 +36,7 @@ from typing import Literal
 import zmq
 
 from popo.common import keys as curve_keys
-from popo.common.config import WILDCARD_HOSTS, TransportConfig
+from popo.common.config import TransportConfig, unauthenticated_bind
 from popo.common.messages import (
     Chunk,
     FetchRequest,
@@ -288,14 +288,11 @@ def bind(
     on_drop: Callable[[str], None] | None = None,
 ) -> Channel:
     """Create the binding side of endpoint `name` at `addr`: a Curve server when
-    `cfg.curve_keys_dir` is set. Refuses a wildcard host without keys unless
-    `cfg.allow_insecure_bind`."""
+    `cfg.curve_keys_dir` is set. Refuses a network (non-loopback) host without keys unless
+    `cfg.allow_insecure_bind`, as the config does."""
     host = _tcp_host(addr)
-    if host in WILDCARD_HOSTS and not cfg.curve_keys_dir and not cfg.allow_insecure_bind:
-        raise ValueError(
-            f"{name}: refusing to bind {addr} on every interface without CurveZMQ keys; set "
-            "transport.curve_keys_dir (`popo keys`) or transport.allow_insecure_bind = true"
-        )
+    if host is not None and (why := unauthenticated_bind(cfg, [host])) is not None:
+        raise ValueError(f"{name}: {why}")
     sock = _socket(ctx, _SOCKET_TYPES[name][0], cfg)
     release: Callable[[], None] | None = None
     try:

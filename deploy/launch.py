@@ -259,10 +259,13 @@ class Supervisor:
         tmp.write_text(json.dumps({"supervisor": os.getpid(), "roles": pids}))
         tmp.replace(out)
 
-    def stop(self, grace_s: float = 20.0, finished: bool = False) -> None:
+    def stop(self, grace_s: float | None = None, finished: bool = False) -> None:
         """SIGTERM every role, then SIGKILL what is left of its process group after `grace_s`
-        (`finished`: the run is over, so a kill is expected and not worth a warning)."""
+        (default `deploy.stop_grace_s`; `finished`: the run is over, so a kill is expected and not
+        worth a warning)."""
         self._stopping = True
+        if grace_s is None:
+            grace_s = self.cfg.deploy.stop_grace_s
         # The role leader alone gets SIGTERM: it shuts down its own workers in order (a verifier
         # drains its pool, an actor its engine). Its process group is killed only afterwards.
         for role in reversed(self.roles):

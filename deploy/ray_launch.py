@@ -503,7 +503,7 @@ class RayRun:
             return set()
         log.warning("ray: %s moved to %s", ", ".join(moved), [self.ips[n] for n in moved])
         self.write_targets()
-        grace = self.cfg.deploy.ray.stop_grace_s
+        grace = self.cfg.deploy.stop_grace_s
         follow = {
             n
             for n in self.refs
@@ -518,7 +518,7 @@ class RayRun:
         """Stop the actors first (they drain into the verifiers), then verifiers, then learner."""
         import ray
 
-        grace = self.cfg.deploy.ray.stop_grace_s
+        grace = self.cfg.deploy.stop_grace_s
         for group in ("actor", "verifier", "learner"):
             names = [p.name for p in self.places if p.role == group and p.name in self.hosts]
             stops = [self.hosts[n].stop.remote(grace) for n in names]

@@ -102,7 +102,8 @@ def train(
     except KeyboardInterrupt:
         interrupted = True
         print(
-            f"\ninterrupted: stopping every role (resume with `popo train --resume {run_dir}`)",
+            f"\ninterrupted: stopping every role, up to {cfg.deploy.stop_grace_s:g} s (the learner "
+            f"finishes its step, actors drain); resume with `popo train --resume {run_dir}`",
             flush=True,
         )
     finally:

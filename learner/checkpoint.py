@@ -97,6 +97,14 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The training step a checkpoint directory (`step-{N:08d}`) holds."""
+    m = _NAME.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path}: not a checkpoint directory (step-NNNNNNNN)")
+    return int(m.group(1))
+
+
 def save_checkpoint(
     trainer: Trainer,
     root: str | Path,

@@ -133,6 +133,15 @@ def test_cross_field_check() -> None:
     assert "\n" not in str(err.value)
 
 
+def test_stop_grace_must_outlast_the_actor_drain() -> None:
+    """A grace shorter than the drain would SIGKILL every actor that still has groups to send."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["--deploy.stop_grace_s", "20", "--actor.drain_timeout_s", "30"])
+    msg = str(err.value)
+    assert msg.startswith("config error: command line: deploy.stop_grace_s: ") and "\n" not in msg
+    assert load_config(None, ["--deploy.stop_grace_s", "20", "--actor.drain_timeout_s", "2"])
+
+
 def test_sections_validate_assignment() -> None:
     cfg = RunConfig()
     with pytest.raises(ValidationError):

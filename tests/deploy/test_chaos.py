@@ -34,6 +34,7 @@ from popo.common.config import RunConfig
 from popo.common.process import free_port_flags
 from popo.common.run_dir import RunDir
 from popo.deploy.launch import Supervisor
+from popo.learner.checkpoint import checkpoint_step, latest_checkpoint
 from popo.learner.ledger import Ledger, LedgerReader
 
 SEED = int(os.environ.get("POPO_CHAOS_SEED", "0"))
@@ -295,8 +296,8 @@ def _tmp_dirs(run_dir: Path, window: str, pid: int) -> list[Path]:
 
 
 def _latest_checkpoint_step(run_dir: Path) -> int | None:
-    steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*")]
-    return max(steps) if steps else None
+    latest = latest_checkpoint(RunDir(run_dir).checkpoints)
+    return checkpoint_step(latest) if latest is not None else None
 
 
 def _trained_after_checkpoint(run_dir: Path) -> bool:

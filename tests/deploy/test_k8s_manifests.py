@@ -130,7 +130,7 @@ def test_rayjob_runtime_env_merges_with_the_launchers() -> None:
     # every worker of the run gets the whole offline environment, and the job's own variables
     assert merged["env_vars"] == {**worker_env(cfg), **job_env["env_vars"]}
     assert merged["env_vars"]["HF_HUB_OFFLINE"] == "1"
-    assert int(merged["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) > cfg.deploy.ray.stop_grace_s
+    assert int(merged["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) > 3 * cfg.deploy.stop_grace_s
 
 
 def test_job_that_repeats_the_offline_env_still_merges() -> None:
@@ -161,7 +161,7 @@ def test_job_env_vars_reads_what_the_job_server_injects(monkeypatch) -> None:
     injected = {"runtime_env": _job_runtime_env(), "metadata": {}}
     monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps(injected))
     assert job_env_vars() == JobConfig.from_json(injected).runtime_env["env_vars"]
-    assert job_env_vars() == {"RAY_JOB_STOP_WAIT_TIME_S": "90"}
+    assert job_env_vars() == {"RAY_JOB_STOP_WAIT_TIME_S": "200"}
 
 
 # --- the cluster's layout against the config it runs -------------------------------------------

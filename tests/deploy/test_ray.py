@@ -311,7 +311,7 @@ def test_ray_two_nodes_actor_restart(ray_cluster, tmp_path, demo_model_dir):
         '--deploy.ray.learner.resources={"head_node": 1}',
         '--deploy.ray.verifier.resources={"head_node": 1}',
         '--deploy.ray.actor.resources={"worker_node": 1}',
-        "--deploy.ray.stop_grace_s=20",
+        "--deploy.stop_grace_s=20",
     ]
     with open(out, "w") as f:
         proc = ray_cluster.exec(
@@ -491,7 +491,7 @@ def test_ray_resume_with_the_learner_on_another_node(ray_cluster, tmp_path, demo
         '--deploy.ray.learner.resources={"worker_node": 1}',
         '--deploy.ray.verifier.resources={"head_node": 1}',
         '--deploy.ray.actor.resources={"head_node": 1}',
-        "--deploy.ray.stop_grace_s=20",
+        "--deploy.stop_grace_s=20",
         "--transport.allow_insecure_bind=true",  # namespaces of this test only
     ]
     code, out = _popo_ray(

@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from popo.common.config import LearnerConfig, algorithm_config
 from popo.learner.checkpoint import (
+    checkpoint_step,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -60,6 +61,7 @@ def test_checkpoint_files_retention_and_no_pickle(tmp_path):
     names = [p.name for p in list_checkpoints(root)]
     assert names == ["step-00000002", "step-00000003"]
     assert latest_checkpoint(root).name == "step-00000003"
+    assert checkpoint_step(latest_checkpoint(root)) == 3
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
     files = sorted(p.name for p in latest_checkpoint(root).iterdir())
     assert files == ["meta.json", "tensors.safetensors"]
