@@ -22,6 +22,11 @@ class LearnerStats:
         self._step_s = m.histogram(
             "learner_step_seconds", "Wall time of one optimizer step", STEP_BUCKETS
         )
+        self._phase_s = m.gauge(
+            "learner_step_phase_seconds",
+            "Seconds of the last step's phases: forward_backward, optimizer, after_step",
+            ["phase"],
+        )
         self._tokens = m.counter("learner_tokens_total", "Completion tokens trained on")
         self._seqs = m.counter("learner_sequences_total", "Completions trained on")
         self._loss = m.gauge("learner_loss", "Loss terms of the last step", ["term"])
@@ -124,6 +129,8 @@ class LearnerStats:
             if key in m:
                 gauge.set(m[key])
         for key, v in m.items():
+            if key.startswith("phase_seconds_"):
+                self._phase_s.labels(key.removeprefix("phase_seconds_")).set(v)
             if key.startswith("loss"):
                 self._loss.labels("total" if key == "loss" else key.removeprefix("loss_")).set(v)
 

@@ -273,6 +273,7 @@ class Trainer:
             for key, v in metrics.items():
                 acc[key] = acc.get(key, 0.0) + v.detach().float() * scale
         acc = self._sum_over_ranks(acc)
+        t_fb = time.perf_counter()
         # the policy's norm on its own: a large predictor gradient must not shrink the policy's step
         grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy_params, self.cfg.grad_clip))
         if self.predictor_params:
@@ -285,8 +286,10 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        t_opt = time.perf_counter()
         self.algorithm.after_step(self)
         self.step += 1
+        t_end = time.perf_counter()
         out = {k: float(v) for k, v in acc.items()}
         out.update(
             step=float(self.step),
@@ -295,7 +298,12 @@ class Trainer:
             tokens=float(sum(len(s.completion) for s in seqs)),
             sequences=float(len(seqs)),
             groups=float(totals["groups"]),
-            step_seconds=time.perf_counter() - t0,
+            step_seconds=t_end - t0,
+            # where the step's time went: every micro-batch's forward and backward (with the
+            # collation), clipping + optimizer, and the algorithm's after-step (POPO's EMA update)
+            phase_seconds_forward_backward=t_fb - t0,
+            phase_seconds_optimizer=t_opt - t_fb,
+            phase_seconds_after_step=t_end - t_opt,
         )
         return out
 

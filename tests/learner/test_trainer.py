@@ -116,6 +116,9 @@ def test_train_step_every_algorithm(algo):
     assert m["step"] == 1 and m["tokens"] > 0 and np.isfinite(m["loss"])
     assert np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.policy.parameters(), strict=True))
+    # the step's time, split into its phases (popo_learner_step_phase_seconds)
+    phases = [m[f"phase_seconds_{p}"] for p in ("forward_backward", "optimizer", "after_step")]
+    assert min(phases) >= 0 and sum(phases) <= m["step_seconds"] + 1e-6
     if algo == "popo":
         for k in (
             "loss_nll",
