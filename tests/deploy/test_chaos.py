@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from e2e_helpers import train_args
 
 from popo.common.config import RunConfig
-from popo.common.process import free_port_flags
 from popo.common.run_dir import RunDir
 from popo.deploy.launch import Supervisor
 from popo.learner.checkpoint import checkpoint_step, latest_checkpoint
@@ -183,21 +183,16 @@ class ChaosResult:
 
 
 def chaos_args(run_dir: Path, model_dir: Path, steps: int) -> list[str]:
+    """`train_args` (later flags win) without evaluation, with short leases and fast restarts."""
     return [
-        f"--deploy.run_dir={run_dir}",
-        f"--model.path={model_dir}",
-        f"--learner.total_steps={steps}",
-        "--learner.prompts_per_step=4",
-        "--learner.checkpoint_every=2",
+        *train_args(run_dir, model_dir, steps),
         "--learner.eval_every=0",
         "--data.eval_size=8",
-        "--actor.group_size=4",
         "--learner.lease_timeout_s=10",
         "--deploy.max_restarts=100",
         "--deploy.learner_max_restarts=100",
         "--deploy.restart_backoff_s=0.2",
         "--deploy.restart_backoff_max_s=1",
-        *free_port_flags(),
         "--metrics.jsonl_every_s=2",
     ]
 
