@@ -128,7 +128,8 @@ def evaluate(
     gen_s = time.time() - t0
     golds = [p.gold for p in problems]
     g_ok = score(cfg, golds, [o.outputs[0].text for o in greedy])
-    s_texts = [c.text for o in sampled for c in o.outputs]
+    s_outs = [c for o in sampled for c in o.outputs]
+    s_texts = [c.text for c in s_outs]
     s_ok = score(cfg, [g for g in golds for _ in range(k)], s_texts)
     per_prompt = [sum(s_ok[i * k : (i + 1) * k]) for i in range(len(problems))]
     result = {
@@ -142,6 +143,10 @@ def evaluate(
         f"avg@{k}": sum(s_ok) / len(s_ok),
         f"pass@{k}": sum(pass_at_k(k, c, k) for c in per_prompt) / len(problems),
         "pass@1_sampled": sum(pass_at_k(k, c, 1) for c in per_prompt) / len(problems),
+        # Length and the share cut off at max_tokens: a low score with most completions capped
+        # says the budget, not only the model, limits the answers.
+        "mean_completion_tokens": sum(len(c.token_ids) for c in s_outs) / len(s_outs),
+        "capped": sum(c.finish_reason == "length" for c in s_outs) / len(s_outs),
         "generate_seconds": gen_s,
         "seconds": time.time() - t0,
     }
@@ -152,8 +157,9 @@ def print_result(r: dict[str, Any]) -> None:
     k = r["k"]
     print(
         f"{r['benchmark']}: {r['prompts']} prompts ({r['skipped_too_long']} too long, skipped) | greedy pass@1 {100 * r['pass@1_greedy']:.1f}% | "
-        f"avg@{k} {100 * r[f'avg@{k}']:.1f}% | pass@{k} {100 * r[f'pass@{k}']:.1f}% "
-        f"(T={r['temperature']}, {r['seconds']:.0f}s)",
+        f"avg@{k} {100 * r[f'avg@{k}']:.1f}% | pass@{k} {100 * r[f'pass@{k}']:.1f}% | "
+        f"{r['mean_completion_tokens']:.0f} tokens a completion, {100 * r['capped']:.0f}% at "
+        f"max_tokens (T={r['temperature']}, {r['seconds']:.0f}s)",
         flush=True,
     )
 

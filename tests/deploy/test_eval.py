@@ -60,5 +60,8 @@ def test_eval_real_file_and_synthetic(tmp_path, demo_model_dir):
         # pass@k is never below the per-sample accuracy it is built from
         assert res["pass@4"] >= res["avg@4"] - 1e-9
         assert res["pass@1_sampled"] == pytest.approx(res["avg@4"])
+        assert 0 < res["mean_completion_tokens"] <= 24 and 0.0 <= res["capped"] <= 1.0
+    # the demo model answers its own problems in a few tokens, well inside the 24-token cap
+    assert outs["synthetic"]["capped"] < 0.5
     # the warm-started demo model solves some of its own held-out problems
     assert outs["synthetic"]["avg@4"] > 0.0
