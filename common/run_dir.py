@@ -24,9 +24,11 @@ CurveZMQ keys are not part of a run: they live where `transport.curve_keys_dir` 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from popo.common.weights import WeightStore
 
@@ -143,3 +145,30 @@ class RunDir:
     def pid_file(self, role: str) -> Path:
         """Where `popo ray` records role instance `role`'s pid on its node."""
         return self.root / self.PID_FILES / f"{role}.pid"
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a JSONL file a run appends to (eval.jsonl, metrics.jsonl, restarts.jsonl);
+    none if it does not exist. A line cut short by a crash mid-append is skipped."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in filter(str.strip, text.splitlines()):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Append one record as a line. After a line cut short by a crash the record starts a line of
+    its own, so the torn line costs only itself."""
+    with open(path, "ab+") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(json.dumps(record).encode() + b"\n")

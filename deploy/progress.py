@@ -13,12 +13,13 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from popo.common.run_dir import RunDir
+from popo.common.run_dir import RunDir, read_jsonl
 
 
 class RunView:
     def __init__(self, run_dir: Path, total_steps: int, every_s: float = 10.0) -> None:
         self.path = RunDir(run_dir).metrics
+        self.evals_path = RunDir(run_dir).evals
         self.total_steps = total_steps
         self.every_s = every_s
         self._offset = 0
@@ -71,11 +72,20 @@ class RunView:
         if step > 0 and lr.get("t"):
             per_step = (lr["t"] - self.t0) / step
             eta = f"{max(0.0, per_step * (self.total_steps - step)):.0f}s"
+        # The learner's gauges read 0 until their first value; show "-" until then.
+        verified = any(
+            rec.get("popo_verifier_completions_total")
+            for inst, rec in self.latest.items()
+            if inst.startswith("verifier")
+        )
         rows = [
             ("step", f"{step}/{self.total_steps}  (elapsed {elapsed:.0f}s, ETA {eta})"),
             ("policy version", str(int(lr.get("popo_learner_policy_version", 0)))),
-            ("pass rate (verifier)", _fmt_pct(lr.get("popo_learner_pass_rate"))),
-            ("held-out accuracy", _fmt_pct(lr.get("popo_learner_eval_accuracy"))),
+            (
+                "pass rate (verifier)",
+                _fmt_pct(lr.get("popo_learner_pass_rate") if verified else None),
+            ),
+            ("held-out accuracy", self._last_eval()),
             ("loss", _fmt(lr.get('popo_learner_loss{term="total"}'))),
             (
                 "buffer / in-flight leases",
@@ -100,6 +110,11 @@ class RunView:
             rate = self._rate(inst, "popo_verifier_completions_total")
             rows.append((f"{inst} verifications/s", _fmt(rate, 1)))
         return rows
+
+    def _last_eval(self) -> str:
+        """The last evaluation of the run (earlier learner processes' included), from eval.jsonl."""
+        evals = read_jsonl(self.evals_path)
+        return f"{100 * evals[-1]['accuracy']:.1f}% at step {evals[-1]['step']}" if evals else "-"
 
     def update(self) -> None:
         rows = self.rows()

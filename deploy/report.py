@@ -14,20 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from popo.common.run_dir import RunDir
+from popo.common.run_dir import RunDir, read_jsonl
 from popo.learner.ledger import LedgerReader
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    return out
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
@@ -35,14 +23,14 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     cfg = tomllib.loads(run.config.read_text()) if run.config.exists() else {}
     algo = cfg.get("algorithm", {}).get("name", "?")
     seed = cfg.get("learner", {}).get("seed", "?")
-    recs = _jsonl(run.metrics)
+    recs = read_jsonl(run.metrics)
     by_inst: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in recs:
         by_inst[r.get("instance", "?")].append(r)
     t0 = min((r["t"] for r in recs), default=0.0)
     return {
         "label": f"{run_dir.name} ({algo}, seed {seed})",
-        "evals": _jsonl(run.evals),
+        "evals": read_jsonl(run.evals),
         "by_inst": dict(by_inst),
         "t0": t0,
     }

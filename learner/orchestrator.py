@@ -28,7 +28,7 @@ from popo.common.config import RunConfig
 from popo.common.data import Problem, drop_too_long, encode_prompt, load_prompts, render_problems
 from popo.common.messages import WeightsReady
 from popo.common.metrics import pass_at_k
-from popo.common.run_dir import RunDir
+from popo.common.run_dir import RunDir, append_jsonl, read_jsonl
 from popo.learner.batches import BatchSource
 from popo.learner.dispatch import Dispatcher, EvalRound, SharedState
 from popo.learner.ledger import Ledger, Received
@@ -56,6 +56,7 @@ class Orchestrator:
         self.last_ready: WeightsReady | None = None
         self._last_announce = 0.0
         self.eval_history: list[dict[str, Any]] = []
+        """Every evaluation of the run, earlier learner processes' included (eval.jsonl)."""
 
     def setup(self, tokenizer: Any, vocab_size: int, trainer_step: int) -> None:
         """Open the ledger (rewound to the restored step), load the prompts and start serving."""
@@ -64,6 +65,11 @@ class Orchestrator:
         rewound = self.ledger.rewind_to(trainer_step)
         if rewound:
             log.info("%d lease(s) trained after the checkpoint go back to the buffer", rewound)
+        self.eval_history = read_jsonl(self.paths.evals)
+        if self.eval_history:  # a restarted learner's gauges show the last evaluation, not 0
+            last = self.eval_history[-1]
+            pass_k = next(v for k, v in last.items() if k.startswith("pass@"))
+            self.stats.evaluated(last["accuracy"], pass_k)
         train = self._prompts("train", tokenizer)
         self.evals = self._prompts("test", tokenizer)[: cfg.data.eval_size]
         order = list(range(len(train)))
@@ -243,8 +249,7 @@ class Orchestrator:
             "t": time.time(),
         }
         self.eval_history.append(rec)
-        with open(self.paths.evals, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_jsonl(self.paths.evals, rec)
         self.stats.evaluated(acc, pk)
         log.info(
             "eval at step %d: held-out accuracy %.1f%%, pass@%d %.1f%% (%d prompts, %.0fs)",
@@ -261,11 +266,7 @@ class Orchestrator:
     def evaluated_at_start(self) -> bool:
         """A learner restarted before its first checkpoint has evaluated step 0 already: doing it
         again costs a whole eval round per restart and adds duplicate step-0 records."""
-        try:
-            lines = self.paths.evals.read_text().splitlines()
-        except FileNotFoundError:
-            return False
-        return any(json.loads(x)["step"] == 0 for x in lines if x.strip())
+        return any(e["step"] == 0 for e in self.eval_history)
 
     # --- end --------------------------------------------------------------------------------------
 

@@ -193,7 +193,7 @@ class Learner:
         self.orch.ledger.checkpointed(self.trainer.step)
 
     def _write_summary(self) -> None:
-        evals = [json.loads(x) for x in RunDir(self.run_dir).evals.read_text().splitlines()]
+        evals = self.orch.eval_history
         base = [e["seconds"] for e in evals if e["step"] == 0]
         summary = {
             "algorithm": self.cfg.algorithm.name,

@@ -23,7 +23,7 @@ from typing import Any
 
 from popo.common.config import RunConfig
 from popo.common.process import free_port_flags
-from popo.common.run_dir import RunDir
+from popo.common.run_dir import RunDir, read_jsonl
 from popo.deploy.bench.e2e import idle_fractions, step_times
 from popo.deploy.bench.runs import run_logged, train_command
 from popo.deploy.bench.stats import BenchResult, Summary, paired_ratio, timed
@@ -69,7 +69,7 @@ def one_run(
         cmd = train_command(run_dir, *free_port_flags(), *common, *flags)
     t0 = run_logged(cmd, run_dir.parent / f"{run_dir.name}.log", timeout=3600, env=env)
     wall = time.time() - t0
-    evals = [json.loads(x) for x in RunDir(run_dir).evals.read_text().splitlines()]
+    evals = read_jsonl(RunDir(run_dir).evals)
     hit = next((e for e in evals if e["accuracy"] >= a.threshold), None)
     info: dict[str, Any] = {
         "name": name,
@@ -100,7 +100,7 @@ def cpu_shares(recs: list[dict[str, Any]], t0: float, t1: float) -> dict[str, fl
 
 def _train_figures(run_dir: Path) -> dict[str, Any]:
     summary = json.loads(RunDir(run_dir).summary.read_text())
-    recs = [json.loads(x) for x in RunDir(run_dir).metrics.read_text().splitlines()]
+    recs = read_jsonl(RunDir(run_dir).metrics)
     last = [r for r in recs if r["role"] == "learner"][-1]
     n = last.get("popo_learner_step_seconds_count", 0)
     steps = step_times(run_dir)

@@ -19,7 +19,7 @@ from typing import Any
 
 from popo.common.config import RunConfig
 from popo.common.process import free_port_flags
-from popo.common.run_dir import RunDir
+from popo.common.run_dir import RunDir, read_jsonl
 from popo.deploy.bench import ints
 from popo.deploy.bench.runs import run_logged, train_command
 from popo.deploy.bench.stats import BenchResult, Summary, paired_ratio
@@ -89,8 +89,7 @@ def idle_fractions(
     """Per role instance, the fraction of [t0, t1] it spent idle, from metrics.jsonl: actor = no
     prompt in its engine, learner = waiting for a full batch, verifier = workers not scoring."""
     series: dict[str, list[tuple[float, float]]] = {}
-    for line in RunDir(run_dir).metrics.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_jsonl(RunDir(run_dir).metrics):
         key = IDLE_COUNTERS.get(rec["role"])
         if key in rec and t0 - 0.5 <= rec["t"] <= t1 + 0.5:
             series.setdefault(rec["instance"], []).append((rec["t"], rec[key]))
@@ -135,8 +134,7 @@ def learner_split(run_dir: Path, t0: float, t1: float) -> dict[str, float]:
     (blocked on a batch), `train` (optimizer step), `publish` (write + announce, amortised over
     steps when `publish_every` > 1); means over the steps the first and last records span."""
     pts = []
-    for line in RunDir(run_dir).metrics.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_jsonl(RunDir(run_dir).metrics):
         if rec["role"] == "learner" and t0 - 0.5 <= rec["t"] <= t1 + 0.5:
             pts.append(rec)
     pts.sort(key=lambda r: r["t"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from popo.common.run_dir import RunDir
+from popo.common.run_dir import RunDir, append_jsonl, read_jsonl
 from popo.common.weights import (
     CHECKSUM_FILE,
     WEIGHTS_FILE,
@@ -149,3 +149,15 @@ def test_run_dir_weight_store_is_what_the_learner_publishes_into(tmp_path):
     msg = run.weight_store().publish(4, _tensors())
     assert Path(msg.path) == tmp_path / "weights" / "v4"
     assert run.weight_store().latest() == msg
+
+
+def test_jsonl_append_after_a_torn_line_loses_only_that_line(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    assert read_jsonl(path) == []
+    append_jsonl(path, {"step": 0})
+    with open(path, "a") as f:
+        f.write('{"step": 2, "accu')  # a crash mid-append
+    append_jsonl(path, {"step": 4})
+    assert path.read_text() == '{"step": 0}\n{"step": 2, "accu\n{"step": 4}\n'
+    assert read_jsonl(path) == [{"step": 0}, {"step": 4}]
+

@@ -35,6 +35,26 @@ def test_rows_show_steps_and_expired_leases_only_when_there_are_some(tmp_path: P
     assert rows["actor-0 tokens/s"] == "0"
 
 
+def test_accuracies_show_a_dash_until_measured_then_the_last_evaluation(tmp_path: Path) -> None:
+    view = RunView(tmp_path, total_steps=10)
+    # the learner's gauges read 0 before their first value
+    learner = {"instance": "learner", "role": "learner", "t": 1.0, "popo_learner_step": 0}
+    learner |= {"popo_learner_pass_rate": 0.0, "popo_learner_eval_accuracy": 0.0}
+    verifier = {"instance": "verifier-0", "t": 1.0, "popo_verifier_completions_total": 0}
+    _write(tmp_path, [learner, verifier])
+    rows = dict(view.rows())
+    assert rows["pass rate (verifier)"] == "-" and rows["held-out accuracy"] == "-"
+
+    _write(tmp_path, [{**learner, "popo_learner_pass_rate": 0.25}])
+    _write(tmp_path, [{**verifier, "t": 2.0, "popo_verifier_completions_total": 8}])
+    evals = [{"step": 0, "accuracy": 0.125}, {"step": 20, "accuracy": 0.5}]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals) + '{"st')
+    rows = dict(view.rows())
+    assert rows["pass rate (verifier)"] == "25.0%"
+    # the last complete record, whichever learner process wrote it
+    assert rows["held-out accuracy"] == "50.0% at step 20"
+
+
 def test_expired_leases_warn_at_each_power_of_ten(caplog: pytest.LogCaptureFixture) -> None:
     stats = ActorStats(RoleMetrics("actor", MetricsConfig()))
     with caplog.at_level(logging.WARNING, logger="popo.actor"):

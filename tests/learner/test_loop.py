@@ -216,8 +216,18 @@ def test_resume_trains_each_step_once(tmp_path, random_model_dir):
     rows = _leases(run_dir)
     steps = [r["step"] for r in rows if r["state"] == "trained"]
     assert sorted(set(steps)) == [1, 2, 3, 4] and all(steps.count(s) == 2 for s in (1, 2, 3, 4))
-    evals = [json.loads(x)["step"] for x in (run_dir / "eval.jsonl").read_text().splitlines()]
-    assert evals.count(0) == 1  # the resumed learner does not evaluate step 0 again
+    evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals].count(0) == 1  # the resumed learner skips step 0
+    # a restarted learner's gauges start at the last evaluation, not at 0, past a torn last line
+    with open(run_dir / "eval.jsonl", "a") as f:
+        f.write('{"step": 6, "accu')
+    restarted = Learner(_config(run_dir, total_steps=4), run_dir, random_model_dir)
+    restarted.setup()
+    try:
+        registry = restarted.stats.metrics.registry
+        assert registry.get_sample_value("popo_learner_eval_accuracy") == evals[-1]["accuracy"]
+    finally:
+        restarted.close()
     assert json.loads((run_dir / "summary.json").read_text())["ledger_problems"] == []
 
 
