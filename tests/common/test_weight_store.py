@@ -160,4 +160,3 @@ def test_jsonl_append_after_a_torn_line_loses_only_that_line(tmp_path):
     append_jsonl(path, {"step": 4})
     assert path.read_text() == '{"step": 0}\n{"step": 2, "accu\n{"step": 4}\n'
     assert read_jsonl(path) == [{"step": 0}, {"step": 4}]
-
