@@ -122,7 +122,8 @@ def evaluate(
             top_p=a.top_p,
             max_tokens=a.max_tokens,
             stop=a.stop or None,
-            seed=a.seed,
+            # No per-request seed: on vLLM's CPU build a seeded request dies when the engine
+            # splits a long prefill over steps. `LLM(seed=...)` seeds the engine, as in the actor.
         ),
     )
     gen_s = time.time() - t0

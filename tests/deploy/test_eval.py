@@ -23,6 +23,9 @@ def test_pass_at_k_hand_values():
 @pytest.mark.vllm
 def test_eval_real_file_and_synthetic(tmp_path, demo_model_dir):
     outs = {}
+    # 60 MATH-500 prompts hold more tokens than one engine step prefills: the sampled pass must
+    # survive prefills split over steps (a per-request seed made vLLM's CPU sampler fail there)
+    limits = {"math500": 60, "synthetic": 12}
     for bench in ("math500", "synthetic"):
         out = tmp_path / f"{Path(bench).stem}.json"
         r = subprocess.run(
@@ -36,7 +39,7 @@ def test_eval_real_file_and_synthetic(tmp_path, demo_model_dir):
                 "--benchmark",
                 bench,
                 "--limit",
-                "12",
+                str(limits[bench]),
                 "--k",
                 "4",
                 "--out",
@@ -53,7 +56,7 @@ def test_eval_real_file_and_synthetic(tmp_path, demo_model_dir):
     m = outs["math500"]
     # byte-level tokens + the Qwen-math template: some MATH-500 prompts exceed the demo model's
     # 256-token context and are skipped (counted), never sent to the engine
-    assert m["prompts"] + m["skipped_too_long"] == 12 and m["prompts"] >= 1 and m["k"] == 4
+    assert m["prompts"] + m["skipped_too_long"] == 60 and m["prompts"] >= 1 and m["k"] == 4
     for res in outs.values():
         for key in ("pass@1_greedy", "avg@4", "pass@4", "pass@1_sampled"):
             assert 0.0 <= res[key] <= 1.0
