@@ -264,7 +264,7 @@ class RolloutEngine:
         # Prefix-cache blocks outlive reloads here; the salt keys them by weight version.
         return TokensPrompt(prompt_token_ids=prompt_ids, cache_salt=f"v{self.version}")
 
-    def sampling_params(self, n: int | None = None, seed: int | None = None) -> SamplingParams:
+    def sampling_params(self, n: int | None = None) -> SamplingParams:
         """The behaviour policy's sampling: G samples, with the sampled tokens' log-probs."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -276,7 +276,8 @@ class RolloutEngine:
             max_tokens=self.cfg.max_tokens,
             stop=list(self.cfg.stop) or None,
             logprobs=0,  # the sampled token's own log-prob: mu for importance weights
-            seed=seed,
+            # No per-request seed (the engine's seed covers sampling): on vLLM's CPU build a seeded request
+            # fails when a long prefill is split over engine steps.
             output_kind=RequestOutputKind.FINAL_ONLY,  # one output per group, no streaming cost
         )
 
