@@ -122,13 +122,15 @@ def plan_placement(
     gpus: Sequence[str] = (),
     verifier_workers: int | None = None,
     affinity: Mapping[str, Sequence[int]] | None = None,
+    generation_bound: bool = False,
 ) -> Plan:
     """Cores, threads, GPUs and environment of every role of one run on one machine.
 
     cpus: the cores the launcher may use (`os.sched_getaffinity(0)`); gpus: its CUDA devices (none
     on a CPU machine); verifier_workers: a fixed scoring-worker count per replica (None: one per core
     of its share); affinity: `deploy.cpu_affinity`, which replaces the automatic split (a role it
-    does not name gets every core).
+    does not name gets every core); generation_bound: on a CPU machine, the actors' engines span
+    every core and share the learner's and verifier's (`deploy.placement = "generation"`).
 
     CPU machine: 1 core is shared by all; with 2 the learner and verifier take core 0 and the
     actors core 1; from 3 the learner takes a quarter, each verifier replica a core of its own from
@@ -153,7 +155,7 @@ def plan_placement(
             cpus, num_actors, verifier_replicas, learner_ranks, tensor_parallel_size
         )
     else:
-        share = _cpu_node_cpus(cpus, num_actors, verifier_replicas)
+        share = _cpu_node_cpus(cpus, num_actors, verifier_replicas, generation_bound)
     roles = []
     for name in names:
         kind: Kind = name.split("-")[0]  # type: ignore[assignment]
@@ -177,7 +179,9 @@ def role_cpus(affinity: Mapping[str, Sequence[int]], name: str) -> list[int] | N
     return None if cpus is None else list(cpus)
 
 
-def _cpu_node_cpus(cpus: list[int], num_actors: int, replicas: int) -> dict[str, list[int]]:
+def _cpu_node_cpus(
+    cpus: list[int], num_actors: int, replicas: int, generation_bound: bool = False
+) -> dict[str, list[int]]:
     n = len(cpus)
     if n <= 2:
         learner, verifier_pool, actor_pool = cpus[:1], cpus[:1], cpus[-1:]
@@ -196,6 +200,9 @@ def _cpu_node_cpus(cpus: list[int], num_actors: int, replicas: int) -> dict[str,
         out.update(
             {f"verifier-{r}": c for r, c in enumerate(_split(verifier_pool, [1] * replicas))}
         )
+    if generation_bound:
+        # The learner trains only positives: with few of them it idles, and its cores generate.
+        actor_pool = cpus
     out.update({f"actor-{i}": c for i, c in enumerate(_split(actor_pool, [1] * num_actors))})
     return out
 
@@ -291,4 +298,5 @@ def plan_for(cfg: RunConfig, cpus: Sequence[int] | None = None) -> Plan | None:
         gpus=visible_gpus() if cfg.learner.device != "cpu" else [],
         verifier_workers=cfg.verifier.num_workers if fixed else None,
         affinity=d.cpu_affinity,
+        generation_bound=d.placement == "generation",
     )

@@ -25,9 +25,10 @@ class RunView:
         self._offset = 0
         self.latest: dict[str, dict[str, Any]] = {}
         self.history: dict[str, deque[dict[str, Any]]] = {}
-        """Recent records per instance: rates are averaged over `window_s`, since counters such
-        as trained tokens move in steps."""
+        """Recent records per instance (the last `max_window_s`): counters such as trained or
+        sampled tokens move in bursts, so rates are averaged over `window_s` or longer."""
         self.window_s = 30.0
+        self.max_window_s = 300.0
         self.t0 = time.time()
         self._last_plain = 0.0
         self.tty = sys.stdout.isatty()
@@ -51,15 +52,25 @@ class RunView:
             self.latest[inst] = rec
             hist = self.history.setdefault(inst, deque())
             hist.append(rec)
-            while len(hist) > 2 and rec["t"] - hist[1]["t"] >= self.window_s:
+            while len(hist) > 2 and rec["t"] - hist[1]["t"] >= self.max_window_s:
                 hist.popleft()
 
     def _rate(self, inst: str, key: str) -> float | None:
+        """Rate of a counter over the last `window_s`, or back to its last change before that:
+        an actor counts a group's tokens when the whole group is done, minutes apart on long
+        completions, and a plain 30 s window would read 0 between groups."""
         hist = self.history.get(inst)
-        if not hist or len(hist) < 2:
+        if not hist or len(hist) < 2 or key not in hist[-1]:
             return None
-        a, b = hist[0], hist[-1]
-        if key not in a or key not in b or b["t"] <= a["t"]:
+        b = hist[-1]
+        a = None
+        for rec in reversed(hist):
+            if key not in rec:
+                break
+            a = rec
+            if b["t"] - rec["t"] >= self.window_s and rec[key] != b[key]:
+                break
+        if a is None or b["t"] <= a["t"]:
             return None
         return (b[key] - a[key]) / (b["t"] - a["t"])
 

@@ -71,6 +71,21 @@ def test_two_cores_learner_and_verifier_on_one_actor_on_the_other():
     assert aff.to_json() == plan.to_json()
 
 
+def test_generation_bound_runs_spread_the_engine_over_every_core():
+    plan = plan_placement([0, 1], generation_bound=True)
+    assert plan.role("learner").cpus == [0] and plan.role("verifier-0").cpus == [0]
+    assert plan.role("actor-0").cpus == [0, 1] and plan.role("actor-0").threads == 2
+    assert plan.role("actor-0").env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    # the flag the GSM8K run was measured with gives the same plan
+    aff = plan_placement([0, 1], affinity={"learner": [0], "verifier": [0], "actor": [0, 1]})
+    assert aff.to_json() == plan.to_json()
+    two = plan_placement(list(range(8)), num_actors=2, generation_bound=True)
+    assert two.role("learner").cpus == [0, 1] and two.role("verifier-0").cpus == [2]
+    assert two.role("actor-0").cpus == [0, 1, 2, 3] and two.role("actor-1").cpus == [4, 5, 6, 7]
+    cfg = load_config(cli_args=["--deploy.placement=generation"])
+    assert plan_for(cfg, cpus=[0, 1]).to_json() == plan.to_json()  # type: ignore[union-attr]
+
+
 def test_four_cores_actors_get_the_rest():
     plan = plan_placement([0, 1, 2, 3])
     assert plan.role("learner").cpus == [0] and plan.role("verifier-0").cpus == [0]

@@ -35,6 +35,22 @@ def test_rows_show_steps_and_expired_leases_only_when_there_are_some(tmp_path: P
     assert rows["actor-0 tokens/s"] == "0"
 
 
+def test_token_rates_span_the_bursts_of_long_groups(tmp_path: Path) -> None:
+    """An actor's token counter moves once per finished group; the rate covers the last burst."""
+    view = RunView(tmp_path, total_steps=10)
+    key = "popo_actor_tokens_total"
+    recs = [{"instance": "actor-0", "t": float(t), key: 0} for t in range(0, 60, 5)]
+    recs += [{"instance": "actor-0", "t": float(t), key: 1200} for t in range(60, 150, 5)]
+    _write(tmp_path, recs)
+    # 1,200 tokens between t = 55 and t = 145: 13.3 tokens/s, not 0 for the last 30 s
+    assert dict(view.rows())["actor-0 tokens/s"] == "13"
+    _write(tmp_path, [{"instance": "actor-0", "t": 150.0, key: 1500}])
+    assert dict(view.rows())["actor-0 tokens/s"] == f"{300 / 30:.0f}"  # a fresh window
+    idle = [{"instance": "actor-0", "t": 150.0 + t, key: 1500} for t in range(5, 400, 5)]
+    _write(tmp_path, idle)
+    assert dict(view.rows())["actor-0 tokens/s"] == "0"  # nothing for longer than the history
+
+
 def test_accuracies_show_a_dash_until_measured_then_the_last_evaluation(tmp_path: Path) -> None:
     view = RunView(tmp_path, total_steps=10)
     # the learner's gauges read 0 before their first value

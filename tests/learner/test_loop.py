@@ -86,7 +86,8 @@ def _group(lease_id: int, version: int, n_positive: int, rng: np.random.Generato
 
 class FakePeers(threading.Thread):
     """Actor + verifier in one thread: serves the announced version, leases prompts, answers
-    every train lease with a one-positive group and every eval lease with 1 of G positive.
+    every train lease with a one-positive group sampled by the lease's dispatch version and every
+    eval lease with 1 of G positive.
 
     `hold_eval_until_step`: eval groups are kept back until the learner has taken that step (a
     learner that waited for its evaluation before training would never get there).
@@ -129,8 +130,9 @@ class FakePeers(threading.Thread):
         held: list[ScoredGroup] = []
         try:
             while not self.stop.is_set():
-                if (got := sub.recv(0)) is not None and isinstance(got[1], WeightsReady):
-                    self.version = max(self.version, got[1].version)
+                while (got := sub.recv(0)) is not None:
+                    if isinstance(got[1], WeightsReady):
+                        self.version = max(self.version, got[1].version)
                 dealer.send(LeaseRequest(actor_id="fake-0", n=4, policy_version=self.version))
                 got = dealer.recv(2000)
                 leases = got[1].leases if got is not None and isinstance(got[1], Leases) else []
@@ -139,7 +141,9 @@ class FakePeers(threading.Thread):
                         self.eval_versions.append(self.version)
                         held.append(_group(lease.lease_id, self.version, 1, rng))
                         continue
-                    version = self.version
+                    # sampled by the version the lease was issued at: an actor that reloads at
+                    # once (the announcement may still be on its way to `sub`)
+                    version = max(self.version, lease.dispatch_version)
                     if (
                         self.stale_after is not None
                         and self.stale_lease is None
