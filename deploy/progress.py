@@ -96,7 +96,7 @@ class RunView:
                 "pass rate (verifier)",
                 _fmt_pct(lr.get("popo_learner_pass_rate") if verified else None),
             ),
-            ("held-out accuracy", self._last_eval()),
+            ("held-out accuracy", self._last_eval(lr)),
             ("loss", _fmt(lr.get('popo_learner_loss{term="total"}'))),
             (
                 "buffer / in-flight leases",
@@ -122,10 +122,16 @@ class RunView:
             rows.append((f"{inst} verifications/s", _fmt(rate, 1)))
         return rows
 
-    def _last_eval(self) -> str:
-        """The last evaluation of the run (earlier learner processes' included), from eval.jsonl."""
+    def _last_eval(self, learner: dict[str, Any]) -> str:
+        """The last evaluation of the run (earlier learner processes' included), from eval.jsonl,
+        and how far the one in progress is."""
         evals = read_jsonl(self.evals_path)
-        return f"{100 * evals[-1]['accuracy']:.1f}% at step {evals[-1]['step']}" if evals else "-"
+        last = f"{100 * evals[-1]['accuracy']:.1f}% at step {evals[-1]['step']}" if evals else "-"
+        key = "popo_learner_eval_round_prompts"
+        if total := learner.get(f'{key}{{state="total"}}'):
+            done = learner.get(f'{key}{{state="done"}}', 0)
+            last += f" (evaluating: {done:.0f}/{total:.0f} prompts)"
+        return last
 
     def update(self) -> None:
         rows = self.rows()

@@ -174,6 +174,8 @@ class Orchestrator:
         self.check()
         if time.monotonic() - self._last_announce > ANNOUNCE_EVERY_S:
             self.announce()
+        ev = self.state.eval
+        self.stats.eval_round(len(ev.per_prompt) if ev else 0, ev.size if ev else 0)
         self.stats.metrics.tick()
 
     # --- batches ----------------------------------------------------------------------------------

@@ -76,6 +76,11 @@ class LearnerStats:
         self._eval_k = m.gauge(
             "learner_eval_pass_at_k", "Held-out unbiased pass@G at the last eval"
         )
+        self._eval_round = m.gauge(
+            "learner_eval_round_prompts",
+            "Held-out prompts of the evaluation in progress: scored (done) and all (total)",
+            ["state"],
+        )
         self._dup = m.counter("learner_duplicates_total", "Late or duplicate completions ignored")
         self._dropped = m.counter(
             "learner_dropped_messages_total",
@@ -94,6 +99,11 @@ class LearnerStats:
             "Seconds from the run's launch to a start-up phase",
             ["phase"],
         )
+
+    def eval_round(self, done: int, total: int) -> None:
+        """Progress of the evaluation in progress (0 of 0 between rounds)."""
+        self._eval_round.labels("done").set(done)
+        self._eval_round.labels("total").set(total)
 
     def started(self, phase: str, seconds: float) -> None:
         self._startup.labels(phase).set(seconds)

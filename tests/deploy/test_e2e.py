@@ -42,6 +42,14 @@ def test_train_end_to_end(tmp_path, demo_model_dir):
     assert_exactly_once(run_dir, 3)
     evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert len(evals) == 2 and evals[0]["step"] == 0 and evals[-1]["step"] == 3
+    # the learner reported the step-0 evaluation's progress while it waited for the engine
+    key = "popo_learner_eval_round_prompts"
+    rounds = [
+        (r[f'{key}{{state="done"}}'], r[f'{key}{{state="total"}}'])
+        for r in recs
+        if r["role"] == "learner" and f'{key}{{state="total"}}' in r
+    ]
+    assert (0, 16) in rounds and all(d <= t and t in (0, 16) for d, t in rounds)
 
 
 def test_stop_and_resume(tmp_path, demo_model_dir):

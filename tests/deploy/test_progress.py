@@ -69,6 +69,10 @@ def test_accuracies_show_a_dash_until_measured_then_the_last_evaluation(tmp_path
     assert rows["pass rate (verifier)"] == "25.0%"
     # the last complete record, whichever learner process wrote it
     assert rows["held-out accuracy"] == "50.0% at step 20"
+    key = "popo_learner_eval_round_prompts"
+    _write(tmp_path, [{**learner, f'{key}{{state="done"}}': 12, f'{key}{{state="total"}}': 48}])
+    rows = dict(view.rows())
+    assert rows["held-out accuracy"] == "50.0% at step 20 (evaluating: 12/48 prompts)"
 
 
 def test_expired_leases_warn_at_each_power_of_ten(caplog: pytest.LogCaptureFixture) -> None:
