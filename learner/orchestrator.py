@@ -47,11 +47,14 @@ class LearnerError(RuntimeError):
 
 
 class Orchestrator:
-    def __init__(self, cfg: RunConfig, run_dir: Path, stats: LearnerStats) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, stats: LearnerStats, t0: float) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.paths = RunDir(run_dir)
         self.stats = stats
+        self.t0 = t0
+        self.startup: dict[str, float] = {}
+        """Seconds from `t0` (the run's launch) to: learner_ready, actor_ready, first_step."""
         self.state = SharedState()
         self.last_ready: WeightsReady | None = None
         self._last_announce = 0.0
@@ -176,7 +179,17 @@ class Orchestrator:
             self.announce()
         ev = self.state.eval
         self.stats.eval_round(len(ev.per_prompt) if ev else 0, ev.size if ev else 0)
+        if self.state.first_request_at is not None:
+            self.phase("actor_ready")
         self.stats.metrics.tick()
+
+    def phase(self, name: str) -> None:
+        """Record start-up phase `name` as reached now, once; and actor_ready (the first lease
+        request: an engine is up) as soon as it is known."""
+        for phase, t in (("actor_ready", self.state.first_request_at), (name, time.time())):
+            if t is not None and phase not in self.startup:
+                self.startup[phase] = round(t - self.t0, 3)
+                self.stats.started(phase, self.startup[phase])
 
     # --- batches ----------------------------------------------------------------------------------
 

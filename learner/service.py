@@ -44,8 +44,6 @@ class Learner:
         self.link: RankLink | None = None  # to ranks 1..N-1 when the learner is sharded
         self.stop_event = threading.Event()
         self.t0 = float(os.environ.get(LAUNCH_T0_ENV) or process_start_time())
-        self.startup: dict[str, float] = {}
-        """Seconds from `t0` to: learner_ready, actor_ready, first_step; and base_eval's length."""
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -59,7 +57,7 @@ class Learner:
         self.stats.outcomes("trained", "too_stale", self._no_signal_reason())
         if self.trainer.sharded:
             self.link = RankLink(self.trainer.device)
-        self.orch = Orchestrator(cfg, self.run_dir, self.stats)
+        self.orch = Orchestrator(cfg, self.run_dir, self.stats, self.t0)
         self.orch.setup(tokenizer, self.trainer.policy.config.vocab_size, self.trainer.step)
         p = self.orch.probe_problem
         # A fixed (prompt, continuation) whose log-probs learner and actors compare after each
@@ -72,7 +70,7 @@ class Learner:
             # A resumed learner announces its restored weights as a new version: actors may
             # hold versions from the lost steps, which must not be reused.
             self.publish()
-        self._phase("learner_ready")
+        self.orch.phase("learner_ready")
 
     def run(self) -> None:
         lc, orch = self.cfg.learner, self.orch
@@ -132,8 +130,7 @@ class Learner:
         self.stats.step(
             self.trainer.step, m, [version - r.version_min for r in batch if r.lease_id in used]
         )
-        if "first_step" not in self.startup:
-            self._phase("first_step")
+        self.orch.phase("first_step")
         log.info(
             "step %d/%d  loss %.4f  groups %d/%d  tokens %d  %.2fs",
             self.trainer.step,
@@ -145,16 +142,6 @@ class Learner:
             m["step_seconds"],
         )
         self.metrics.tick()
-
-    def _phase(self, name: str) -> None:
-        """Record start-up phase `name` as reached now (and the first actor's, once known)."""
-        first = self.orch.state.first_request_at if hasattr(self, "orch") else None
-        reached = {name: time.time()}
-        if first is not None and "actor_ready" not in self.startup:
-            reached["actor_ready"] = first
-        for phase, t in reached.items():
-            self.startup[phase] = round(t - self.t0, 3)
-            self.stats.started(phase, self.startup[phase])
 
     # --- weights and checkpoints -------------------------------------------------------------------
 
@@ -203,7 +190,7 @@ class Learner:
             "leases": self.orch.ledger.counts(),
             "ledger_problems": self.orch.ledger.check_exactly_once(),
             "tokens_trained": self.stats.tokens_trained,
-            "startup": {**self.startup, **({"base_eval": round(base[0], 3)} if base else {})},
+            "startup": {**self.orch.startup, **({"base_eval": round(base[0], 3)} if base else {})},
             "wall_seconds": round(time.time() - self.t0, 3),
         }
         RunDir(self.run_dir).summary.write_text(json.dumps(summary, indent=1))

@@ -25,11 +25,14 @@ from popo.common.messages import (
     pack_f32,
     pack_ids,
 )
+from popo.common.metrics import RoleMetrics
 from popo.common.run_dir import RunDir
 from popo.learner.batches import BatchSource
 from popo.learner.ledger import Ledger, LedgerReader
+from popo.learner.orchestrator import Orchestrator
 from popo.learner.service import Learner
 from popo.learner.staleness import StalenessPolicy
+from popo.learner.stats import LearnerStats
 
 G = 2
 
@@ -270,3 +273,18 @@ def test_batch_source_waits_for_ingest_instead_of_polling(tmp_path):
     t.join(5)
     assert not t.is_alive() and got[-1] is None
     ledger.close()
+
+
+def test_startup_phases_are_recorded_once_and_actor_ready_as_soon_as_known(tmp_path):
+    cfg = _config(tmp_path, total_steps=1)
+    stats = LearnerStats(RoleMetrics("learner", cfg.metrics), 1, 1)
+    orch = Orchestrator(cfg, tmp_path, stats, t0=time.time() - 10)
+    orch.phase("learner_ready")
+    assert list(orch.startup) == ["learner_ready"] and 10 <= orch.startup["learner_ready"] < 20
+    orch.state.first_request_at = orch.t0 + 12.0  # an engine asked for leases
+    orch.phase("first_step")
+    orch.phase("first_step")
+    assert list(orch.startup) == ["learner_ready", "actor_ready", "first_step"]
+    assert orch.startup["actor_ready"] == 12.0
+    registry = stats.metrics.registry
+    assert registry.get_sample_value("popo_learner_startup_seconds", {"phase": "actor_ready"}) == 12
