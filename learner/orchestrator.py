@@ -260,6 +260,9 @@ class Orchestrator:
             "accuracy": acc,
             f"pass@{g}": pk,
             "prompts": ev.size,
+            # positives and samples per held-out prompt, in the split's order: two rounds of
+            # the run are compared prompt by prompt (`popo report`'s paired p-value)
+            "per_prompt": [list(ev.per_prompt[i]) for i in sorted(ev.per_prompt)],
             "seconds": time.monotonic() - ev.started,
             "t": time.time(),
         }

@@ -212,6 +212,7 @@ def test_trains_evaluates_beside_training_and_skips_stale(tmp_path, random_model
     evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [(e["step"], e["version"]) for e in evals] == [(0, 0), (2, 2), (4, 4)]
     assert all(e["accuracy"] == pytest.approx(1 / G) for e in evals)
+    assert all(e["per_prompt"] == [[1, G]] * 4 for e in evals)  # eval_size 4, in split order
     assert sorted(set(fake.eval_versions)) == [0, 2, 4]
     assert set(summary["startup"]) >= {"learner_ready", "actor_ready", "first_step", "base_eval"}
 
