@@ -221,16 +221,25 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=8, help="samples per prompt for avg@k and pass@k")
     p.add_argument("--limit", type=int, help="evaluate the first N problems only")
     p.add_argument("--out", type=Path, help="also write the result as JSON here")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="an earlier --out result: print the change on the prompts both hold, with a paired "
+        "p-value",
+    )
 
 
 @command("eval", "greedy pass@1, avg@k and pass@k of a model on a benchmark (vLLM)", _eval_args)
 def _eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     from popo.common.demo_model import check_model_dir, resolve_model_dir
-    from popo.deploy.evaluate import evaluate, print_result, write_result
+    from popo.deploy.evaluate import compare, evaluate, load_baseline, print_result, write_result
 
+    baseline = load_baseline(args.baseline) if args.baseline else None
     model = check_model_dir(args.model, "--model") if args.model else resolve_model_dir(cfg)
     result = evaluate(cfg, model, args.benchmark, args.k, args.limit)
     print_result(result)
+    if baseline is not None:
+        print(compare(result, baseline), flush=True)
     write_result(result, args.out)
     return 0
 

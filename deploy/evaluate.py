@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from popo.common.config import RunConfig
+from popo.common.config import ConfigError, RunConfig
 from popo.common.data import (
     BENCHMARKS,
     Problem,
@@ -26,7 +26,7 @@ from popo.common.data import (
     load_prompts,
     render_problems,
 )
-from popo.common.metrics import pass_at_k
+from popo.common.metrics import paired_p_value, pass_at_k
 
 log = logging.getLogger("popo.eval")
 
@@ -150,8 +150,41 @@ def evaluate(
         "capped": sum(c.finish_reason == "length" for c in s_outs) / len(s_outs),
         "generate_seconds": gen_s,
         "seconds": time.time() - t0,
+        # per prompt, for a paired comparison with another evaluation (`--baseline`)
+        "prompt_ids": [p.prompt_id for p in problems],
+        "per_prompt": [[c, k] for c in per_prompt],
     }
     return result
+
+
+def load_baseline(path: Path) -> dict[str, Any]:
+    """An earlier `popo eval --out` result, checked before any model is loaded."""
+    try:
+        r = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--baseline {path}: not a readable popo eval result ({e})") from None
+    if not isinstance(r, dict) or "per_prompt" not in r or "prompt_ids" not in r:
+        raise ConfigError(f"--baseline {path}: no per-prompt results (written by popo eval --out)")
+    return r
+
+
+def compare(result: dict[str, Any], baseline: dict[str, Any]) -> str:
+    """The change from `baseline` on the prompts both evaluated, with its paired p-value."""
+    before = dict(zip(baseline["prompt_ids"], baseline["per_prompt"], strict=True))
+    pairs = [
+        (before[i], now)
+        for i, now in zip(result["prompt_ids"], result["per_prompt"], strict=True)
+        if i in before
+    ]
+    if not pairs:
+        return "against the baseline: no prompt in common"
+    b, a = [x for x, _ in pairs], [y for _, y in pairs]
+    acc = lambda xs: sum(c for c, _ in xs) / sum(n for _, n in xs)  # noqa: E731
+    p = paired_p_value([c / n for c, n in b], [c / n for c, n in a])
+    return (
+        f"against the baseline: sampled accuracy {100 * acc(b):.1f}% -> {100 * acc(a):.1f}% "
+        f"on {len(pairs)} shared prompts, paired p = {p:.3g}"
+    )
 
 
 def print_result(r: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from popo.common.metrics import paired_p_value
 from popo.common.run_dir import RunDir, read_jsonl
 from popo.learner.ledger import LedgerReader
 
@@ -77,11 +78,21 @@ def summary_row(run_dir: Path) -> dict[str, Any]:
         "algorithm": s.get("algorithm", "?"),
         "acc_before": ev[0]["accuracy"] if ev else None,
         "acc_after": ev[-1]["accuracy"] if ev else None,
+        "p_paired": held_out_p_value(ev[0], ev[-1]) if len(ev) > 1 else None,
         "steps": s.get("steps", _steps_trained(run_dir, last)),
         "wall_s": wall,
         "tokens": s.get("tokens_trained", last.get("popo_learner_tokens_total")),
         "pass_rate": last.get("popo_learner_pass_rate"),
     }
+
+
+def held_out_p_value(before: dict[str, Any], after: dict[str, Any]) -> float | None:
+    """Paired p-value of the change in held-out accuracy between two evaluations of the same
+    prompts (`per_prompt` in eval.jsonl); None when either lacks it or the prompts differ."""
+    a, b = before.get("per_prompt"), after.get("per_prompt")
+    if not a or not b or len(a) != len(b):
+        return None
+    return paired_p_value([c / n for c, n in a], [c / n for c, n in b])
 
 
 def _steps_trained(run_dir: Path, last: dict[str, Any]) -> int:
@@ -106,15 +117,17 @@ def time_to_accuracy(run_dir: Path, threshold: float) -> float | None:
 def markdown_table(run_dirs: list[Path]) -> str:
     rows = [summary_row(d) for d in run_dirs]
     out = [
-        "| run | algorithm | held-out before | after | steps | wall-clock s | tokens trained | pass rate |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | algorithm | held-out before | after | paired p | steps | wall-clock s | tokens trained | pass rate |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     pct = lambda x: "-" if x is None else f"{100 * x:.1f} %"  # noqa: E731
     num = lambda x: "-" if x is None else f"{x:,.0f}"  # noqa: E731
     for r in rows:
+        p = "-" if r["p_paired"] is None else f"{r['p_paired']:.3g}"
         out.append(
             f"| {r['run']} | {r['algorithm']} | {pct(r['acc_before'])} | {pct(r['acc_after'])} | "
-            f"{r['steps']} | {num(r['wall_s'])} | {num(r['tokens'])} | {pct(r['pass_rate'])} |"
+            f"{p} | {r['steps']} | {num(r['wall_s'])} | {num(r['tokens'])} | "
+            f"{pct(r['pass_rate'])} |"
         )
     return "\n".join(out)
 

@@ -28,29 +28,7 @@ def test_eval_real_file_and_synthetic(tmp_path, demo_model_dir):
     limits = {"math500": 60, "synthetic": 12}
     for bench in ("math500", "synthetic"):
         out = tmp_path / f"{Path(bench).stem}.json"
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "popo.deploy.cli",
-                "eval",
-                "--model",
-                str(demo_model_dir),
-                "--benchmark",
-                bench,
-                "--limit",
-                str(limits[bench]),
-                "--k",
-                "4",
-                "--out",
-                str(out),
-                "--actor.max_tokens",
-                "24",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        r = _popo_eval(demo_model_dir, bench, limits[bench], "--out", str(out))
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         outs[bench] = json.loads(out.read_text())
     m = outs["math500"]
@@ -68,3 +46,36 @@ def test_eval_real_file_and_synthetic(tmp_path, demo_model_dir):
     assert outs["synthetic"]["capped"] < 0.5
     # the warm-started demo model solves some of its own held-out problems
     assert outs["synthetic"]["avg@4"] > 0.0
+    syn = outs["synthetic"]
+    assert len(syn["prompt_ids"]) == len(syn["per_prompt"]) == 12
+    assert sum(c for c, _ in syn["per_prompt"]) == round(syn["avg@4"] * 48)
+
+    # against a baseline: the change on the shared prompts, paired prompt by prompt
+    r = _popo_eval(demo_model_dir, "synthetic", 6, "--baseline", str(tmp_path / "synthetic.json"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("against the baseline"))
+    assert "on 6 shared prompts, paired p = " in line
+    p = float(line.rsplit("= ", 1)[1])
+    assert 0.0 < p <= 1.0
+
+
+def test_eval_refuses_a_baseline_without_per_prompt_results(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"benchmark": "synthetic", "avg@4": 0.5}))
+    for path in (old, tmp_path / "missing.json"):
+        r = _popo_eval(Path("unused"), "synthetic", 6, "--baseline", str(path))
+        assert r.returncode == 2
+        assert r.stderr.strip().count("\n") == 0 and f"--baseline {path}: " in r.stderr
+
+
+def _popo_eval(model: Path, bench: str, limit: int, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "popo.deploy.cli", "eval", "--model", str(model)),
+            *("--benchmark", bench, "--limit", str(limit), "--k", "4"),
+            *("--actor.max_tokens", "24", *flags),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
