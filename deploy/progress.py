@@ -56,21 +56,23 @@ class RunView:
                 hist.popleft()
 
     def _rate(self, inst: str, key: str) -> float | None:
-        """Rate of a counter over the last `window_s`, or back to its last change before that:
-        an actor counts a group's tokens when the whole group is done, minutes apart on long
-        completions, and a plain 30 s window would read 0 between groups."""
-        hist = self.history.get(inst)
-        if not hist or len(hist) < 2 or key not in hist[-1]:
+        """Rate of a counter over at least `window_s` before its last change, reaching back to
+        where it last stood still: an actor counts a group's tokens only when the whole group is
+        done, so one burst can hold minutes of sampling (and a plain window reads 0 or far too
+        much)."""
+        hist = [r for r in self.history.get(inst, ()) if key in r]
+        if len(hist) < 2:
             return None
-        b = hist[-1]
-        a = None
-        for rec in reversed(hist):
-            if key not in rec:
-                break
-            a = rec
-            if b["t"] - rec["t"] >= self.window_s and rec[key] != b[key]:
-                break
-        if a is None or b["t"] <= a["t"]:
+        i = len(hist) - 1
+        while i > 0 and hist[i - 1][key] == hist[-1][key]:  # back to the last change
+            i -= 1
+        j = i
+        while j > 0 and hist[j]["t"] > hist[i]["t"] - self.window_s:
+            j -= 1
+        while j > 0 and hist[j - 1][key] == hist[j][key]:  # to the start of that quiet spell
+            j -= 1
+        a, b = hist[j], hist[-1]
+        if b["t"] <= a["t"]:
             return None
         return (b[key] - a[key]) / (b["t"] - a["t"])
 

@@ -42,10 +42,19 @@ def test_token_rates_span_the_bursts_of_long_groups(tmp_path: Path) -> None:
     recs = [{"instance": "actor-0", "t": float(t), key: 0} for t in range(0, 60, 5)]
     recs += [{"instance": "actor-0", "t": float(t), key: 1200} for t in range(60, 150, 5)]
     _write(tmp_path, recs)
-    # 1,200 tokens between t = 55 and t = 145: 13.3 tokens/s, not 0 for the last 30 s
-    assert dict(view.rows())["actor-0 tokens/s"] == "13"
+    # 1,200 tokens sampled since t = 0 and counted at t = 60: 8.3 tokens/s at t = 145, not 0
+    # (nothing counted in the last 30 s)
+    assert dict(view.rows())["actor-0 tokens/s"] == f"{1200 / 145:.0f}"
+    # the next burst: 300 tokens sampled since the last one, not 300 in a 30 s window
     _write(tmp_path, [{"instance": "actor-0", "t": 150.0, key: 1500}])
-    assert dict(view.rows())["actor-0 tokens/s"] == f"{300 / 30:.0f}"  # a fresh window
+    assert dict(view.rows())["actor-0 tokens/s"] == f"{300 / 90:.0f}"
+    # a counter that moves in every record: the last 30 s
+    smooth = [
+        {"instance": "learner", "t": float(t), "popo_learner_tokens_total": t * t}
+        for t in range(60)
+    ]
+    _write(tmp_path, smooth)
+    assert dict(view.rows())["learner tokens/s"] == f"{(59**2 - 29**2) / 30:.0f}"
     idle = [{"instance": "actor-0", "t": 150.0 + t, key: 1500} for t in range(5, 400, 5)]
     _write(tmp_path, idle)
     assert dict(view.rows())["actor-0 tokens/s"] == "0"  # nothing for longer than the history
