@@ -59,7 +59,7 @@ class RunView:
         """Rate of a counter over at least `window_s` before its last change, reaching back to
         where it last stood still: an actor counts a group's tokens only when the whole group is
         done, so one burst can hold minutes of sampling (and a plain window reads 0 or far too
-        much)."""
+        much). Once the counter has stood still for longer than that span, the wait counts."""
         hist = [r for r in self.history.get(inst, ()) if key in r]
         if len(hist) < 2:
             return None
@@ -71,10 +71,9 @@ class RunView:
             j -= 1
         while j > 0 and hist[j - 1][key] == hist[j][key]:  # to the start of that quiet spell
             j -= 1
-        a, b = hist[j], hist[-1]
-        if b["t"] <= a["t"]:
-            return None
-        return (b[key] - a[key]) / (b["t"] - a["t"])
+        a, c, b = hist[j], hist[i], hist[-1]
+        span = max(c["t"] - a["t"], b["t"] - c["t"])
+        return (b[key] - a[key]) / span if span > 0 else None
 
     def rows(self) -> list[tuple[str, str]]:
         self._read()

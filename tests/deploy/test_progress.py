@@ -40,11 +40,16 @@ def test_token_rates_span_the_bursts_of_long_groups(tmp_path: Path) -> None:
     view = RunView(tmp_path, total_steps=10)
     key = "popo_actor_tokens_total"
     recs = [{"instance": "actor-0", "t": float(t), key: 0} for t in range(0, 60, 5)]
-    recs += [{"instance": "actor-0", "t": float(t), key: 1200} for t in range(60, 150, 5)]
+    recs += [{"instance": "actor-0", "t": float(t), key: 1200} for t in range(60, 115, 5)]
     _write(tmp_path, recs)
-    # 1,200 tokens sampled since t = 0 and counted at t = 60: 8.3 tokens/s at t = 145, not 0
-    # (nothing counted in the last 30 s)
-    assert dict(view.rows())["actor-0 tokens/s"] == f"{1200 / 145:.0f}"
+    # 1,200 tokens sampled from t = 0, counted at t = 60: 20 tokens/s at t = 110, not 0 (nothing
+    # counted in the last 30 s) nor 1,200 / 30
+    assert dict(view.rows())["actor-0 tokens/s"] == f"{1200 / 60:.0f}"
+    # standing still for longer than the burst took: the wait counts
+    _write(
+        tmp_path, [{"instance": "actor-0", "t": float(t), key: 1200} for t in range(115, 150, 5)]
+    )
+    assert dict(view.rows())["actor-0 tokens/s"] == f"{1200 / 85:.0f}"
     # the next burst: 300 tokens sampled since the last one, not 300 in a 30 s window
     _write(tmp_path, [{"instance": "actor-0", "t": 150.0, key: 1500}])
     assert dict(view.rows())["actor-0 tokens/s"] == f"{300 / 90:.0f}"
