@@ -31,6 +31,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     t0 = min((r["t"] for r in recs), default=0.0)
     return {
         "label": f"{run_dir.name} ({algo}, seed {seed})",
+        "algorithm": algo,
         "evals": read_jsonl(run.evals),
         "by_inst": dict(by_inst),
         "t0": t0,
@@ -75,7 +76,7 @@ def summary_row(run_dir: Path) -> dict[str, Any]:
     wall = (ev[-1]["t"] - run["t0"]) if ev else None
     return {
         "run": run_dir.name,
-        "algorithm": s.get("algorithm", "?"),
+        "algorithm": s.get("algorithm", run["algorithm"]),
         "acc_before": ev[0]["accuracy"] if ev else None,
         "acc_after": ev[-1]["accuracy"] if ev else None,
         "p_paired": held_out_p_value(ev[0], ev[-1]) if len(ev) > 1 else None,

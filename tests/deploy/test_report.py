@@ -43,8 +43,8 @@ def test_an_unfinished_run_reports_the_ledgers_last_step(tmp_path):
         ledger.close()
     assert row["steps"] == 5
     assert (row["acc_before"], row["acc_after"], row["wall_s"]) == (0.25, 0.5, 30.0)
-    # without summary.json the algorithm is unknown; the figures are there
-    assert "| run | ? | 25.0 % | 50.0 % | - | 5 |" in markdown_table([run.root])
+    # without summary.json the algorithm comes from the run's config snapshot
+    assert "| run | popo | 25.0 % | 50.0 % | - | 5 |" in markdown_table([run.root])
 
 
 def test_without_a_ledger_the_metrics_say_how_far_it_got(tmp_path):
