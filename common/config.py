@@ -608,7 +608,7 @@ class DeployConfig(_Section):
     actor). The plan is printed at start and written to `<run_dir>/placement.json`. `generation`
     is `auto` with the actors' engines spread over every core, the learner's and verifier's too:
     for runs bound by generation (long completions, few positives for the learner to train on),
-    e.g. GSM8K on 2 cores, 194 generated tokens/s against 130 with `auto`; on a GPU node it is
+    e.g. GSM8K on 2 cores, 1.59× the sampled tokens/s of `auto`; on a GPU node it is
     `auto`. `off` leaves every role on every core with the libraries' own thread defaults."""
     cpu_affinity: dict[str, list[int]] = {}
     """Cores each role may run on (with every process it spawns), by role name (`actor-0`,
