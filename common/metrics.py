@@ -350,10 +350,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def paired_p_value(
-    before: Sequence[float], after: Sequence[float], draws: int = 100_000, seed: int = 0
+    before: Sequence[Sequence[int]],
+    after: Sequence[Sequence[int]],
+    draws: int = 100_000,
+    seed: int = 0,
 ) -> float:
-    """Two-sided p-value of the mean per-prompt change from `before` to `after` (accuracies of the
-    same prompts, in the same order), by a sign-flip permutation test: under no change each
+    """Two-sided p-value of the mean per-prompt change in accuracy from `before` to `after`
+    ((positives, samples) of the same prompts, in the same order: `per_prompt` of eval.jsonl and
+    `popo eval --out`), by a sign-flip permutation test: under no change each
     prompt's difference is as likely negated. Exact over every sign pattern up to 16 changed
     prompts, else `draws` random patterns (seeded). Pairing removes the spread between prompts,
     which dominates a pooled test of completions on a few dozen held-out prompts."""
@@ -361,7 +365,8 @@ def paired_p_value(
 
     if len(before) != len(after):
         raise ValueError(f"paired results differ in length: {len(before)} vs {len(after)}")
-    d = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    acc = lambda pairs: np.array([c / n for c, n in pairs], dtype=np.float64)  # noqa: E731
+    d = acc(after) - acc(before)
     d = d[d != 0]
     if d.size == 0:
         return 1.0

@@ -180,7 +180,7 @@ def compare(result: dict[str, Any], baseline: dict[str, Any]) -> str:
         return "against the baseline: no prompt in common"
     b, a = [x for x, _ in pairs], [y for _, y in pairs]
     acc = lambda xs: sum(c for c, _ in xs) / sum(n for _, n in xs)  # noqa: E731
-    p = paired_p_value([c / n for c, n in b], [c / n for c, n in a])
+    p = paired_p_value(b, a)
     return (
         f"against the baseline: sampled accuracy {100 * acc(b):.1f}% -> {100 * acc(a):.1f}% "
         f"on {len(pairs)} shared prompts, paired p = {p:.3g}"

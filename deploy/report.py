@@ -93,7 +93,7 @@ def held_out_p_value(before: dict[str, Any], after: dict[str, Any]) -> float | N
     a, b = before.get("per_prompt"), after.get("per_prompt")
     if not a or not b or len(a) != len(b):
         return None
-    return paired_p_value([c / n for c, n in a], [c / n for c, n in b])
+    return paired_p_value(a, b)
 
 
 def _steps_trained(run_dir: Path, last: dict[str, Any]) -> int:

@@ -84,10 +84,10 @@ def test_held_out_change_is_tested_prompt_by_prompt(tmp_path):
 
 def test_many_changed_prompts_are_tested_by_seeded_random_signs():
     # 20 changed prompts, all up: no random pattern reaches the observed sum
-    assert paired_p_value([0.0] * 20, [1.0] * 20) == 1 / 100_001
+    assert paired_p_value([[0, 1]] * 20, [[1, 1]] * 20) == 1 / 100_001
     # 40 changes that cancel out: nothing to see
-    before, after = [0.5] * 40, [0.75] * 20 + [0.25] * 20
+    before, after = [[2, 4]] * 40, [[3, 4]] * 20 + [[1, 4]] * 20
     assert paired_p_value(before, after) > 0.99
     assert paired_p_value(before, after) == paired_p_value(before, after)  # seeded
     with pytest.raises(ValueError, match="differ in length"):
-        paired_p_value([0.5], [0.5, 0.5])
+        paired_p_value([[1, 2]], [[1, 2], [1, 2]])
