@@ -52,6 +52,7 @@ def write_weights(
     protect: set[int],
     probe: tuple[list[int], list[int]] | None,
     on_failure: Any = None,
+    change: Any = None,
 ) -> WeightsReady | None:
     """Publish the policy as version `version` of the run's `WeightStore` (every rank calls; rank 0
     writes and returns the announcement)."""
@@ -72,6 +73,7 @@ def write_weights(
         retries=lc.write_retries,
         backoff_s=lc.write_retry_backoff_s,
         on_failure=on_failure,
+        change=change,
     )
 
 

@@ -53,6 +53,35 @@ def publish_dtype(publish: str, served: str, learner_device: str) -> torch.dtype
     return getattr(torch, name)
 
 
+class PublishedChange:
+    """The share of a fixed sample of the policy's elements whose published value, in the published
+    dtype, differs from the previous publish's.
+
+    Rounding to a low-precision serving dtype can swallow most of a step's update: with AdamW
+    each element moves about `lr` a step, while bfloat16's spacing near a weight w is |w| / 256 to |w| / 128.
+    Near 0, the actors sample a policy that has stopped following the learner
+    (docs/benchmarks-notes.md, "Serving dtype on CPU").
+    """
+
+    def __init__(self, per_tensor: int = 4096) -> None:
+        self.per_tensor = per_tensor
+        """Elements sampled per tensor (evenly strided over it)."""
+        self.fraction: float | None = None
+        """The last publish's changed share; None until there are two to compare."""
+        self._last: torch.Tensor | None = None
+
+    def update(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> None:
+        parts = []
+        for name in sorted(tensors):
+            flat = tensors[name].reshape(-1)
+            sample = flat[:: max(1, flat.numel() // self.per_tensor)][: self.per_tensor]
+            parts.append((sample.to(dtype) if dtype is not None else sample).float())
+        now = torch.cat(parts)
+        if self._last is not None and self._last.shape == now.shape:
+            self.fraction = (now != self._last).float().mean().item()
+        self._last = now
+
+
 def publish_weights(
     model: nn.Module,
     weights_root: str | Path,
@@ -67,6 +96,7 @@ def publish_weights(
     retries: int = 0,
     backoff_s: float = 1.0,
     on_failure: Callable[[OSError], None] | None = None,
+    change: PublishedChange | None = None,
 ) -> WeightsReady | None:
     """Write the policy as version `version` of the `WeightStore` at `weights_root` atomically,
     prune older versions (`keep`, `protect`) and return its announcement.
@@ -76,6 +106,7 @@ def publish_weights(
     the policy's own.
     probe: (prompt ids, continuation ids) whose learner log-probs travel in the message so actors
     can measure their parity after the reload.
+    change: updated with this version's tensors (rank 0).
     retries, backoff_s, on_failure: a failed write (full disk, I/O error) leaves nothing behind and
     is tried again `retries` times with doubling back-off (`common.weights.retry_write`); the
     announcement exists only once the version directory is complete, fsynced and renamed.
@@ -115,6 +146,8 @@ def publish_weights(
             on_failure,
         )
         store.prune(keep, protect={*protect, version})
+        if change is not None:
+            change.update(tensors, dtype)
         if learner_lp is not None:
             msg.probe_token_ids = pack_ids(np.concatenate([prompt, cont]))
             msg.probe_prompt_len = len(prompt)

@@ -27,6 +27,7 @@ from popo.common.run_dir import RunDir
 from popo.learner.ledger import Received
 from popo.learner.ops import build_trainer, write_checkpoint, write_weights
 from popo.learner.orchestrator import Orchestrator
+from popo.learner.publish import PublishedChange
 from popo.learner.ranks import RankLink
 from popo.learner.stats import LearnerStats
 
@@ -43,6 +44,7 @@ class Learner:
         self.device = device
         self.link: RankLink | None = None  # to ranks 1..N-1 when the learner is sharded
         self.stop_event = threading.Event()
+        self.change = PublishedChange()
         self.t0 = float(os.environ.get(LAUNCH_T0_ENV) or process_start_time())
 
     def setup(self) -> None:
@@ -167,9 +169,10 @@ class Learner:
             protect,
             self.probe,
             on_failure=lambda _e: self.stats.publish_failures.inc(),
+            change=self.change,
         )
         self.orch.announce(msg)
-        self.stats.published(version, time.perf_counter() - t0)
+        self.stats.published(version, time.perf_counter() - t0, self.change.fraction)
 
     def checkpoint(self) -> None:
         if self.link is not None:

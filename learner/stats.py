@@ -55,6 +55,10 @@ class LearnerStats:
         self._publish_s = m.histogram(
             "learner_publish_seconds", "Write + announce of one weight version", STEP_BUCKETS
         )
+        self._changed = m.gauge(
+            "learner_published_change_fraction",
+            "Share of sampled policy elements whose published value changed from the last version",
+        )
         self.publish_failures = m.counter(
             "learner_publish_failures_total", "Failed weight-version writes (each one retried)"
         )
@@ -144,9 +148,11 @@ class LearnerStats:
             if key.startswith("loss"):
                 self._loss.labels("total" if key == "loss" else key.removeprefix("loss_")).set(v)
 
-    def published(self, version: int, seconds: float) -> None:
+    def published(self, version: int, seconds: float, changed: float | None = None) -> None:
         self._version.set(version)
         self._publish_s.observe(seconds)
+        if changed is not None:
+            self._changed.set(changed)
 
     def evaluated(self, accuracy: float, pass_at_k: float) -> None:
         self._eval.set(accuracy)

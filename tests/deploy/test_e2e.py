@@ -39,6 +39,9 @@ def test_train_end_to_end(tmp_path, demo_model_dir):
     assert {"learner", "verifier", "actor"} <= roles
     actor_versions = [r.get("popo_actor_policy_version", 0) for r in recs if r["role"] == "actor"]
     assert max(actor_versions) >= 2
+    # float32 versions keep every step's update: most sampled elements change between versions
+    changed = [r["popo_learner_published_change_fraction"] for r in recs if r["role"] == "learner"]
+    assert changed and changed[-1] > 0.5
     assert_exactly_once(run_dir, 3)
     evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert len(evals) == 2 and evals[0]["step"] == 0 and evals[-1]["step"] == 3

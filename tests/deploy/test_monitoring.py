@@ -262,6 +262,7 @@ def test_dashboard_covers_every_panel():
         "popo_learner_ema_kl",
         "popo_learner_staleness_versions",
         "popo_learner_publish_seconds",
+        "popo_learner_published_change_fraction",
         "popo_actor_weight_reload_seconds",
         "popo_learner_buffer_groups",
         "popo_learner_outstanding_leases",

@@ -14,7 +14,12 @@ from popo.common.demo_model import save_random_model
 from popo.common.messages import WeightsReady, decode, encode, unpack_f32, unpack_ids
 from popo.common.weights import WeightStore, verify_weights
 from popo.learner.model import sequence_logprobs
-from popo.learner.publish import hf_state_dict, publish_dtype, publish_weights
+from popo.learner.publish import (
+    PublishedChange,
+    hf_state_dict,
+    publish_dtype,
+    publish_weights,
+)
 from popo.learner.trainer import Trainer
 
 
@@ -77,6 +82,38 @@ def test_publish_writes_shared_tensors_and_casts(tmp_path, dtype):
     assert set(got) == set(want) and "lm_head.weight" in got
     for k, v in want.items():
         assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+def test_published_change_counts_sampled_elements_the_cast_keeps_changed():
+    w = {"a": torch.ones(10), "b": torch.full((2, 3), 0.5)}
+    moved = {"a": w["a"] + torch.tensor([1e-4] * 8 + [1e-1] * 2), "b": w["b"] + 1e-4}
+    # bfloat16 spacing is 2^-7 at 1.0 and 2^-8 at 0.5: only the two +0.1 elements survive the cast
+    bf16 = PublishedChange()
+    bf16.update(w, torch.bfloat16)
+    assert bf16.fraction is None  # nothing to compare with yet
+    bf16.update(moved, torch.bfloat16)
+    assert bf16.fraction == pytest.approx(2 / 16)
+    f32 = PublishedChange()
+    for t in (w, moved):
+        f32.update(t, None)
+    assert f32.fraction == 1.0
+    # the sample: at most `per_tensor` elements a tensor, evenly strided
+    few = PublishedChange(per_tensor=4)
+    few.update({"a": torch.zeros(100)}, None)
+    few.update({"a": torch.arange(100.0) % 25}, None)  # zero at 0, 25, 50, 75: the sampled ones
+    assert few.fraction == 0.0
+
+
+def test_publish_weights_tracks_the_change_between_versions(tmp_path):
+    src = save_random_model(tmp_path / "model", seed=0)
+    tr = _trained(src, steps=1, lr=3e-2)
+    change = PublishedChange()
+    publish_weights(tr.policy, tmp_path / "w", 1, change=change, dtype=torch.bfloat16)
+    publish_weights(tr.policy, tmp_path / "w", 2, change=change, dtype=torch.bfloat16)
+    assert change.fraction == 0.0  # same weights
+    tr.train_step(make_groups(4, 4, seed=5))
+    publish_weights(tr.policy, tmp_path / "w", 3, change=change, dtype=torch.bfloat16)
+    assert 0.0 < change.fraction <= 1.0
 
 
 def _engine(src, dtype: str):
