@@ -315,6 +315,12 @@ class LearnerConfig(_Section):
     when it is set, else bfloat16 when the learner runs on a GPU (GPU engines serve bf16: half the
     bytes of float32 to write, hash and load) and float32 on CPU. An engine of another float dtype
     still loads a version (vLLM casts each tensor as it copies it in), serving the rounded values."""
+    publish_rounding: Literal["nearest", "dither"] = "nearest"
+    """How float32 parameters become bfloat16 versions. `nearest`: round to nearest, as `.to()`
+    does, so an element's published value moves only once the learner's drift passes half the
+    bfloat16 spacing there. `dither`: add a fixed uniform offset per element (the same in every
+    version) before truncating, so the published values are unbiased and a drift of a fraction of
+    the spacing flips that fraction of elements. Other dtypes are always rounded to nearest."""
     keep_weights: int = Field(3, ge=1)
     """Weight versions kept on disk (never one an actor may still be loading)."""
     checkpoint_every: int = Field(10, ge=1)

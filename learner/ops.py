@@ -74,6 +74,7 @@ def write_weights(
         backoff_s=lc.write_retry_backoff_s,
         on_failure=on_failure,
         change=change,
+        rounding=lc.publish_rounding,
     )
 
 

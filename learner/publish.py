@@ -29,18 +29,38 @@ from popo.learner.model import sequence_logprobs
 _SKIP = re.compile(r"(\.safetensors(\.sha256)?|\.bin|\.pt|\.pth|\.safetensors\.index\.json)$")
 
 
-def hf_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The policy's tensors under HF names, on CPU, optionally cast (e.g. to the actors' dtype)."""
+def hf_state_dict(
+    model: nn.Module, dtype: torch.dtype | None = None, rounding: str = "nearest"
+) -> dict[str, torch.Tensor]:
+    """The policy's tensors under HF names, on CPU, optionally cast (e.g. to the actors' dtype;
+    `rounding` as `learner.publish_rounding`)."""
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     out = {}
-    for k, v in model.state_dict().items():
+    for i, (k, v) in enumerate(model.state_dict().items()):
         if tied and k == "lm_head.weight":
             continue
         v = v.detach()
         if hasattr(v, "full_tensor"):  # FSDP2 shard: all-gather (a collective: every rank calls)
             v = v.full_tensor()
+        if dtype == torch.bfloat16 and rounding == "dither" and v.dtype == torch.float32:
+            v = dither_to_bf16(v, seed=i)
         out[k] = (v.to(dtype) if dtype is not None else v).cpu()
     return out
+
+
+def dither_to_bf16(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """float32 `x` rounded to bfloat16 with a fixed uniform offset per element.
+
+    bfloat16 is float32 without its low 16 bits: adding an integer u ~ U[0, 2^16) to those bits
+    before cutting them rounds |x| up with probability equal to its distance from the value below,
+    so E_u[result] = x. u comes from `seed` alone and is the same at every call: an element's
+    published value changes only when x moves across a threshold, and a drift of a fraction f of
+    the spacing moves about f of the elements, where rounding to nearest moves none.
+    """
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    u = torch.randint(0, 1 << 16, x.shape, generator=gen, device=x.device, dtype=torch.int32)
+    bits = x.contiguous().view(torch.int32) + u
+    return (bits & -(1 << 16)).view(torch.float32).to(torch.bfloat16)  # exact: low bits are 0
 
 
 def publish_dtype(publish: str, served: str, learner_device: str) -> torch.dtype:
@@ -97,6 +117,7 @@ def publish_weights(
     backoff_s: float = 1.0,
     on_failure: Callable[[OSError], None] | None = None,
     change: PublishedChange | None = None,
+    rounding: str = "nearest",
 ) -> WeightsReady | None:
     """Write the policy as version `version` of the `WeightStore` at `weights_root` atomically,
     prune older versions (`keep`, `protect`) and return its announcement.
@@ -107,6 +128,7 @@ def publish_weights(
     probe: (prompt ids, continuation ids) whose learner log-probs travel in the message so actors
     can measure their parity after the reload.
     change: updated with this version's tensors (rank 0).
+    rounding: `learner.publish_rounding` (`dither` casts tensor by tensor before the write).
     retries, backoff_s, on_failure: a failed write (full disk, I/O error) leaves nothing behind and
     is tried again `retries` times with doubling back-off (`common.weights.retry_write`); the
     announcement exists only once the version directory is complete, fsynced and renamed.
@@ -117,10 +139,11 @@ def publish_weights(
 
     sharded = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if sharded else 0
-    # A CPU policy is cast by the writer, block by block (no second copy of the whole state); on
-    # an accelerator the cast runs there, before the copy to the host, which it halves.
+    # A CPU policy is cast by the writer, block by block (no second copy of the whole state), unless
+    # dithered; on an accelerator the cast runs there, before the copy to the host, which it halves.
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    tensors = hf_state_dict(model, None if on_cpu else dtype)
+    dither = rounding == "dither" and dtype == torch.bfloat16
+    tensors = hf_state_dict(model, None if on_cpu and not dither else dtype, rounding)
     with ThreadPoolExecutor(1, thread_name_prefix="probe") as probing:
         learner_lp: Callable[[], np.ndarray] | None = None
         if probe is not None:

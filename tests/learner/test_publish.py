@@ -16,6 +16,7 @@ from popo.common.weights import WeightStore, verify_weights
 from popo.learner.model import sequence_logprobs
 from popo.learner.publish import (
     PublishedChange,
+    dither_to_bf16,
     hf_state_dict,
     publish_dtype,
     publish_weights,
@@ -104,6 +105,25 @@ def test_published_change_counts_sampled_elements_the_cast_keeps_changed():
     assert few.fraction == 0.0
 
 
+def test_dither_is_unbiased_fixed_and_passes_a_sub_spacing_drift():
+    spacing = 2.0**-7  # bfloat16's between 1 and 2
+    x = torch.full((100_000,), 1.0 + 0.3 * spacing)
+    for sign in (1.0, -1.0):
+        d = dither_to_bf16(sign * x, seed=3)
+        assert d.dtype == torch.bfloat16
+        assert set(d.float().abs().unique().tolist()) == {1.0, 1.0 + spacing}
+        assert d.float().mean().item() == pytest.approx(sign * (1.0 + 0.3 * spacing), abs=1e-5)
+    assert torch.equal(dither_to_bf16(x, seed=3), dither_to_bf16(x, seed=3))  # the same offsets
+    # a drift of a tenth of the spacing: rounding to nearest moves no element, dither ~10 %
+    moved = x + 0.1 * spacing
+    assert torch.equal(moved.to(torch.bfloat16), x.to(torch.bfloat16))
+    flipped = (dither_to_bf16(moved, seed=3) != dither_to_bf16(x, seed=3)).float().mean().item()
+    assert flipped == pytest.approx(0.1, abs=0.01)
+    # values bfloat16 holds exactly stay exact
+    exact = torch.tensor([0.0, 1.0, -2.5, 2.0**-100])
+    assert torch.equal(dither_to_bf16(exact, seed=0).float(), exact)
+
+
 def test_publish_weights_tracks_the_change_between_versions(tmp_path):
     src = save_random_model(tmp_path / "model", seed=0)
     tr = _trained(src, steps=1, lr=3e-2)
@@ -114,6 +134,20 @@ def test_publish_weights_tracks_the_change_between_versions(tmp_path):
     tr.train_step(make_groups(4, 4, seed=5))
     publish_weights(tr.policy, tmp_path / "w", 3, change=change, dtype=torch.bfloat16)
     assert 0.0 < change.fraction <= 1.0
+    # dithered versions: bfloat16 files, identical while the weights are
+    a, b = (
+        publish_weights(tr.policy, tmp_path / "w", v, dtype=torch.bfloat16, rounding="dither")
+        for v in (4, 5)
+    )
+    assert a.sha256 == b.sha256
+    got = load_file(f"{a.path}/model.safetensors")
+    want = hf_state_dict(tr.policy, torch.bfloat16, "dither")
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k]) for k in want)
+    assert any(
+        not torch.equal(got[k], v.to(torch.bfloat16))
+        for k, v in tr.policy.state_dict().items()
+        if k in got
+    )
 
 
 def _engine(src, dtype: str):
