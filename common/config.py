@@ -119,8 +119,9 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype the actors' engines serve, and so of published versions (`learner.publish_dtype`);
     the learner keeps float32 parameters (bf16 autocast on GPU). `auto` is float32 on CPU and
-    bfloat16 on GPU: bfloat16 samples faster on a CPU with bf16 instructions but rounds small
-    updates away (`popo_learner_published_change_fraction`, docs/architecture.md, Weights)."""
+    bfloat16 on GPU. bfloat16 samples faster on a CPU with bf16 instructions; its versions hold
+    back updates smaller than its spacing (`learner.publish_rounding`,
+    `popo_learner_published_change_fraction`, docs/architecture.md, Weights)."""
     max_model_len: int = Field(256, gt=0)
     """Longest prompt + completion, in tokens, that the engines must hold."""
     demo: DemoModelConfig = DemoModelConfig()

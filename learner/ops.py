@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from popo.common.config import RunConfig
 from popo.common.messages import WeightsReady
 from popo.common.run_dir import RunDir
+
+if TYPE_CHECKING:
+    from popo.learner.publish import PublishedChange
 
 log = logging.getLogger("popo.learner")
 
@@ -52,7 +55,7 @@ def write_weights(
     protect: set[int],
     probe: tuple[list[int], list[int]] | None,
     on_failure: Any = None,
-    change: Any = None,
+    change: PublishedChange | None = None,
 ) -> WeightsReady | None:
     """Publish the policy as version `version` of the run's `WeightStore` (every rank calls; rank 0
     writes and returns the announcement)."""

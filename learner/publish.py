@@ -48,6 +48,9 @@ def hf_state_dict(
     return out
 
 
+_DITHER_BLOCK = 1 << 24  # elements a step of `dither_to_bf16`
+
+
 def dither_to_bf16(x: torch.Tensor, seed: int) -> torch.Tensor:
     """float32 `x` rounded to bfloat16 with a fixed uniform offset per element.
 
@@ -57,10 +60,16 @@ def dither_to_bf16(x: torch.Tensor, seed: int) -> torch.Tensor:
     published value changes only when x moves across a threshold, and a drift of a fraction f of
     the spacing moves about f of the elements, where rounding to nearest moves none.
     """
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    u = torch.randint(0, 1 << 16, x.shape, generator=gen, device=x.device, dtype=torch.int32)
-    bits = x.contiguous().view(torch.int32) + u
-    return (bits & -(1 << 16)).view(torch.float32).to(torch.bfloat16)  # exact: low bits are 0
+    flat = x.contiguous().view(-1).view(torch.int32)
+    out = torch.empty(flat.shape, dtype=torch.bfloat16, device=x.device)
+    gen = torch.Generator(device=x.device)
+    for j in range(0, flat.numel(), _DITHER_BLOCK):  # bounded scratch, even for a 7B embedding
+        bits = flat[j : j + _DITHER_BLOCK]
+        gen.manual_seed((seed << 32) + j)
+        u = torch.randint(0, 1 << 16, bits.shape, generator=gen, device=x.device, dtype=torch.int32)
+        # exact: the low 16 bits are 0
+        out[j : j + _DITHER_BLOCK] = ((bits + u) & -(1 << 16)).view(torch.float32)
+    return out.view(x.shape)
 
 
 def publish_dtype(publish: str, served: str, learner_device: str) -> torch.dtype:
@@ -77,10 +86,10 @@ class PublishedChange:
     """The share of a fixed sample of the policy's elements whose published value, in the published
     dtype, differs from the previous publish's.
 
-    Rounding to a low-precision serving dtype can swallow most of a step's update: with AdamW
-    each element moves about `lr` a step, while bfloat16's spacing near a weight w is |w| / 256 to |w| / 128.
-    Near 0, the actors sample a policy that has stopped following the learner
-    (docs/benchmarks-notes.md, "Serving dtype on CPU").
+    Rounding to a low-precision serving dtype holds back the part of an update smaller than its
+    spacing: with AdamW each element moves about `lr` a step, while bfloat16's spacing near a
+    weight w is |w| / 256 to |w| / 128. Near 0, the actors sample a policy that lags the learner's
+    by more than the version numbers say (docs/benchmarks-notes.md, "Serving dtype on CPU").
     """
 
     def __init__(self, per_tensor: int = 4096) -> None:

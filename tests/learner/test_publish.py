@@ -107,12 +107,12 @@ def test_published_change_counts_sampled_elements_the_cast_keeps_changed():
 
 def test_dither_is_unbiased_fixed_and_passes_a_sub_spacing_drift():
     spacing = 2.0**-7  # bfloat16's between 1 and 2
-    x = torch.full((100_000,), 1.0 + 0.3 * spacing)
+    x = torch.full((100_000,), 1.0 + 0.3 * spacing)  # the mean's sampling sd: 1.1e-5
     for sign in (1.0, -1.0):
         d = dither_to_bf16(sign * x, seed=3)
         assert d.dtype == torch.bfloat16
         assert set(d.float().abs().unique().tolist()) == {1.0, 1.0 + spacing}
-        assert d.float().mean().item() == pytest.approx(sign * (1.0 + 0.3 * spacing), abs=1e-5)
+        assert d.float().mean().item() == pytest.approx(sign * (1.0 + 0.3 * spacing), abs=5e-5)
     assert torch.equal(dither_to_bf16(x, seed=3), dither_to_bf16(x, seed=3))  # the same offsets
     # a drift of a tenth of the spacing: rounding to nearest moves no element, dither ~10 %
     moved = x + 0.1 * spacing
