@@ -119,9 +119,10 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype the actors' engines serve, and so of published versions (`learner.publish_dtype`);
     the learner keeps float32 parameters (bf16 autocast on GPU). `auto` is float32 on CPU and
-    bfloat16 on GPU. bfloat16 samples faster on a CPU with bf16 instructions; its versions hold
-    back updates smaller than its spacing (`learner.publish_rounding`,
-    `popo_learner_published_change_fraction`, docs/architecture.md, Weights)."""
+    bfloat16 on GPU. bfloat16 samples faster on a CPU with bf16 instructions (AVX512-BF16, AMX);
+    its versions are dithered so that updates smaller than its spacing still reach the actors
+    (`learner.publish_rounding`, `popo_learner_published_change_fraction`, docs/architecture.md,
+    Weights)."""
     max_model_len: int = Field(256, gt=0)
     """Longest prompt + completion, in tokens, that the engines must hold."""
     demo: DemoModelConfig = DemoModelConfig()
@@ -316,12 +317,14 @@ class LearnerConfig(_Section):
     when it is set, else bfloat16 when the learner runs on a GPU (GPU engines serve bf16: half the
     bytes of float32 to write, hash and load) and float32 on CPU. An engine of another float dtype
     still loads a version (vLLM casts each tensor as it copies it in), serving the rounded values."""
-    publish_rounding: Literal["nearest", "dither"] = "nearest"
-    """How float32 parameters become bfloat16 versions. `nearest`: round to nearest, as `.to()`
-    does, so an element's published value moves only once the learner's drift passes half the
-    bfloat16 spacing there. `dither`: add a fixed uniform offset per element (the same in every
-    version) before truncating, so the published values are unbiased and a drift of a fraction of
-    the spacing flips that fraction of elements. Other dtypes are always rounded to nearest."""
+    publish_rounding: Literal["nearest", "dither"] = "dither"
+    """How float32 parameters become bfloat16 versions. `dither`: add a fixed offset per element
+    (the same in every version) to the bits below bfloat16's before cutting them, so the published
+    values are unbiased and a drift of a fraction of the spacing flips that fraction of elements:
+    the actors' log-probs stay 2.3-4.9x closer to the learner's (docs/benchmarks-notes.md, "Serving
+    dtype on CPU"). `nearest`: round to nearest, as `.to()` does, so an element's published value
+    moves only once the learner's drift passes half the bfloat16 spacing there. Other dtypes are
+    always rounded to nearest."""
     keep_weights: int = Field(3, ge=1)
     """Weight versions kept on disk (never one an actor may still be loading)."""
     checkpoint_every: int = Field(10, ge=1)

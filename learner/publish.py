@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from popo.common.messages import WeightsReady, pack_f32, pack_ids
-from popo.common.weights import WeightStore, retry_write
+from popo.common.weights import WeightStore, cast_for_publish, retry_write
 from popo.learner.model import sequence_logprobs
 
 # Files of a HF model directory that describe the model rather than hold its weights.
@@ -36,40 +36,14 @@ def hf_state_dict(
     `rounding` as `learner.publish_rounding`)."""
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     out = {}
-    for i, (k, v) in enumerate(model.state_dict().items()):
+    for k, v in model.state_dict().items():
         if tied and k == "lm_head.weight":
             continue
         v = v.detach()
         if hasattr(v, "full_tensor"):  # FSDP2 shard: all-gather (a collective: every rank calls)
             v = v.full_tensor()
-        if dtype == torch.bfloat16 and rounding == "dither" and v.dtype == torch.float32:
-            v = dither_to_bf16(v, seed=i)
-        out[k] = (v.to(dtype) if dtype is not None else v).cpu()
+        out[k] = (cast_for_publish(v, dtype, rounding, k) if dtype is not None else v).cpu()
     return out
-
-
-_DITHER_BLOCK = 1 << 24  # elements a step of `dither_to_bf16`
-
-
-def dither_to_bf16(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """float32 `x` rounded to bfloat16 with a fixed uniform offset per element.
-
-    bfloat16 is float32 without its low 16 bits: adding an integer u ~ U[0, 2^16) to those bits
-    before cutting them rounds |x| up with probability equal to its distance from the value below,
-    so E_u[result] = x. u comes from `seed` alone and is the same at every call: an element's
-    published value changes only when x moves across a threshold, and a drift of a fraction f of
-    the spacing moves about f of the elements, where rounding to nearest moves none.
-    """
-    flat = x.contiguous().view(-1).view(torch.int32)
-    out = torch.empty(flat.shape, dtype=torch.bfloat16, device=x.device)
-    gen = torch.Generator(device=x.device)
-    for j in range(0, flat.numel(), _DITHER_BLOCK):  # bounded scratch, even for a 7B embedding
-        bits = flat[j : j + _DITHER_BLOCK]
-        gen.manual_seed((seed << 32) + j)
-        u = torch.randint(0, 1 << 16, bits.shape, generator=gen, device=x.device, dtype=torch.int32)
-        # exact: the low 16 bits are 0
-        out[j : j + _DITHER_BLOCK] = ((bits + u) & -(1 << 16)).view(torch.float32)
-    return out.view(x.shape)
 
 
 def publish_dtype(publish: str, served: str, learner_device: str) -> torch.dtype:
@@ -99,12 +73,20 @@ class PublishedChange:
         """The last publish's changed share; None until there are two to compare."""
         self._last: torch.Tensor | None = None
 
-    def update(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> None:
+    def update(
+        self, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None, rounding: str = "nearest"
+    ) -> None:
+        """Compare with the previous call: `tensors` as written with `dtype` and `rounding`
+        (`publish_weights`' arguments)."""
         parts = []
         for name in sorted(tensors):
             flat = tensors[name].reshape(-1)
-            sample = flat[:: max(1, flat.numel() // self.per_tensor)][: self.per_tensor]
-            parts.append((sample.to(dtype) if dtype is not None else sample).float())
+            at = torch.arange(0, flat.numel(), max(1, flat.numel() // self.per_tensor))
+            at = at[: self.per_tensor]
+            sample = flat[at]
+            if dtype is not None:  # rounded as the writer rounds these elements
+                sample = cast_for_publish(sample, dtype, rounding, name, at=at)
+            parts.append(sample.float())
         now = torch.cat(parts)
         if self._last is not None and self._last.shape == now.shape:
             self.fraction = (now != self._last).float().mean().item()
@@ -137,7 +119,7 @@ def publish_weights(
     probe: (prompt ids, continuation ids) whose learner log-probs travel in the message so actors
     can measure their parity after the reload.
     change: updated with this version's tensors (rank 0).
-    rounding: `learner.publish_rounding` (`dither` casts tensor by tensor before the write).
+    rounding: `learner.publish_rounding` (`common.weights.cast_for_publish`).
     retries, backoff_s, on_failure: a failed write (full disk, I/O error) leaves nothing behind and
     is tried again `retries` times with doubling back-off (`common.weights.retry_write`); the
     announcement exists only once the version directory is complete, fsynced and renamed.
@@ -148,11 +130,10 @@ def publish_weights(
 
     sharded = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if sharded else 0
-    # A CPU policy is cast by the writer, block by block (no second copy of the whole state), unless
-    # dithered; on an accelerator the cast runs there, before the copy to the host, which it halves.
+    # A CPU policy is cast by the writer, block by block (no second copy of the whole state); on
+    # an accelerator the cast runs there, before the copy to the host, which it halves.
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    dither = rounding == "dither" and dtype == torch.bfloat16
-    tensors = hf_state_dict(model, None if on_cpu and not dither else dtype, rounding)
+    tensors = hf_state_dict(model, None if on_cpu else dtype, rounding)
     with ThreadPoolExecutor(1, thread_name_prefix="probe") as probing:
         learner_lp: Callable[[], np.ndarray] | None = None
         if probe is not None:
@@ -171,7 +152,9 @@ def publish_weights(
                     links[p.name] = p
         store = WeightStore(weights_root)
         msg = retry_write(
-            lambda: store.publish(version, tensors, link_files=links, dtype=dtype),
+            lambda: store.publish(
+                version, tensors, link_files=links, dtype=dtype, rounding=rounding
+            ),
             f"weights {store.dir_name(version)}",
             retries,
             backoff_s,
@@ -179,7 +162,7 @@ def publish_weights(
         )
         store.prune(keep, protect={*protect, version})
         if change is not None:
-            change.update(tensors, dtype)
+            change.update(tensors, dtype, rounding)
         if learner_lp is not None:
             msg.probe_token_ids = pack_ids(np.concatenate([prompt, cont]))
             msg.probe_prompt_len = len(prompt)

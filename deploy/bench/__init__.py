@@ -70,6 +70,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="sync: the engine's dtype (model.dtype), which the learner publishes in",
     )
+    g.add_argument(
+        "--rounding",
+        choices=("nearest", "dither"),
+        help="sync: learner.publish_rounding of bfloat16 versions (default: the config's)",
+    )
     v = p.add_argument_group("verify")
     v.add_argument("--workers", help="comma-separated worker counts")
     v.add_argument("--groups", type=int, help="prompts per repetition (verify), groups (learn)")

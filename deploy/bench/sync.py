@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -102,6 +103,7 @@ def sync_size(
     bc.actor.max_num_seqs = 8
     bc.metrics.enabled = False
     bc.model.dtype = a.dtype
+    rounding = a.rounding
     # the learner publishes in the engine's dtype (`learner.publish_dtype = auto`)
     dtype = getattr(torch, resolve_dtype(a.dtype))
     engine, _ = start_engine(model_dir, bc)
@@ -136,6 +138,7 @@ def sync_size(
             probe=probe,
             pad_id=tok.pad_token_id or 0,
             dtype=dtype,
+            rounding=rounding,
         )
         t1 = time.perf_counter()
         _, kl = reloader.reload(msg)
@@ -155,10 +158,13 @@ def sync_size(
 
     try:
         runs = alternate({"sync": sync, "raw": raw}, a.reps, warmup=1)
-        steps = publish_steps(model, WeightStore(root).path(engine.version), dtype, probe, a.reps)
+        last = WeightStore(root).path(engine.version)
+        steps = publish_steps(model, last, dtype, rounding, probe, a.reps)
     finally:
         reloader.close()
         engine.close()
+        for scratch in (root, model_dir):  # GBs at size: the figures are what the run keeps
+            shutil.rmtree(scratch, ignore_errors=True)
     # The parity probe proves each reload served the published weights (fp32: ~1e-6; a bf16
     # engine computes in bf16 what the learner computes in fp32).
     limit = 1e-3 if dtype == torch.float32 else 5e-2
@@ -171,14 +177,19 @@ def sync_size(
 
 
 def publish_steps(
-    model: Any, version_dir: Path, dtype: Any, probe: tuple[list[int], list[int]], reps: int
+    model: Any,
+    version_dir: Path,
+    dtype: Any,
+    rounding: str,
+    probe: tuple[list[int], list[int]],
+    reps: int,
 ) -> dict[str, list[float]]:
     """Seconds of each step of a publish and of the actor's checks, taken one at a time on the
     last published version (after the timed rounds, so they do not disturb them): the state dict,
     the probe's log-probs (which a publish runs beside the write), the one-pass write with its
-    cast to the published dtype (+ sha256 on a second thread when there is a spare core) and its
-    fsync, the actor's sha256 of the file (which a reload runs beside the engine's load) and
-    its header check. The engine's own load time comes from the reloads themselves."""
+    cast to the published dtype (`rounding`) (+ sha256 on a second thread when there is a spare
+    core) and its fsync, the actor's sha256 of the file (which a reload runs beside the engine's
+    load) and its header check. The engine's own load time comes from the reloads themselves."""
     import numpy as np
 
     from popo.actors.reload import check_schema, model_schema
@@ -200,7 +211,7 @@ def publish_steps(
         t1 = time.perf_counter()
         sequence_logprobs(model, prompt, cont)
         t2 = time.perf_counter()
-        write_safetensors(scratch, tensors, dtype=dtype)
+        write_safetensors(scratch, tensors, dtype=dtype, rounding=rounding)
         t3 = time.perf_counter()
         scratch.unlink()
         del tensors
@@ -234,7 +245,9 @@ def measure(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
     )
     from popo.actors.engine import resolve_dtype
 
+    a.rounding = a.rounding or cfg.learner.publish_rounding
     resolved = resolve_dtype(a.dtype)
+    label = f"{resolved} ({a.rounding})" if resolved == "bfloat16" else resolved
     points = []
     for hidden in ints(a.sizes):
         runs, parts, nbytes = sync_size(hidden, a, out)
@@ -249,7 +262,7 @@ def measure(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
         res.rows.append(
             [
                 f"hidden {hidden} x {a.layers}",
-                resolved,
+                label,
                 f"{mib:.1f}",
                 Summary.of(runs["raw"]).fmt(".1f", 1e3),
                 Summary.of(parts["publish"]).fmt(".1f", 1e3),
@@ -263,6 +276,7 @@ def measure(cfg: RunConfig, a: argparse.Namespace, out: Path) -> BenchResult:
             {
                 "hidden": hidden,
                 "dtype": resolved,
+                "rounding": a.rounding,
                 "mib": mib,
                 "nbytes": nbytes,
                 "raw_s": runs["raw"],

@@ -13,7 +13,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from popo.common.weights import WEIGHTS_FILE, write_safetensors, write_version_dir
+from popo.common.weights import (
+    WEIGHTS_FILE,
+    cast_for_publish,
+    dither_to_bf16,
+    write_safetensors,
+    write_version_dir,
+)
 
 
 def _tensors(dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -88,19 +94,51 @@ def test_a_dtype_safetensors_cannot_store_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "dither"])
 @pytest.mark.parametrize("cores", [1, 2])
 @pytest.mark.parametrize("chunk", [6, 1 << 20])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_casting_writer_is_byte_for_byte_the_cast_state(tmp_path, monkeypatch, dtype, chunk, cores):
+def test_casting_writer_is_byte_for_byte_the_cast_state(
+    tmp_path, monkeypatch, dtype, chunk, cores, rounding
+):
     """The writer's cast, block by block through its reused buffers (chunk 6: many blocks per
     tensor, the buffers reused over and over, with the hasher on its own thread or not), writes
-    exactly what casting the whole state first and writing that does."""
+    exactly what casting the whole state first and writing that does, dithered or not."""
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(cores)))
     tensors = _tensors(torch.float32)
     tensors["model.big"] = torch.randn(300, generator=torch.Generator().manual_seed(2))
-    cast = {k: v.to(dtype) for k, v in tensors.items()}
+    cast = {k: cast_for_publish(v, dtype, rounding, k) for k, v in tensors.items()}
     want = write_safetensors(tmp_path / "cast.safetensors", cast, chunk=chunk)
-    got = write_safetensors(tmp_path / "ours.safetensors", tensors, chunk=chunk, dtype=dtype)
+    got = write_safetensors(
+        tmp_path / "ours.safetensors", tensors, chunk=chunk, dtype=dtype, rounding=rounding
+    )
     ours = (tmp_path / "ours.safetensors").read_bytes()
     assert ours == (tmp_path / "cast.safetensors").read_bytes()
     assert got == want == (hashlib.sha256(ours).hexdigest(), len(ours))
+
+
+def test_dither_is_unbiased_fixed_and_passes_a_sub_spacing_drift():
+    spacing = 2.0**-7  # bfloat16's between 1 and 2
+    # longer than the offset table (2^20): offsets repeat from the third block on
+    x = torch.full((2_500_000,), 1.0 + 0.3 * spacing)
+    for sign in (1.0, -1.0):
+        d = dither_to_bf16(sign * x, "w")
+        assert d.dtype == torch.bfloat16
+        assert set(d.float().abs().unique().tolist()) == {1.0, 1.0 + spacing}
+        assert d.float().mean().item() == pytest.approx(sign * (1.0 + 0.3 * spacing), abs=5e-5)
+    assert torch.equal(dither_to_bf16(x, "w"), dither_to_bf16(x, "w"))  # the same offsets
+    # a drift of a tenth of the spacing: rounding to nearest moves no element, dither ~10 %
+    moved = x + 0.1 * spacing
+    assert torch.equal(moved.to(torch.bfloat16), x.to(torch.bfloat16))
+    flipped = (dither_to_bf16(moved, "w") != dither_to_bf16(x, "w")).float().mean().item()
+    assert flipped == pytest.approx(0.1, abs=0.01)
+    # any elements, by position: the same values as in the whole tensor
+    at = torch.tensor([0, 7, 1 << 20, 2_499_999])
+    assert torch.equal(dither_to_bf16(moved[at], "w", at=at), dither_to_bf16(moved, "w")[at])
+    tail = dither_to_bf16(moved[1_000_000:], "w", at=1_000_000)
+    assert torch.equal(tail, dither_to_bf16(moved, "w")[1_000_000:])
+    # another tensor reads the offsets from elsewhere
+    assert not torch.equal(dither_to_bf16(moved, "v"), dither_to_bf16(moved, "w"))
+    # values bfloat16 holds exactly stay exact
+    exact = torch.tensor([0.0, 1.0, -2.5, 2.0**-100])
+    assert torch.equal(dither_to_bf16(exact, "w").float(), exact)

@@ -369,16 +369,23 @@ def test_bench_generate_quick(tmp_path):
 
 
 @pytest.mark.vllm
-def test_bench_sync_quick(tmp_path):
-    doc = _bench("sync", tmp_path)
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_bench_sync_quick(tmp_path, dtype):
+    doc = _bench("sync", tmp_path, "--dtype", dtype)
     (point,) = doc["figures"]["sizes"]
     assert point["nbytes"] > 0 and len(point["publish_s"]) == len(point["raw_s"])
-    # every reload served the published weights (the parity probe after it agreed)
-    assert all(kl < 1e-3 for kl in point["mismatch_kl"])
+    # every reload served the published weights (the parity probe after it agreed; a bfloat16
+    # engine computes in bfloat16 what the learner computes in float32)
+    assert all(kl < (1e-3 if dtype == "auto" else 5e-2) for kl in point["mismatch_kl"])
     # where the time goes: the engine's phases of every reload, the publish steps one by one
     for k in ("engine_load", "pause_resume", "state_dict", "write_hash_fsync", "actor_sha256"):
         assert len(point[f"{k}_s"]) == len(point["raw_s"]) and min(point[f"{k}_s"]) > 0, k
-    assert point["dtype"] == "float32"  # a CPU engine's serving dtype, published as such
+    # auto: a CPU engine's serving dtype, published as such; bfloat16 versions as the learner
+    # makes them by default
+    assert point["dtype"] == {"auto": "float32", "bfloat16": "bfloat16"}[dtype]
+    assert point["rounding"] == "dither"
+    # the model and the versions are gone, the figures kept
+    assert not list(tmp_path.rglob("*.safetensors"))
 
 
 @pytest.mark.vllm
