@@ -15,7 +15,8 @@ the GPU's memory holds next to the fp32 master weights, gradients, AdamW state a
 build the model, hand it to `Trainer` (fp32 masters, bf16 autocast: the learner's GPU path), run
 one warm-up and `--steps` timed POPO steps on 64 completions x 1,024 tokens (8 groups of 8, every
 completion positive, as the verifier forwards them), and report tokens/s, model FLOP utilisation
-(MFU) and peak memory. Then the first step's loss of the 1.5B shape in bf16 and in fp32 on a
+(MFU) and peak memory, and the seconds to take a bfloat16 version of the trained policy to the
+host as a publish does, rounded to nearest and dithered. Then the first step's loss of the 1.5B shape in bf16 and in fp32 on a
 smaller batch, from the same initial weights.
 
 MFU counts the matmul FLOPs the step really needs, from the config (no profiler):
@@ -340,6 +341,7 @@ def run_model(
         print(f"  out of memory: retrying with {layers} layers", flush=True)
         row["layers"] = layers
     peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    row["version_to_host_s"] = version_to_host_seconds(trainer.policy, device)
     del trainer
     free_memory(device)
     seq_lens = [len(q.prompt) + len(q.completion) for q in seqs]
@@ -365,6 +367,26 @@ def run_model(
         steps=steps,
     )
     return row
+
+
+def version_to_host_seconds(policy: Any, device: Any) -> dict[str, float]:
+    """Seconds from the policy to a bfloat16 version's tensors on the host, as a publish takes
+    them (`hf_state_dict`: the cast on the device, then the copy), rounded to nearest and
+    dithered (`learner.publish_rounding`); the second of two calls each."""
+    import torch
+
+    from popo.learner.publish import hf_state_dict
+
+    out = {}
+    for rounding in ("nearest", "dither"):
+        for _ in range(2):  # the first allocates (and builds the dither table on the device)
+            sync(device)
+            t0 = time.perf_counter()
+            tensors = hf_state_dict(policy, torch.bfloat16, rounding)
+            sync(device)
+            out[rounding] = time.perf_counter() - t0
+            del tensors
+    return out
 
 
 def loss_agreement(a: argparse.Namespace, device: Any, batch: list) -> dict:
@@ -416,6 +438,7 @@ def report(res: dict) -> str:
                 f"{r['achieved_tflops']:,.1f}",
                 mfu,
                 mem,
+                "{nearest:.2f} / {dither:.2f}".format(**r["version_to_host_s"]),
             ]
         )
     text = markdown_table(
@@ -428,6 +451,7 @@ def report(res: dict) -> str:
             "model TFLOP/s",
             "MFU",
             "peak GiB",
+            "bf16 version to host s (nearest / dither)",
         ],
         rows,
     )

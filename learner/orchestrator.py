@@ -251,6 +251,7 @@ class Orchestrator:
                 return None
             self._tend()
         self.state.eval = None
+        self.stats.eval_round(0, 0)  # at once: a learner with batches waiting does not `_tend`
         g = self.cfg.actor.group_size
         acc = ev.n_positive / max(1, ev.n_total)
         pk = sum(pass_at_k(n, c, min(g, n)) for c, n in ev.per_prompt.values()) / len(ev.per_prompt)

@@ -53,6 +53,7 @@ def test_train_end_to_end(tmp_path, demo_model_dir):
         if r["role"] == "learner" and f'{key}{{state="total"}}' in r
     ]
     assert (0, 16) in rounds and all(d <= t and t in (0, 16) for d, t in rounds)
+    assert rounds[-1] == (0, 0)  # none in progress once the last one is recorded
 
 
 def test_stop_and_resume(tmp_path, demo_model_dir):

@@ -35,6 +35,9 @@ def test_dry_run_prints_the_table_and_writes_the_json(tmp_path):
     assert row["completion_tokens"] == 2 * 4 * 32 and row["sequences"] == 8
     assert row["tokens_per_s"] > 0 and row["achieved_tflops"] > 0
     assert all(math.isfinite(s["loss"]) and s["tokens"] == 256 for s in row["steps"])
+    # a bfloat16 version's tensors to the host, both roundings
+    assert set(row["version_to_host_s"]) == {"nearest", "dither"}
+    assert min(row["version_to_host_s"].values()) > 0 and "(nearest / dither)" in proc.stdout
     la = res["loss_agreement"]
     # bf16 autocast against fp32 from the same weights: close, and not bit-identical
     assert 0 < la["loss_rel_diff"] < 0.05 and la["grad_norm_rel_diff"] < 0.1

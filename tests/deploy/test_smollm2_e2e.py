@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from e2e_helpers import assert_exactly_once, popo_train
+from safetensors.torch import load_file
 
 from popo.common.process import free_port_flags
 
@@ -76,8 +78,11 @@ def test_train_smollm2_on_sums(tmp_path: Path, smollm2_dir: Path) -> None:
     assert [e["step"] for e in evals] == [0, steps]
     assert all(0.0 <= e["accuracy"] <= 1.0 for e in evals)
 
-    # weights were published and the actor reloaded them in place
-    assert sorted(p.name for p in (run_dir / "weights").glob("v*"))
+    # weights were published, in the dtype the config's actor serves, and reloaded in place
+    versions = sorted((run_dir / "weights").glob("v*"))
+    assert versions
+    tensors = load_file(versions[-1] / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     actor = [r for r in recs if r["role"] == "actor"]
     assert max(r["popo_actor_policy_version"] for r in actor) >= 1
