@@ -16,8 +16,8 @@ build the model, hand it to `Trainer` (fp32 masters, bf16 autocast: the learner'
 one warm-up and `--steps` timed POPO steps on 64 completions x 1,024 tokens (8 groups of 8, every
 completion positive, as the verifier forwards them), and report tokens/s, model FLOP utilisation
 (MFU) and peak memory, and the seconds to take a bfloat16 version of the trained policy to the
-host as a publish does, rounded to nearest and dithered. Then the first step's loss of the 1.5B shape in bf16 and in fp32 on a
-smaller batch, from the same initial weights.
+host as a publish does, rounded to nearest and dithered. Then the first step's loss of the 1.5B
+shape in bf16 and in fp32 on a smaller batch, from the same initial weights.
 
 MFU counts the matmul FLOPs the step really needs, from the config (no profiler):
   policy, forward + backward:  6 * N_body * T_seq + 6 * N_head * T_comp + 3 * A

@@ -103,7 +103,6 @@ def sync_size(
     bc.actor.max_num_seqs = 8
     bc.metrics.enabled = False
     bc.model.dtype = a.dtype
-    rounding = a.rounding
     # the learner publishes in the engine's dtype (`learner.publish_dtype = auto`)
     dtype = getattr(torch, resolve_dtype(a.dtype))
     engine, _ = start_engine(model_dir, bc)
@@ -138,7 +137,7 @@ def sync_size(
             probe=probe,
             pad_id=tok.pad_token_id or 0,
             dtype=dtype,
-            rounding=rounding,
+            rounding=a.rounding,
         )
         t1 = time.perf_counter()
         _, kl = reloader.reload(msg)
@@ -159,7 +158,7 @@ def sync_size(
     try:
         runs = alternate({"sync": sync, "raw": raw}, a.reps, warmup=1)
         last = WeightStore(root).path(engine.version)
-        steps = publish_steps(model, last, dtype, rounding, probe, a.reps)
+        steps = publish_steps(model, last, dtype, a.rounding, probe, a.reps)
     finally:
         reloader.close()
         engine.close()
