@@ -143,9 +143,7 @@ def cast_for_publish(
 
     if rounding == "dither" and dtype == torch.bfloat16 and x.dtype == torch.float32:
         return dither_to_bf16(x, name, at, out)
-    if out is None:
-        return x.to(dtype)
-    return out.copy_(x.reshape(out.shape))
+    return x.to(dtype) if out is None else out.copy_(x)
 
 
 def write_safetensors(

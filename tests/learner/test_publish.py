@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from popo.common.config import LearnerConfig, algorithm_config
 from popo.common.demo_model import save_random_model
 from popo.common.messages import WeightsReady, decode, encode, unpack_f32, unpack_ids
-from popo.common.weights import WeightStore, verify_weights
+from popo.common.weights import WeightStore, cast_for_publish, verify_weights
 from popo.learner.model import sequence_logprobs
 from popo.learner.publish import (
     PublishedChange,
@@ -102,6 +102,17 @@ def test_published_change_counts_sampled_elements_the_cast_keeps_changed():
     few.update({"a": torch.zeros(100)}, None)
     few.update({"a": torch.arange(100.0) % 25}, None)  # zero at 0, 25, 50, 75: the sampled ones
     assert few.fraction == 0.0
+    # dithered versions: the sample rounds as the writer rounds those elements, so a drift of a
+    # tenth of the spacing shows in about a tenth of them, where rounding to nearest shows none
+    x = {"c": torch.full((40_960,), 1.0 + 0.3 * 2**-7)}  # sampled: every 10th element
+    drift = {"c": x["c"] + 0.1 * 2**-7}
+    dithered, nearest = PublishedChange(), PublishedChange()
+    for t in (x, drift):
+        dithered.update(t, torch.bfloat16, "dither")
+        nearest.update(t, torch.bfloat16)
+    assert nearest.fraction == 0.0 and dithered.fraction == pytest.approx(0.1, abs=0.02)
+    written = [cast_for_publish(t["c"], torch.bfloat16, "dither", "c")[::10] for t in (x, drift)]
+    assert dithered.fraction == (written[0] != written[1]).float().mean().item()
 
 
 def test_publish_weights_tracks_the_change_between_versions(tmp_path):
