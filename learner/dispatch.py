@@ -192,7 +192,9 @@ class Dispatcher(threading.Thread):
             return Leases(leases=[], learner_version=version, retry_after_s=0.2)
         deadline = time.time() + self.cfg.learner.lease_timeout_s
         out = self._eval_leases(req.n, req.policy_version, deadline)
-        n = min(req.n - len(out), self.policy.room(self.ledger.in_flight()))
+        n = min(
+            req.n - len(out), self.policy.room(self.ledger.in_flight(), req.policy_version, version)
+        )
         if n > 0:
             for row in self.ledger.issue(n, req.actor_id, version, deadline, len(self.order)):
                 p = self.train[self.order[row.prompt_idx % len(self.order)]]

@@ -8,7 +8,9 @@ sees only `next_batch`, `close_batch`, `announce` and the eval calls.
 
 Evaluation rounds run beside training: a round samples the held-out prompts with the weights of
 one version, and no newer version is announced until the round is complete, so every sample of a
-round comes from the weights it is labelled with while the learner keeps training.
+round comes from the weights it is labelled with. The learner keeps training and writing versions
+meanwhile, as far as the groups the evaluated weights sample stay within the staleness bound; the
+newest is announced when the round is recorded.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class Orchestrator:
         """Seconds from `t0` (the run's launch) to: learner_ready, actor_ready, first_step."""
         self.state = SharedState()
         self.last_ready: WeightsReady | None = None
+        self.held: WeightsReady | None = None
+        """The newest version written while an evaluation round is out, announced once the round
+        is recorded (actors keep the evaluated weights until then)."""
         self._last_announce = 0.0
         self.eval_history: list[dict[str, Any]] = []
         """Every evaluation of the run, earlier learner processes' included (eval.jsonl)."""
@@ -197,6 +202,7 @@ class Orchestrator:
         """Block until `prompts_per_step` trainable groups are buffered (None once `stop` is set)."""
         t0 = time.monotonic()
         while not stop.is_set():
+            self.poll_eval()
             batch = self.batches.take(self.state.version, timeout_s=ANNOUNCE_EVERY_S)
             self.stats.queues(
                 self.batches.buffered, self.ledger.in_flight() - self.batches.buffered
@@ -217,11 +223,19 @@ class Orchestrator:
     # --- weights ----------------------------------------------------------------------------------
 
     def announce(self, msg: WeightsReady | None = None) -> None:
-        """Announce `msg` (a newly published version; serving it from now on), or again the last."""
+        """Announce `msg` (a newly written version, the learner's from now on), or again the last.
+        While an evaluation round is out, `msg` is held back until the round is recorded."""
         if msg is not None:
-            self.last_ready = msg
             self.state.version = msg.version
             self.ledger.set("version", msg.version)
+            if self.state.eval is not None:
+                self.held = msg
+                log.debug(
+                    "version %d held back until the evaluation round is recorded", msg.version
+                )
+                return
+            self.held = None
+            self.last_ready = msg
         if self.last_ready is not None:
             self.pub.send(self.last_ready, timeout_ms=0)
         self._last_announce = time.monotonic()
@@ -231,10 +245,25 @@ class Orchestrator:
 
     # --- evaluation -------------------------------------------------------------------------------
 
-    def start_eval(self, step: int) -> None:
-        """Start sampling the held-out prompts with the current version (labelled `step`)."""
-        if not self.evals or self.state.eval is not None:
-            return
+    def may_write(self, version: int) -> bool:
+        """Whether `version` may be written and held back while an evaluation round is out: the
+        actors keep sampling train groups with the evaluated weights, which the policy that
+        `version` is must still be allowed to train on. Otherwise the round is waited for."""
+        ev = self.state.eval
+        return ev is None or version - ev.version <= self.cfg.learner.max_staleness
+
+    def start_eval(self, step: int, stop: threading.Event) -> None:
+        """Start sampling the held-out prompts with the current version (labelled `step`), once
+        a round still out for an earlier step is recorded."""
+        ev = self.state.eval
+        if ev is not None:
+            if ev.step == step:
+                return
+            self.finish_eval(stop)
+        if self.state.eval is not None or (
+            self.eval_history and self.eval_history[-1]["step"] == step
+        ):
+            return  # stopped while waiting, or this step is evaluated already
         n = len(self.evals)
         self.state.eval = EvalRound(
             version=self.state.version, pending=list(range(n))[::-1], size=n, step=step
@@ -250,6 +279,15 @@ class Orchestrator:
             if stop.is_set():
                 return None
             self._tend()
+        return self._record_eval(ev)
+
+    def poll_eval(self) -> None:
+        """Record the round in progress if it is complete (and announce what it held back)."""
+        ev = self.state.eval
+        if ev is not None and ev.finished.is_set():
+            self._record_eval(ev)
+
+    def _record_eval(self, ev: EvalRound) -> dict[str, Any]:
         self.state.eval = None
         self.stats.eval_round(0, 0)  # at once: a learner with batches waiting does not `_tend`
         g = self.cfg.actor.group_size
@@ -280,6 +318,8 @@ class Orchestrator:
             rec["seconds"],
         )
         self.stats.metrics.write_jsonl()
+        if self.held is not None:
+            self.announce(self.held)
         return rec
 
     def evaluated_at_start(self) -> bool:

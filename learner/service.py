@@ -77,7 +77,7 @@ class Learner:
     def run(self) -> None:
         lc, orch = self.cfg.learner, self.orch
         if self.trainer.step == 0 and not orch.evaluated_at_start():
-            orch.start_eval(step=0)  # sampled beside the first steps, on the step-0 weights
+            orch.start_eval(0, self.stop_event)  # sampled beside the first steps, on version 0
         while self.trainer.step < lc.total_steps:
             batch = orch.next_batch(self.stop_event)
             if batch is None:
@@ -98,11 +98,12 @@ class Learner:
             if self._due(lc.checkpoint_every):
                 self.checkpoint()
             if lc.eval_every and self.trainer.step % lc.eval_every == 0:
-                orch.start_eval(self.trainer.step)
+                orch.start_eval(self.trainer.step, self.stop_event)
             if lc.release_memory:
                 release_free_memory()
-        orch.start_eval(self.trainer.step)  # no-op when the last step started one
-        if orch.finish_eval(self.stop_event) is not None:
+        orch.start_eval(self.trainer.step, self.stop_event)  # no-op when the last step started one
+        orch.finish_eval(self.stop_event)
+        if not self.stop_event.is_set():
             orch.finish()
             self._write_summary()
 
@@ -149,10 +150,10 @@ class Learner:
 
     def publish(self) -> None:
         self.orch.check()
-        # Actors must keep the evaluated weights until a running round is complete.
-        self.orch.finish_eval(self.stop_event)
-        t0 = time.perf_counter()
         version = self.orch.version + 1
+        if not self.orch.may_write(version):
+            self.orch.finish_eval(self.stop_event)
+        t0 = time.perf_counter()
         protect = self.orch.served_versions()
         if self.link is not None:
             self.link.send(

@@ -29,10 +29,19 @@ class StalenessPolicy:
         `version`: its samples would otherwise be too stale to train on, so it reloads first."""
         return actor_version >= version - self.max_staleness
 
-    def room(self, in_flight: int) -> int:
-        """Train leases that may still be issued with `in_flight` handed out and not yet trained:
-        at most `max_staleness + 1` steps' worth exist at once."""
-        return (self.max_staleness + 1) * self.prompts_per_step - in_flight
+    def room(self, in_flight: int, actor_version: int, version: int) -> int:
+        """Train leases an actor serving `actor_version` may still be given while `in_flight` are
+        handed out and not yet trained and the learner is at `version`.
+
+        Batches take groups oldest lease first, `prompts_per_step` a step, one version a step, so
+        a lease issued behind `in_flight` others is trained by version about
+        `version + (in_flight + i) // prompts_per_step`; it stays within the bound only while that
+        is at most `actor_version + max_staleness`. For an actor that serves `version` this is
+        `max_staleness + 1` steps' worth in flight; each version an actor lags takes one step's
+        worth off its room instead of handing it leases it would sample only to have them
+        skipped as too stale."""
+        steps = self.max_staleness + 1 - max(0, version - actor_version)
+        return steps * self.prompts_per_step - in_flight
 
     def fresh(self, r: Received, version: int) -> bool:
         """Whether a buffered group may be trained by the policy at `version`. A group rewound by

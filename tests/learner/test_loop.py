@@ -89,8 +89,8 @@ def _group(lease_id: int, version: int, n_positive: int, rng: np.random.Generato
 
 class FakePeers(threading.Thread):
     """Actor + verifier in one thread: serves the announced version, leases prompts, answers
-    every train lease with a one-positive group sampled by the lease's dispatch version and every
-    eval lease with 1 of G positive.
+    every train lease with a one-positive group sampled by the version it serves (the last announced)
+    and every eval lease with 1 of G positive.
 
     `hold_eval_until_step`: eval groups are kept back until the learner has taken that step (a
     learner that waited for its evaluation before training would never get there).
@@ -110,6 +110,9 @@ class FakePeers(threading.Thread):
         self.stale_lease: int | None = None
         self.version = 0
         self.eval_versions: list[int] = []
+        self.announced: list[tuple[int, bool]] = []
+        """(version, whether the held eval groups had been pushed) of each new announcement."""
+        self.released = False
         self.stop = threading.Event()
         self.error: BaseException | None = None
 
@@ -134,8 +137,9 @@ class FakePeers(threading.Thread):
         try:
             while not self.stop.is_set():
                 while (got := sub.recv(0)) is not None:
-                    if isinstance(got[1], WeightsReady):
-                        self.version = max(self.version, got[1].version)
+                    if isinstance(got[1], WeightsReady) and got[1].version > self.version:
+                        self.version = got[1].version
+                        self.announced.append((self.version, self.released))
                 dealer.send(LeaseRequest(actor_id="fake-0", n=4, policy_version=self.version))
                 got = dealer.recv(2000)
                 leases = got[1].leases if got is not None and isinstance(got[1], Leases) else []
@@ -144,9 +148,7 @@ class FakePeers(threading.Thread):
                         self.eval_versions.append(self.version)
                         held.append(_group(lease.lease_id, self.version, 1, rng))
                         continue
-                    # sampled by the version the lease was issued at: an actor that reloads at
-                    # once (the announcement may still be on its way to `sub`)
-                    version = max(self.version, lease.dispatch_version)
+                    version = self.version  # the announced weights, as a real actor samples
                     if (
                         self.stale_after is not None
                         and self.stale_lease is None
@@ -158,6 +160,7 @@ class FakePeers(threading.Thread):
                     for g in held:
                         push.send(g)
                     held.clear()
+                    self.released = True
                 if not leases:
                     time.sleep(0.02)
         finally:
@@ -215,6 +218,26 @@ def test_trains_evaluates_beside_training_and_skips_stale(tmp_path, random_model
     assert all(e["per_prompt"] == [[1, G]] * 4 for e in evals)  # eval_size 4, in split order
     assert sorted(set(fake.eval_versions)) == [0, 2, 4]
     assert set(summary["startup"]) >= {"learner_ready", "actor_ready", "first_step", "base_eval"}
+
+
+def test_keeps_training_while_an_evaluation_round_is_out(tmp_path, random_model_dir):
+    """With max_staleness 2 the learner trains steps 1 and 2 on groups sampled by version 0 while
+    the step-0 round is out (its groups are held until step 2), writing versions 1 and 2 without
+    announcing them; version 3 waits for the round, and actors never leave version 0 before it."""
+    run_dir = tmp_path / "run"
+    cfg = _config(run_dir, total_steps=4, max_staleness=2, eval_every=0)
+    learner, fake = _run(cfg, run_dir, random_model_dir, hold_eval_until_step=2)
+    assert json.loads((run_dir / "summary.json").read_text())["ledger_problems"] == []
+    assert not [v for v, released in fake.announced if not released]
+    assert fake.announced[0][0] >= 2  # the held versions collapse into the newest
+    trained = [r for r in _leases(run_dir) if r["state"] == "trained"]
+    assert {r["version_min"] for r in trained if r["step"] <= 2} == {0}
+    assert all(r["step"] - 1 - r["version_min"] <= 2 for r in trained)
+    assert not [r for r in _leases(run_dir) if r["reason"] == "too_stale"]
+    evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["version"]) for e in evals] == [(0, 0), (4, 4)]
+    assert fake.eval_versions.count(0) == 4 and set(fake.eval_versions) == {0, 4}
+    assert learner.orch.held is None
 
 
 def test_resume_trains_each_step_once(tmp_path, random_model_dir):
