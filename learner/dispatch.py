@@ -191,28 +191,39 @@ class Dispatcher(threading.Thread):
         if not self.policy.admits(req.policy_version, version):
             return Leases(leases=[], learner_version=version, retry_after_s=0.2)
         deadline = time.time() + self.cfg.learner.lease_timeout_s
-        out = self._eval_leases(req.n, req.policy_version, deadline)
-        n = min(
-            req.n - len(out), self.policy.room(self.ledger.in_flight(), req.policy_version, version)
+        in_flight = self.ledger.in_flight()
+        room = self.policy.room(in_flight, req.policy_version, version)
+        # The learner's next batch comes first, then an evaluation round's prompts, then the rest
+        # of the room: a round never leaves the learner waiting with nothing on its way.
+        first = max(0, min(req.n, room, self.policy.prompts_per_step - in_flight))
+        out = self._train_leases(first, req.actor_id, version, deadline)
+        out += self._eval_leases(req.n - first, req.policy_version, deadline)
+        out += self._train_leases(
+            min(req.n - len(out), room - first), req.actor_id, version, deadline
         )
-        if n > 0:
-            for row in self.ledger.issue(n, req.actor_id, version, deadline, len(self.order)):
-                p = self.train[self.order[row.prompt_idx % len(self.order)]]
-                out.append(
-                    Lease(
-                        lease_id=row.lease_id,
-                        prompt_id=p.prompt_id,
-                        prompt=p.problem,
-                        gold=p.gold,
-                        dispatch_version=version,
-                        deadline=deadline,
-                    )
-                )
         return Leases(leases=out, learner_version=version, retry_after_s=0.0 if out else 0.2)
+
+    def _train_leases(self, n: int, actor_id: str, version: int, deadline: float) -> list[Lease]:
+        if n <= 0:
+            return []
+        out = []
+        for row in self.ledger.issue(n, actor_id, version, deadline, len(self.order)):
+            p = self.train[self.order[row.prompt_idx % len(self.order)]]
+            out.append(
+                Lease(
+                    lease_id=row.lease_id,
+                    prompt_id=p.prompt_id,
+                    prompt=p.problem,
+                    gold=p.gold,
+                    dispatch_version=version,
+                    deadline=deadline,
+                )
+            )
+        return out
 
     def _eval_leases(self, n: int, actor_version: int, deadline: float) -> list[Lease]:
         ev = self.state.eval
-        # Only the evaluated weights sample a round (no newer version is published before the
+        # Only the evaluated weights sample a round (no newer version is announced before the
         # round is complete, so an actor behind it reloads first).
         if ev is None or ev.finished.is_set() or actor_version != ev.version:
             return []
