@@ -18,7 +18,10 @@ class LearnerStats:
         self.duplicates = 0
         self._step = m.gauge("learner_step", "Optimizer steps taken")
         m.gauge("learner_total_steps", "Optimizer steps the run will take").set(total_steps)
-        self._version = m.gauge("learner_policy_version", "Latest published policy version")
+        self._version = m.gauge(
+            "learner_policy_version",
+            "Latest weight version written (announced at once, or when an evaluation round ends)",
+        )
         self._step_s = m.histogram(
             "learner_step_seconds", "Wall time of one optimizer step", STEP_BUCKETS
         )
