@@ -95,6 +95,17 @@ class SharedState:
             return set(self._actor_versions.values())
 
 
+def _lease(lease_id: int, p: Problem, version: int, deadline: float) -> Lease:
+    return Lease(
+        lease_id=lease_id,
+        prompt_id=p.prompt_id,
+        prompt=p.problem,
+        gold=p.gold,
+        dispatch_version=version,
+        deadline=deadline,
+    )
+
+
 class Dispatcher(threading.Thread):
     def __init__(
         self,
@@ -206,20 +217,16 @@ class Dispatcher(threading.Thread):
     def _train_leases(self, n: int, actor_id: str, version: int, deadline: float) -> list[Lease]:
         if n <= 0:
             return []
-        out = []
-        for row in self.ledger.issue(n, actor_id, version, deadline, len(self.order)):
-            p = self.train[self.order[row.prompt_idx % len(self.order)]]
-            out.append(
-                Lease(
-                    lease_id=row.lease_id,
-                    prompt_id=p.prompt_id,
-                    prompt=p.problem,
-                    gold=p.gold,
-                    dispatch_version=version,
-                    deadline=deadline,
-                )
+        rows = self.ledger.issue(n, actor_id, version, deadline, len(self.order))
+        return [
+            _lease(
+                r.lease_id,
+                self.train[self.order[r.prompt_idx % len(self.order)]],
+                version,
+                deadline,
             )
-        return out
+            for r in rows
+        ]
 
     def _eval_leases(self, n: int, actor_version: int, deadline: float) -> list[Lease]:
         ev = self.state.eval
@@ -233,17 +240,7 @@ class Dispatcher(threading.Thread):
             lid = self._next_eval_id
             self._next_eval_id -= 1
             ev.outstanding[lid] = (idx, deadline)
-            p = self.evals[idx]
-            out.append(
-                Lease(
-                    lease_id=lid,
-                    prompt_id=p.prompt_id,
-                    prompt=p.problem,
-                    gold=p.gold,
-                    dispatch_version=ev.version,
-                    deadline=deadline,
-                )
-            )
+            out.append(_lease(lid, self.evals[idx], ev.version, deadline))
         return out
 
     def _expire_eval(self) -> None:
